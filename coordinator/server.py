@@ -1,0 +1,430 @@
+"""The coordinator's ZeroMQ side: one ROUTER socket, one poll loop, no threads.
+
+Shape follows the zguide's Paranoid Pirate queue: every peer message refreshes that worker's
+liveness; each heartbeat interval the server sends a heartbeat to every known worker and
+declares lost the ones silent for ``interval * liveness`` seconds. All state changes go through
+``coordinator.core.Coordinator``; this module only owns the wire and the clock.
+
+Identity mapping: a worker's ROUTER identity changes every time it reconnects (new DEALER
+socket), so the ``worker_id`` inside each message is the truth and the identity is just where
+replies go. A worker the server does not know (it restarted, or the worker's lease was lost)
+that sends anything but hello/result/bye is answered with ``error`` code ``hello_first``, and the
+worker says hello again, carrying the attempt it still holds.
+"""
+from __future__ import annotations
+
+import ipaddress
+import signal
+import socket as pysocket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from shared import protocol
+from shared.codec import MAX_FRAME_BYTES, CodecError, decode, encode
+from shared.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, ProtocolError
+
+# Longest the poll loop sleeps, so a signal-requested shutdown is noticed promptly.
+MAX_POLL_SECONDS = 0.25
+
+# Error code telling a worker that this coordinator does not know it (yet): send hello.
+HELLO_FIRST = "hello_first"
+
+WORKER_TYPES = ("hello", "ready", "heartbeat", "result", "bye")
+CLIENT_TYPES = ("submit", "query")
+QUERIES = ("status", "log", "export")
+
+
+def stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def default_event_sink(line: str) -> None:
+    print(f"{stamp()} {line}", flush=True)
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True for endpoints only this machine can reach (tcp loopback, ipc, inproc)."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # an interface name or hostname: assume it is reachable from outside
+
+
+def make_router(ctx: zmq.Context, bind: str) -> zmq.Socket:
+    """Create and bind the coordinator's ROUTER socket.
+
+    The one place socket options live, so CURVE (server keypair, ZAP allow-list of workers'
+    public keys) can be added here without touching the loop.
+    """
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    # Frames above the codec's limit are dropped by libzmq before they reach Python.
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    sock.bind(bind)
+    return sock
+
+
+def join_endpoint(bound: str) -> str:
+    """The endpoint a worker on another machine would type, given what we bound."""
+    scheme, _, rest = bound.partition("://")
+    if scheme != "tcp":
+        return bound
+    host, _, port = rest.rpartition(":")
+    if host in ("0.0.0.0", "*", "[::]", "::"):
+        host = pysocket.gethostname()
+    return f"tcp://{host}:{port}"
+
+
+@dataclass
+class WorkerConn:
+    worker_id: str
+    identity: bytes
+    name: str
+    hw_class: str
+    last_seen: float
+    attempt_id: str | None = None
+
+
+@dataclass
+class Server:
+    """Drive a ``Coordinator`` from a ROUTER socket. ``run()`` blocks until ``stop()``."""
+
+    core: Any
+    bind: str = "tcp://127.0.0.1:5555"
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    liveness: int = HEARTBEAT_LIVENESS
+    event: Callable[[str], None] = default_event_sink
+    clock: Callable[[], float] = time.monotonic
+
+    endpoint: str = ""                                   # what we actually bound (port resolved)
+    workers: dict[str, WorkerConn] = field(default_factory=dict)
+    by_identity: dict[bytes, str] = field(default_factory=dict)
+    # Workers that held leases when we (re)started: they get one window to say hello again.
+    awaiting: dict[str, float] = field(default_factory=dict)
+    _stop: bool = False
+
+    def __post_init__(self) -> None:
+        self.ctx = zmq.Context.instance()
+        self.sock = make_router(self.ctx, self.bind)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def window(self) -> float:
+        return self.heartbeat_interval * self.liveness
+
+    def stop(self, *_: Any) -> None:
+        self._stop = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGTERM, self.stop)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def run(self) -> None:
+        now = self.clock()
+        for wid in sorted(self.core.leased_workers()):
+            self.awaiting[wid] = now + self.window
+            self.event(f"waiting {self.window:.1f}s for worker {wid} (held a lease before restart)")
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        next_beat = now + self.heartbeat_interval
+        while not self._stop:
+            timeout = max(0.0, min(next_beat - self.clock(), MAX_POLL_SECONDS))
+            try:
+                ready = dict(poller.poll(timeout * 1000))
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EINTR:
+                    continue
+                raise
+            if ready.get(self.sock):
+                # Drain what is queued, but bounded, so heartbeats still go out under load.
+                for _ in range(100):
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_frames(frames)
+            now = self.clock()
+            if now >= next_beat:
+                self._send_heartbeats()
+                self._expire(now)
+                next_beat = now + self.heartbeat_interval
+
+    # ---- inbound ------------------------------------------------------------------------
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        try:
+            # DEALER peers send one frame; tolerate a REQ-style empty delimiter.
+            body = [f for f in frames[1:] if f]
+            if len(body) != 1:
+                raise CodecError(f"expected one message frame, got {len(frames) - 1}")
+            raw = decode(body[0])
+        except CodecError as exc:
+            self._reject(identity, "bad_frame", str(exc), None)
+            return
+        req_id = raw.get("req_id") if isinstance(raw.get("req_id"), str) else None
+        try:
+            msg = protocol.validate(raw)
+        except ProtocolError as exc:
+            self._reject(identity, exc.code, str(exc), req_id)
+            return
+        try:
+            self._dispatch(identity, msg)
+        except ProtocolError as exc:
+            self._reject(identity, exc.code, str(exc), req_id)
+        except Exception as exc:  # a bug or a core refusal must not stop the fleet
+            self.event(f"error handling {msg['type']}: {type(exc).__name__}: {exc}")
+            self._send(identity, protocol.make(
+                "error", code="internal", message=f"{type(exc).__name__}: {exc}",
+                **({"req_id": req_id} if req_id else {})))
+
+    def _reject(self, identity: bytes, code: str, message: str, req_id: str | None) -> None:
+        self.event(f"refused message from {self._who(identity)}: {message}")
+        extra = {"req_id": req_id} if req_id else {}
+        self._send(identity, protocol.make("error", code=code, message=message, **extra))
+
+    def _dispatch(self, identity: bytes, msg: dict) -> None:
+        t = msg["type"]
+        if t in CLIENT_TYPES:
+            self._on_client(identity, msg)
+            return
+        if t not in WORKER_TYPES:
+            raise ProtocolError("unexpected", f"{t} is not a message the coordinator accepts")
+        wid = msg.get("worker_id")
+        if not isinstance(wid, str):  # heartbeat's worker_id is optional in the schema
+            self._send(identity, protocol.make(
+                "error", code="bad_field", message="heartbeat: worker_id required from workers"))
+            return
+        now = self.clock()
+        if t == "hello":
+            self._on_hello(identity, msg, now)
+            return
+        conn = self.workers.get(wid)
+        if conn is not None:
+            conn.last_seen = now
+            if conn.identity != identity:  # reconnected without hello: follow the new socket
+                self.by_identity.pop(conn.identity, None)
+                conn.identity = identity
+                self.by_identity[identity] = wid
+        if t == "result":
+            self._on_result(identity, wid, msg, conn)
+        elif t == "bye":
+            self._on_bye(wid, msg["reason"], conn)
+        elif conn is None:
+            self._send(identity, protocol.make(
+                "error", code=HELLO_FIRST, message=f"worker {wid} unknown here: send hello"))
+        elif t == "ready":
+            self.core.worker_seen(wid)
+            self._assign(conn)
+        elif t == "heartbeat":
+            self.core.worker_seen(wid, msg.get("attempt_id"), msg.get("progress"))
+
+    def _on_hello(self, identity: bytes, msg: dict, now: float) -> None:
+        wid = msg["worker_id"]
+        old = self.workers.get(wid)
+        if old is not None:
+            self.by_identity.pop(old.identity, None)
+        conn = WorkerConn(wid, identity, msg["name"], msg["hw_class"], now, msg["attempt_id"])
+        reply = self.core.worker_hello(wid, msg["name"], msg["profile"], msg["hw_class"],
+                                       msg["attempt_id"])
+        self.workers[wid] = conn
+        self.by_identity[identity] = wid
+        self.awaiting.pop(wid, None)
+        self._send(identity, protocol.make(
+            "welcome", heartbeat_interval=self.heartbeat_interval, liveness=self.liveness))
+        held = f", holding {msg['attempt_id']}" if msg["attempt_id"] else ""
+        self.event(f"worker {msg['name']} ({wid}) joined [{msg['hw_class']}]{held}")
+        cancel = getattr(reply, "cancel_attempt", None)
+        if cancel:
+            conn.attempt_id = None
+            self._send(identity, protocol.make(
+                "cancel", attempt_id=cancel, reason="attempt no longer leased to this worker"))
+            self.event(f"cancel {cancel} on {msg['name']}: no longer leased to it")
+
+    def _assign(self, conn: WorkerConn) -> None:
+        a = self.core.next_assignment(conn.worker_id)
+        if a is None:
+            return
+        conn.attempt_id = a.attempt_id
+        fields = dict(attempt_id=a.attempt_id, candidate_id=a.candidate_id, commit=a.commit,
+                      train_py=a.train_py, settings=dict(a.settings), timeout=float(a.timeout))
+        purpose = getattr(a, "purpose", "candidate")
+        self._send(conn.identity, protocol.make("assign", purpose=purpose, **fields))
+        what = "head" if purpose == "head" else "candidate"
+        self.event(f"assign {a.attempt_id} {what} #{a.candidate_id} ({a.commit[:8]}) "
+                   f"-> {conn.name} [{conn.hw_class}]")
+
+    def _on_result(self, identity: bytes, wid: str, msg: dict, conn: WorkerConn | None) -> None:
+        attempt_id, outcome = msg["attempt_id"], msg["outcome"]
+        ack = self.core.record_result(wid, attempt_id, outcome)
+        if conn is not None and conn.attempt_id == attempt_id:
+            conn.attempt_id = None
+        self._send(identity, protocol.make(
+            "ack", attempt_id=attempt_id, accepted=bool(ack.accepted), note=str(ack.note or "")))
+        who = conn.name if conn else wid
+        bpb = outcome.get("val_bpb")
+        bpb_s = f"{bpb:.4f}" if isinstance(bpb, (int, float)) else "-"
+        state = "accepted" if ack.accepted else "not counted"
+        note = f" ({ack.note})" if ack.note else ""
+        self.event(f"result {attempt_id} from {who}: {outcome.get('status')} "
+                   f"val_bpb {bpb_s}, {state}{note}")
+        for d in getattr(ack, "decisions", None) or []:
+            self.event(describe_decision(d))
+
+    def _on_bye(self, wid: str, reason: str, conn: WorkerConn | None) -> None:
+        requeued = self.core.worker_bye(wid, reason)
+        self._forget(wid)
+        who = conn.name if conn else wid
+        self.event(f"worker {who} left: {reason}{_requeued(requeued)}")
+
+    def _on_client(self, identity: bytes, msg: dict) -> None:
+        req_id = msg["req_id"]
+        if msg["type"] == "submit":
+            try:
+                data = self.core.submit(msg["train_py"], msg["description"], msg.get("base"))
+            except Exception as exc:
+                if type(exc).__name__ != "SubmitRejected":
+                    raise
+                self._send(identity, protocol.make(
+                    "reply", req_id=req_id, ok=False, data={"error": str(exc)}))
+                self.event(f"submission refused: {_first_line(str(exc))}")
+                return
+            self._send(identity, protocol.make("reply", req_id=req_id, ok=True, data=data))
+            self.event(describe_submission(data, msg["description"]))
+            return
+        what, args = msg["what"], msg["args"]
+        if what == "status":
+            data = self.core.status()
+            data = dict(data, connected=sorted(c.name for c in self.workers.values()))
+        elif what == "log":
+            limit = args.get("limit", 50)
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+                raise ProtocolError("bad_field", "query log: limit must be a positive integer")
+            data = self.core.log(limit=limit)
+        elif what == "export":
+            data = self.core.export_tsv()
+        else:
+            self._send(identity, protocol.make(
+                "reply", req_id=req_id, ok=False,
+                data={"error": f"unknown query {what!r}; one of {', '.join(QUERIES)}"}))
+            return
+        self._send(identity, protocol.make("reply", req_id=req_id, ok=True, data=data))
+
+    # ---- timers -------------------------------------------------------------------------
+
+    def _send_heartbeats(self) -> None:
+        beat = encode(protocol.make("heartbeat"))
+        for conn in self.workers.values():
+            self._send_raw(conn.identity, beat)
+
+    def _expire(self, now: float) -> None:
+        for wid, conn in list(self.workers.items()):
+            silent = now - conn.last_seen
+            if silent > self.window:
+                requeued = self.core.worker_lost(wid, f"silent for {silent:.1f}s")
+                self._forget(wid)
+                self.event(f"worker {conn.name} ({wid}) lost: silent {silent:.1f}s"
+                           f"{_requeued(requeued)}")
+        for wid, deadline in list(self.awaiting.items()):
+            if now >= deadline:
+                del self.awaiting[wid]
+                requeued = self.core.worker_lost(wid, "did not return after coordinator restart")
+                self.event(f"worker {wid} lost: did not return after restart{_requeued(requeued)}")
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _forget(self, wid: str) -> None:
+        conn = self.workers.pop(wid, None)
+        if conn is not None:
+            self.by_identity.pop(conn.identity, None)
+        self.awaiting.pop(wid, None)
+
+    def _who(self, identity: bytes) -> str:
+        wid = self.by_identity.get(identity)
+        if wid and wid in self.workers:
+            return self.workers[wid].name
+        return f"peer {identity.hex()[:10]}"
+
+    def _send(self, identity: bytes, msg: dict) -> None:
+        self._send_raw(identity, encode(msg))
+
+    def _send_raw(self, identity: bytes, payload: bytes) -> None:
+        try:
+            self.sock.send_multipart([identity, payload], zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # peer's queue is full (it is stuck): heartbeats will declare it lost
+
+
+def _requeued(ids: Any) -> str:
+    ids = list(ids or [])
+    return f"; requeued {', '.join(f'#{i}' for i in ids)}" if ids else ""
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
+
+
+def describe_decision(d: Any) -> str:
+    """One line for a decision: KEEP / DISCARD / FAIL with the numbers that decided it."""
+    get = d.get if isinstance(d, dict) else (lambda k, default=None: getattr(d, k, default))
+    verdict = str(get("verdict", None) or get("decision", None) or get("kind", "?"))
+    word = {"keep": "KEEP", "kept": "KEEP", "discard": "DISCARD", "discarded": "DISCARD",
+            "fail": "FAIL", "failed": "FAIL", "head": "HEAD", "measured": "HEAD"}.get(
+        verdict.lower(), verdict.upper())
+    cand = get("candidate_id", None)
+    parts = [f"{word} #{cand}" if cand is not None else word]
+    parts.append(f"val_bpb {_fmt(get('val_bpb', None))}")
+    head = get("head_bpb", None)
+    if head is not None:
+        parts.append(f"vs head {_fmt(head)}")
+    hw = get("hw_class", None)
+    if hw:
+        parts.append(f"[{hw}]")
+    reason = get("reason", None)
+    if reason:
+        parts.append(f"- {reason}")
+    return " ".join(parts)
+
+
+def describe_submission(data: Any, description: str) -> str:
+    if not isinstance(data, dict):
+        return f"submission: {description}"
+    cid = data.get("candidate_id")
+    state = data.get("state") or data.get("status") or "queued"
+    dup = " (duplicate of an earlier submission)" if data.get("duplicate") else ""
+    return f"submitted #{cid} {state}{dup}: {description}"
+
+
+def serve(core: Any, bind: str, heartbeat_interval: float = HEARTBEAT_INTERVAL,
+          liveness: int = HEARTBEAT_LIVENESS, banner: Callable[[str], None] | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM; the caller closes the core afterwards."""
+    server = Server(core, bind=bind, heartbeat_interval=heartbeat_interval, liveness=liveness)
+    server.install_signal_handlers()
+    try:
+        if banner:
+            banner(server.endpoint)
+        server.run()
+    finally:
+        server.close()
+    print(f"{stamp()} coordinator stopped", file=sys.stdout, flush=True)
