@@ -1,0 +1,535 @@
+"""Run one attempt of a train.py as a subprocess, without blocking the worker's poll loop.
+
+Usage from the worker's loop (no sockets here):
+
+    proc = AttemptProcess.start(spec, run_root, env)   # env: base env, e.g. trainer_env(os.environ, threads)
+    ...every ~100 ms:
+    outcome = proc.poll()          # None while running; enforces timeout and log cap
+    heartbeat progress = proc.progress()
+    on a cancel message: proc.cancel(reason)   then keep polling until poll() returns the Outcome
+    on worker shutdown:  proc.cancel("worker shutting down"); proc.wait(timeout=...)
+
+What happens per attempt:
+- ``run_root/<attempt_id>/`` is created fresh (attempt ids must match ``[0-9a-f-]{8,64}``, so an
+  id can never name a path outside run_root); ``train.py`` is written into it.
+- ``sys.executable train.py`` runs there in its own session / process group, with the caller's
+  env plus the run settings (``trainer.settings.RunSettings.to_env()``), AUTORESEARCH_RESULT and
+  AUTORESEARCH_PROGRESS pointing into the run dir, and PYTHONUNBUFFERED / PYTHONFAULTHANDLER so
+  the log tail shows the last thing the process did.
+- stdout+stderr are drained by a thread into ``train.log`` (capped at ``log_limit`` bytes: past
+  it the group is killed and the outcome is crash "log limit exceeded"); the last ~8 KB are kept
+  in memory for ``Outcome.log_tail``. The child never blocks on the worker's poll rate.
+- Timeout (``spec.timeout`` wall seconds) and cancel: SIGTERM to the group, SIGKILL to the group
+  ``kill_grace`` seconds later (from a watchdog thread, so it happens even if nobody polls). When the main process exits (for any reason) the rest of its
+  group is SIGKILLed too, so forked children never outlive their attempt. The group is signalled
+  only while the leader is an unreaped zombie or alive (``os.waitid(..., WNOWAIT)``), so the
+  process-group id can't have been recycled.
+
+Classification (status/val_bpb come only from the result file, never from stdout):
+  1. cancelled by us                      -> cancelled (whatever the process wrote)
+  2. log limit exceeded                   -> crash "log limit exceeded"
+  3. valid result.json                    -> its status; ok needs a finite val_bpb, else crash
+                                             (a result written before a timeout kill still counts:
+                                             the measurement finished, only teardown hung)
+  4. killed by us for the timeout         -> timeout
+  5. unreadable / invalid result.json     -> crash "bad result file: ..."
+  6. no result: exit 3 -> nan, exit 4 -> oom, SIGKILL with out-of-memory words in the log
+     tail -> oom (the OS's OOM killer / jetsam leave no result), anything else -> crash.
+
+Finished run dirs are pruned to the newest ``keep_runs`` per run_root. Each worker process has
+its own run_root (``default_run_root``), so workers sharing one machine and cache never touch
+each other's files.
+
+Known limit: if the worker itself is SIGKILLed, its attempt's group is not killed; the trainer
+dies at its next write to the closed log pipe (BrokenPipeError) rather than at the timeout.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.settings import RunSettings
+
+__all__ = [
+    "AttemptSpec", "Outcome", "AttemptProcess", "default_run_root", "prune_runs",
+    "prune_stale_run_roots", "check_attempt_id", "attempt_env",
+    "LOG_LIMIT", "KEEP_RUNS", "KILL_GRACE",
+]
+
+ATTEMPT_ID_RE = re.compile(r"[0-9a-f-]{8,64}")
+LOG_LIMIT = 64 * 2**20        # bytes of train.log before the attempt is killed
+KEEP_RUNS = 20                # finished run dirs kept per run_root
+KILL_GRACE = 3.0              # seconds between SIGTERM and SIGKILL
+DRAIN_GRACE = 2.0             # after exit, how long to wait for the log pipe to close
+TAIL_BYTES = 8192
+TAIL_LINES = 60
+RESULT_MAX_BYTES = 1 << 20    # a result JSON is ~1 KB; anything huge is not the harness's
+PROGRESS_READ_MAX = 64 * 1024 # never read more than this of progress.jsonl per call
+HARNESS_STATUSES = ("ok", "nan", "oom", "crash")
+EXIT_NAN, EXIT_OOM = 3, 4     # trainer.harness exit codes (not imported: keep worker mlx-free)
+OOM_HINTS = ("out of memory", "outofmemory", "memoryerror", "cannot allocate memory",
+             "insufficient memory", "failed to allocate")
+
+# Run dirs of attempts running in this process: pruning never deletes them.
+_LIVE_DIRS: set[Path] = set()
+
+
+@dataclass
+class AttemptSpec:
+    attempt_id: str
+    train_py: str
+    settings: dict            # RunSettings research fields (seq_len, eval_tokens, ...)
+    timeout: float            # hard wall-clock limit for the whole process, seconds
+
+
+@dataclass
+class Outcome:
+    status: str               # ok | crash | nan | oom | timeout | cancelled
+    val_bpb: float | None     # finite float iff status == "ok"
+    result: dict              # the harness's result JSON ({} if none was written)
+    log_tail: str             # last ~8 KB / 60 lines of combined stdout+stderr
+    exit_code: int | None     # Popen convention: -N = killed by signal N; None = never started
+    wall_seconds: float
+    note: str = ""            # one line: why this status (e.g. "log limit exceeded")
+
+    def to_wire(self) -> dict:
+        """The ``outcome`` map of a result message. Non-finite floats in the result become
+        None so the map survives JSON as well as msgpack."""
+        return {
+            "status": self.status,
+            "val_bpb": self.val_bpb,
+            "result": _finite(self.result),
+            "log_tail": self.log_tail,
+            "exit_code": self.exit_code,
+            "wall_seconds": round(float(self.wall_seconds), 3),
+            "note": self.note,
+        }
+
+    @classmethod
+    def refused(cls, note: str) -> "Outcome":
+        """Outcome for an assignment that could not even start (bad id, bad settings)."""
+        return cls("crash", None, {}, "", None, 0.0, note)
+
+
+def check_attempt_id(attempt_id) -> str:
+    if not isinstance(attempt_id, str) or not ATTEMPT_ID_RE.fullmatch(attempt_id):
+        raise ValueError(f"invalid attempt id {attempt_id!r}: expected 8-64 chars of [0-9a-f-]")
+    return attempt_id
+
+
+def attempt_env(base_env: dict, settings: dict, run_dir: Path) -> dict[str, str]:
+    """The trainer's environment: base env, the run settings, result/progress paths."""
+    env = {str(k): str(v) for k, v in base_env.items()}
+    env.update(RunSettings.from_dict(settings).to_env())  # ValueError naming the bad setting
+    env["AUTORESEARCH_RESULT"] = str(run_dir / "result.json")
+    env["AUTORESEARCH_PROGRESS"] = str(run_dir / "progress.jsonl")
+    env["PYTHONUNBUFFERED"] = "1"      # the log tail should end where the process ended
+    env["PYTHONFAULTHANDLER"] = "1"    # a segfault in MLX still leaves a Python traceback
+    return env
+
+
+def default_run_root(cache_dir, worker_name: str) -> Path:
+    """``<cache>/runs/<worker name>-<pid>``: one per worker process, so several workers can
+    share a machine and a cache directory without sharing a mutable file."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", worker_name or "").lstrip(".")[:64] or "worker"
+    return Path(cache_dir).expanduser() / "runs" / f"{safe}-{os.getpid()}"
+
+
+def prune_runs(run_root: Path, keep: int = KEEP_RUNS) -> list[Path]:
+    """Delete all but the newest ``keep`` finished run dirs in run_root; returns the deleted."""
+    run_root = Path(run_root)
+    try:
+        entries = [d for d in run_root.iterdir()
+                   if ATTEMPT_ID_RE.fullmatch(d.name) and d.is_dir() and not d.is_symlink()
+                   and d not in _LIVE_DIRS]
+    except OSError:
+        return []
+
+    def age_key(d: Path):
+        try:
+            return (d.stat().st_mtime, d.name)
+        except OSError:
+            return (0.0, d.name)
+
+    entries.sort(key=age_key, reverse=True)
+    removed = entries[max(keep, 0):]
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
+    return removed
+
+
+def prune_stale_run_roots(cache_dir) -> list[Path]:
+    """Delete ``<cache>/runs/<name>-<pid>`` dirs whose worker pid is no longer alive on this
+    machine (left behind by workers that were killed). Assumes the cache is machine-local."""
+    removed = []
+    runs = Path(cache_dir).expanduser() / "runs"
+    try:
+        roots = list(runs.iterdir())
+    except OSError:
+        return removed
+    for root in roots:
+        m = re.fullmatch(r".*-(\d+)", root.name)
+        if not m or not root.is_dir() or root.is_symlink():
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        shutil.rmtree(root, ignore_errors=True)
+        removed.append(root)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, belongs to someone else
+    except OverflowError:
+        return False
+    return True
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _first_line(text, limit: int = 300) -> str:
+    lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
+    return lines[-1][:limit] if lines else ""
+
+
+class AttemptProcess:
+    """One running attempt. Not thread-safe: drive it from one loop."""
+
+    def __init__(self, spec: AttemptSpec, run_dir: Path, proc: subprocess.Popen, log_file,
+                 *, log_limit: int, keep_runs: int, kill_grace: float):
+        self.spec = spec
+        self.run_dir = run_dir
+        self.pid = proc.pid
+        self._proc = proc
+        self._log_limit = log_limit
+        self._keep_runs = keep_runs
+        self._kill_grace = kill_grace
+        self._t0 = time.monotonic()
+        self._exit_at: float | None = None
+        self._kill_reason: str | None = None   # "timeout" | "cancel" | "log"
+        self._cancel_reason = ""
+        self._sigkill_at: float | None = None
+        self._sigkilled = False
+        self._outcome: Outcome | None = None
+        # log pump state (shared with the reader thread)
+        self._lock = threading.Lock()
+        self._kill_lock = threading.RLock()
+        self._tail = b""
+        self._log_bytes = 0
+        self._over_limit = False
+        # progress reader state
+        self._prog_offset = 0
+        self._prog_buf = b""
+        self._prog_last: dict | None = None
+        self._reader = threading.Thread(target=self._pump, args=(proc.stdout, log_file),
+                                        name=f"attempt-log-{spec.attempt_id}", daemon=True)
+        self._reader.start()
+
+    # ---- public API ---------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, spec: AttemptSpec, run_root: Path, env: dict, *, log_limit: int = LOG_LIMIT,
+              keep_runs: int = KEEP_RUNS, kill_grace: float = KILL_GRACE) -> "AttemptProcess":
+        """Create the run dir, write train.py, start it. Raises ValueError for a bad attempt
+        id, timeout or settings (report ``Outcome.refused(str(err))``), OSError if the
+        process cannot be started."""
+        check_attempt_id(spec.attempt_id)
+        timeout = spec.timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not math.isfinite(timeout) or timeout <= 0:
+            raise ValueError(f"invalid timeout {timeout!r}: expected seconds > 0")
+        if not isinstance(spec.train_py, str):
+            raise ValueError("train_py must be text")
+        run_root = Path(run_root)
+        run_dir = run_root / spec.attempt_id
+        child_env = attempt_env(env, spec.settings or {}, run_dir)  # before touching the disk
+
+        run_root.mkdir(parents=True, exist_ok=True)
+        if run_dir.is_symlink() or run_dir.is_file():
+            run_dir.unlink()
+        elif run_dir.exists():
+            # Same attempt started again in this run_root (e.g. re-assigned): start clean, so
+            # an old result.json can never be read as this run's.
+            shutil.rmtree(run_dir)
+        run_dir.mkdir()
+        (run_dir / "train.py").write_text(spec.train_py, encoding="utf-8")
+        log_file = open(run_dir / "train.log", "wb")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "train.py"], cwd=run_dir, env=child_env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True,
+            )
+        except BaseException:
+            log_file.close()
+            raise
+        _LIVE_DIRS.add(run_dir)
+        return cls(spec, run_dir, proc, log_file, log_limit=log_limit, keep_runs=keep_runs,
+                   kill_grace=kill_grace)
+
+    @property
+    def attempt_id(self) -> str:
+        return self.spec.attempt_id
+
+    def poll(self) -> Outcome | None:
+        """None while running; the Outcome once the process (and its group) is gone.
+        Cheap: a waitid, a clock read and a few flag checks per call."""
+        if self._outcome is not None:
+            return self._outcome
+        now = time.monotonic()
+        if self._exit_at is None:
+            if not self._leader_exited():
+                self._enforce_limits(now)
+                return None
+            # Leader is a zombie (pid still reserved): kill whatever it left in its group,
+            # then reap.
+            with self._kill_lock:
+                self._signal_group(signal.SIGKILL)
+                self._proc.wait()
+            self._exit_at = now
+            self._reader.join(timeout=0.05)
+        # Stragglers were just killed, so the pipe closes promptly; but never wait long on
+        # a process that escaped the group and holds the pipe.
+        if self._reader.is_alive() and now - self._exit_at < DRAIN_GRACE:
+            return None
+        self._outcome = self._classify()
+        _LIVE_DIRS.discard(self.run_dir)
+        prune_runs(self.run_dir.parent, self._keep_runs)
+        return self._outcome
+
+    def progress(self) -> dict | None:
+        """The latest complete line of progress.jsonl (None before the first). Reads only
+        what was appended since the last call; a partial last line waits for its newline."""
+        path = self.run_dir / "progress.jsonl"
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            return self._prog_last
+        if size < self._prog_offset:          # replaced or truncated: start over
+            self._prog_offset, self._prog_buf = 0, b""
+        if size == self._prog_offset:
+            return self._prog_last
+        start, skip_partial = self._prog_offset, False
+        if size - start > PROGRESS_READ_MAX:  # fell far behind: only the end matters
+            start, skip_partial = size - PROGRESS_READ_MAX, True
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read(size - start)
+        except OSError:
+            return self._prog_last
+        self._prog_offset = start + len(data)
+        if skip_partial:
+            data = data.split(b"\n", 1)[1] if b"\n" in data else b""
+        else:
+            data = self._prog_buf + data
+        lines = data.split(b"\n")
+        self._prog_buf = lines.pop()
+        if len(self._prog_buf) > PROGRESS_READ_MAX:
+            self._prog_buf = b""
+        for line in reversed(lines):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                self._prog_last = _finite(obj)
+                break
+        return self._prog_last
+
+    def cancel(self, reason: str) -> None:
+        """SIGTERM the whole group now; SIGKILL follows after the grace even if nobody polls.
+        Returns at once; keep calling poll() to collect Outcome(status="cancelled")."""
+        if self._outcome is not None:
+            return
+        self._cancel_reason = reason or "cancelled"
+        if self._kill_reason == "cancel":
+            return
+        already_killing = self._kill_reason is not None
+        self._kill_reason = "cancel"
+        if self._exit_at is None and not already_killing:
+            self._begin_kill(time.monotonic())
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> Outcome | None:
+        """Poll until finished (or ``timeout`` seconds pass: None). For shutdown and tests."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            outcome = self.poll()
+            if outcome is not None or (deadline is not None and time.monotonic() >= deadline):
+                return outcome
+            time.sleep(interval)
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _pump(self, pipe, log_file) -> None:
+        """Reader thread: pipe -> train.log (up to the cap) and the in-memory tail."""
+        fd = pipe.fileno()
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)
+                except InterruptedError:
+                    continue
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                room = self._log_limit - self._log_bytes
+                if room > 0:
+                    log_file.write(chunk[:room])
+                    log_file.flush()
+                with self._lock:
+                    self._log_bytes += len(chunk)
+                    if self._log_bytes > self._log_limit:
+                        self._over_limit = True
+                    self._tail = (self._tail + chunk)[-TAIL_BYTES:]
+        finally:
+            log_file.close()
+            pipe.close()
+
+    def _leader_exited(self) -> bool:
+        if hasattr(os, "waitid"):
+            try:
+                # WNOWAIT: look without reaping, so the pid (= group id) stays reserved
+                # until we have killed the rest of the group.
+                return os.waitid(os.P_PID, self.pid,
+                                 os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+            except ChildProcessError:
+                pass
+        # No waitid (macOS before Python 3.13): poll() reaps; the group is killed right
+        # after, leaving only a microseconds-wide window for pid reuse.
+        return self._proc.poll() is not None
+
+    def _enforce_limits(self, now: float) -> None:
+        if self._kill_reason is None:
+            if self._over_limit:
+                self._kill_reason = "log"
+                self._signal_group(signal.SIGKILL)  # a runaway printer gets no grace
+                self._sigkilled = True
+            elif now - self._t0 > self.spec.timeout:
+                self._kill_reason = "timeout"
+                self._begin_kill(now)
+
+    def _begin_kill(self, now: float) -> None:
+        """SIGTERM the group now; a watchdog thread sends SIGKILL after the grace. A thread,
+        not poll(), so a caller that cancels and then stops polling (worker exiting) still
+        leaves no trainer behind; non-daemon, so interpreter exit waits for it."""
+        self._signal_group(signal.SIGTERM)
+        self._sigkill_at = now + self._kill_grace
+        threading.Thread(target=self._watchdog, name=f"attempt-kill-{self.attempt_id}",
+                         daemon=False).start()
+
+    def _watchdog(self) -> None:
+        while time.monotonic() < self._sigkill_at:
+            if self._proc.returncode is not None:
+                return  # reaped by poll(), which already killed the rest of the group
+            time.sleep(0.02)
+        self._signal_group(signal.SIGKILL)
+        self._sigkilled = True
+
+    def _signal_group(self, sig: int) -> None:
+        # The lock orders this against the reap in poll(): once reaped, the group id may
+        # belong to someone else, so it is never signalled again.
+        with self._kill_lock:
+            if self._proc.returncode is not None:
+                return
+            try:
+                os.killpg(self.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass  # group already gone (macOS answers EPERM for a group of zombies)
+
+    def _tail_text(self) -> str:
+        with self._lock:
+            raw = self._tail
+        text = raw.decode("utf-8", errors="replace")
+        lines = text.splitlines()[-TAIL_LINES:]
+        return "\n".join(lines)[-TAIL_BYTES:]
+
+    def _read_result(self) -> tuple[dict, str | None]:
+        """(result, problem): ({}, None) if no file; problem is set if it is unusable."""
+        path = self.run_dir / "result.json"
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return {}, None
+        except OSError as exc:
+            return {}, f"cannot stat result.json: {exc}"
+        if size > RESULT_MAX_BYTES:
+            return {}, f"result.json is {size} bytes (limit {RESULT_MAX_BYTES})"
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return {}, f"result.json unreadable: {exc}"
+        if not isinstance(obj, dict):
+            return {}, f"result.json holds a {type(obj).__name__}, not an object"
+        if obj.get("status") not in HARNESS_STATUSES:
+            return obj, f"result.json status {obj.get('status')!r} is not one of {HARNESS_STATUSES}"
+        return obj, None
+
+    def _classify(self) -> Outcome:
+        rc = self._proc.returncode
+        tail = self._tail_text()
+        result, problem = self._read_result()
+
+        def out(status, note="", val_bpb=None):
+            return Outcome(status, val_bpb, result, tail, rc,
+                           (self._exit_at or time.monotonic()) - self._t0, note)
+
+        if self._kill_reason == "cancel":
+            return out("cancelled", f"cancelled: {self._cancel_reason}")
+        if self._kill_reason == "log" or self._over_limit:
+            return out("crash", f"log limit exceeded ({self._log_limit} bytes)")
+        if result and problem is None:
+            status = result["status"]
+            note = _first_line(result.get("error"))
+            if self._kill_reason == "timeout":
+                note = f"result written before the {self.spec.timeout:g}s timeout kill; {note}".rstrip("; ")
+            if status == "ok":
+                v = result.get("val_bpb")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    return out("crash", f"ok without finite val_bpb ({v!r})")
+                return out("ok", note, float(v))
+            return out(status, note)
+        if self._kill_reason == "timeout":
+            return out("timeout", f"no result within {self.spec.timeout:g}s")
+        if problem:
+            return out("crash", f"bad result file: {problem}")
+        if rc == EXIT_NAN:
+            return out("nan", "exit code 3 (nan) without a result file")
+        if rc == EXIT_OOM:
+            return out("oom", "exit code 4 (out of memory) without a result file")
+        if rc is not None and rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"signal {-rc}"
+            if -rc == signal.SIGKILL and any(h in tail.lower() for h in OOM_HINTS):
+                return out("oom", f"killed by {name}; the log mentions running out of memory")
+            return out("crash", f"killed by {name} without a result file")
+        if rc == 0:
+            return out("crash", "exited 0 without writing a result file")
+        return out("crash", f"exit code {rc} without a result file")
