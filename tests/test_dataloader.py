@@ -1,6 +1,5 @@
 """Best-fit BOS packing: row shape, BOS alignment, no padding, determinism, crop accounting."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,7 +101,7 @@ def test_documents_longer_than_a_row_are_cropped():
     assert packer.crop_fraction > 0.5
 
 
-def test_training_stream_is_deterministic_and_independent_of_batch_size(tmp_path):
+def test_training_stream_is_deterministic_and_independent_of_batch_size(tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
     paths = []
     for i in range(3):
@@ -124,6 +123,10 @@ def test_training_stream_is_deterministic_and_independent_of_batch_size(tmp_path
     assert np.array_equal(a, rows(7, 8, 15))
     assert not np.array_equal(a, rows(8, 4, 30))
     assert (a[:, 0] == BOS).all()
+    # Handing shards over in slices changes nothing.
+    import trainer.dataloader as dl
+    monkeypatch.setattr(dl, "CHUNK_DOCS", 37)
+    assert np.array_equal(a, rows(7, 4, 30))
 
 
 def test_train_loader_yields_mx_int32_shifted_pairs(tmp_path):

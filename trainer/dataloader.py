@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 DEFAULT_BUFFER_DOCS = 1000
+CHUNK_DOCS = 1 << 16
 
 
 @dataclass
@@ -282,7 +283,11 @@ def shuffled_chunks(shard_paths: Sequence[Path], load_shard: ShardLoader, bos_id
             lengths = doc_lengths(tokens, starts)
             order = rng.permutation(len(starts))
             any_docs = any_docs or len(starts) > 0
-            yield DocChunk(key, tokens, starts[order], lengths[order])
+            # Hand the shard over in slices (same key) so the packer never holds a whole
+            # shard's document list as Python ints.
+            for i in range(0, len(order), CHUNK_DOCS):
+                part = order[i:i + CHUNK_DOCS]
+                yield DocChunk(key, tokens, starts[part], lengths[part])
             key += 1
         if not any_docs:
             raise ValueError("training shards hold no documents")
