@@ -347,6 +347,17 @@ def test_forked_grandchild_is_killed(tmp_path, how):
     wait_until(lambda: not alive(grandchild), "grandchild death")
 
 
+@pytest.mark.parametrize("how", ["timeout", "exit"])
+def test_without_waitid_fallback_still_kills_group(tmp_path, monkeypatch, how):
+    import worker.runner as runner
+    monkeypatch.setattr(runner, "_HAVE_WAITID", False)
+    tail = "time.sleep(60)" if how == "timeout" else "write_result('ok', val_bpb=2.0)"
+    proc = start(tmp_path, GRANDCHILD + tail, timeout=1.0 if how == "timeout" else 30.0)
+    grandchild = read_pid(proc, "grandchild")
+    assert finish(proc).status == ("timeout" if how == "timeout" else "ok")
+    wait_until(lambda: not alive(grandchild), "grandchild death")
+
+
 # ---- ids, dirs, settings ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", ["../../etc/x", "..", "DEADBEEF", "abc", "a" * 65,

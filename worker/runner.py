@@ -80,6 +80,9 @@ EXIT_NAN, EXIT_OOM = 3, 4     # trainer.harness exit codes (not imported: keep w
 OOM_HINTS = ("out of memory", "outofmemory", "memoryerror", "cannot allocate memory",
              "insufficient memory", "failed to allocate")
 
+# os.waitid is missing on macOS before Python 3.13; tests flip this to cover the fallback.
+_HAVE_WAITID = hasattr(os, "waitid")
+
 # Run dirs of attempts running in this process: pruning never deletes them.
 _LIVE_DIRS: set[Path] = set()
 
@@ -308,8 +311,16 @@ class AttemptProcess:
             # Leader is a zombie (pid still reserved): kill whatever it left in its group,
             # then reap.
             with self._kill_lock:
-                self._signal_group(signal.SIGKILL)
-                self._proc.wait()
+                if self._proc.returncode is None:
+                    self._signal_group(signal.SIGKILL)
+                    self._proc.wait()
+                else:
+                    # Fallback without waitid: already reaped by _leader_exited(); kill the
+                    # stragglers right away (the pid-reuse window is microseconds wide).
+                    try:
+                        os.killpg(self.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
             self._exit_at = now
             self._reader.join(timeout=0.05)
         # Stragglers were just killed, so the pipe closes promptly; but never wait long on
@@ -412,7 +423,7 @@ class AttemptProcess:
             pipe.close()
 
     def _leader_exited(self) -> bool:
-        if hasattr(os, "waitid"):
+        if _HAVE_WAITID:
             try:
                 # WNOWAIT: look without reaping, so the pid (= group id) stays reserved
                 # until we have killed the rest of the group.
