@@ -135,6 +135,23 @@ def test_harness_write_result_stand_in(tmp_path):
     assert out.result["settings"]["seq_len"] == 64
 
 
+@pytest.mark.parametrize("exc, status", [("RuntimeError('boom in train.py')", "crash"),
+                                         ("MemoryError('out of memory')", "oom")])
+def test_harness_run_main_failures(tmp_path, exc, status):
+    harness = pytest.importorskip("trainer.harness")
+    if not hasattr(harness, "run_main"):
+        pytest.skip("trainer.harness.run_main not available")
+    out = finish(start(tmp_path, f"""
+        from trainer import harness
+        def main():
+            raise {exc}
+        harness.run_main(main)
+    """))
+    assert out.status == status and out.val_bpb is None
+    assert out.exit_code == {"crash": 1, "oom": 4}[status]
+    assert "Traceback" in out.log_tail and out.note  # the error's last line
+
+
 def test_progress_read_incrementally_with_partial_line(tmp_path):
     proc = start(tmp_path, """
         progress(step=1, progress=0.1, loss=9.0, tok_per_sec=100.0, elapsed=0.1)
