@@ -360,6 +360,10 @@ def start(argv=None, environ: Mapping[str, str] | None = None) -> Run:
     settings = RunSettings.from_env(env)
     if args.time_budget is not None:
         settings = settings.replace(time_budget=args.time_budget)
+    # Absolute now, so a train.py that changes directory still writes where the worker looks.
+    settings = settings.replace(
+        result_path=settings.result_path.absolute(),
+        progress_path=settings.progress_path.absolute() if settings.progress_path else None)
 
     resolve_dataset_dir, read_manifest, load_shard = _dataset_api()
     dataset_dir = Path(resolve_dataset_dir(env))  # AUTORESEARCH_DATA, else CACHE/datasets/CURRENT
