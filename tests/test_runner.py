@@ -404,6 +404,14 @@ def test_restarted_attempt_gets_a_fresh_dir(tmp_path):
     assert out.status == "crash" and out.result == {}  # the old result.json is gone
 
 
+def test_relative_run_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = AttemptSpec(new_id(), PRELUDE + "write_result('ok', val_bpb=1.25)", dict(SETTINGS), 30.0)
+    proc = AttemptProcess.start(spec, Path("rel-runs"), {})
+    assert finish(proc).val_bpb == 1.25
+    assert proc.run_dir == tmp_path / "rel-runs" / spec.attempt_id
+
+
 def test_finished_run_dirs_are_pruned(tmp_path):
     ids = []
     for i in range(4):

@@ -267,7 +267,8 @@ class AttemptProcess:
             raise ValueError(f"invalid timeout {timeout!r}: expected seconds > 0")
         if not isinstance(spec.train_py, str):
             raise ValueError("train_py must be text")
-        run_root = Path(run_root)
+        # Absolute: the child runs with cwd=run_dir, so relative result paths would miss.
+        run_root = Path(run_root).expanduser().absolute()
         run_dir = run_root / spec.attempt_id
         child_env = attempt_env(env, spec.settings or {}, run_dir)  # before touching the disk
 
