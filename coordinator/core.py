@@ -1,0 +1,782 @@
+"""The coordinator's state layer: queue, leases, results, decisions, the branch. No sockets.
+
+``coordinator.server`` drives one ``Coordinator`` from its poll loop; tests drive it directly.
+Every public method is one state change of the ledger (one ``BEGIN IMMEDIATE ... COMMIT``), and
+the git side follows a fixed order so a ``kill -9`` at any instant is harmless:
+
+  * a submit writes its commit object, then the ledger row, then the candidate ref;
+  * a keep writes the keep commit object (unreferenced objects are harmless), then ONE ledger
+    transaction (attempt done + candidate kept + decision row + new head), then moves the
+    branch with ``update-ref`` (expected old value);
+  * on every start ``reconcile()`` points the branch at the ledger's head and recreates missing
+    candidate refs, and says what it fixed.
+
+Results are idempotent by attempt id: only the live lease of the reporting worker counts; a
+late result for a lost/cancelled lease is stored as stale; a repeat of a counted one is acked and
+changes nothing.
+
+Scheduling (per hardware class C of the asking worker): if the head has no ok measurement on C
+and nobody is measuring it there, measure the head first; otherwise hand out the oldest queued
+candidate. A candidate measured on C before the head is is decided when the head's number on C
+arrives. After ``HEAD_FAILURES_LIMIT`` failed head measurements on C, C workers get nothing (a
+candidate measured there could never be compared) and ``status()["problems"]`` says so.
+
+Heartbeats (``worker_seen``) are kept in memory only: liveness is the server's business and
+writing SQLite once a second per worker would buy nothing after a restart.
+
+Timestamps come from ``clock`` (default ``time.time``), used only for the record, never to decide.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import unicodedata
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from coordinator import decide
+from coordinator import states as st
+from coordinator.ledger import Ledger, LedgerError, ledger_path, loads
+from coordinator.repo import (
+    CANDIDATE_REFS, DISPLACED_REFS, RUN_FIELDS, ZERO, CoordinatorBusy, GitError, acquire_lock,
+    candidate_ref, commit_object, commit_tree_of, is_ancestor, list_refs, load_run, make_tree,
+    rev_parse, state_dir, sync_worktree, update_ref, write_results_tsv,
+)
+
+__all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "HelloReply", "Assignment",
+           "Decision", "ResultAck", "clean_description"]
+
+MAX_DESCRIPTION = 200                 # characters kept of a submission's description
+MAX_TRAIN_PY_BYTES = 1_000_000        # a train.py is a few hundred lines; refuse a megabyte
+MAX_LOG_TAIL = 16_384                 # characters of log tail stored per attempt
+TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+
+
+class SubmitRejected(ValueError):
+    """A submission the coordinator refuses; the message says why (e.g. the syntax error)."""
+
+
+@dataclass
+class HelloReply:
+    cancel_attempt: str | None = None   # tell the worker to cancel this attempt
+    reattached: bool = False            # the worker's attempt is still its live lease
+    requeued: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Assignment:
+    attempt_id: str
+    candidate_id: int
+    commit: str
+    train_py: str
+    settings: dict
+    timeout: float
+    purpose: str                        # "head" | "candidate"
+
+
+@dataclass
+class Decision:
+    candidate_id: int
+    verdict: str                        # kept | discarded | failed
+    hw_class: str | None
+    val_bpb: float | None
+    head_bpb: float | None
+    head_before: str | None
+    head_after: str
+    reason: str
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ResultAck:
+    accepted: bool
+    note: str
+    decisions: list[Decision] = field(default_factory=list)
+
+
+def clean_description(text: Any) -> str:
+    """Any unicode, minus control characters, whitespace collapsed, capped."""
+    text = "" if text is None else str(text)
+    out = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if ch in "\t\n\r\v\f":
+            out.append(" ")
+        elif cat == "Cc" or cat in ("Cs", "Zl", "Zp"):
+            continue  # control chars, lone surrogates, line/paragraph separators
+        else:
+            out.append(ch)
+    clean = " ".join("".join(out).split())
+    if len(clean) > MAX_DESCRIPTION:
+        clean = clean[: MAX_DESCRIPTION - 1].rstrip() + "…"
+    return clean or "(no description)"
+
+
+def _fmt_time(t: float | None) -> str | None:
+    return None if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _compile_error(text: str) -> str | None:
+    try:
+        compile(text, "train.py", "exec")
+    except SyntaxError as exc:
+        where = f"line {exc.lineno}" + (f", column {exc.offset}" if exc.offset else "")
+        src = f"\n    {exc.text.rstrip()}" if exc.text and exc.text.strip() else ""
+        return f"train.py does not compile: {type(exc).__name__}: {exc.msg} ({where}){src}"
+    except ValueError as exc:  # e.g. NUL bytes in the source
+        return f"train.py does not compile: {exc}"
+    return None
+
+
+class Coordinator:
+    """The research run's state: open it on a research repo made by ``init_repo``."""
+
+    def __init__(self, repo_dir: Path, clock: Callable[[], float] = time.time):
+        self.repo_dir = Path(repo_dir).expanduser().resolve()
+        self.clock = clock
+        self.config = load_run(self.repo_dir)            # FileNotFoundError if not a run
+        self._file_lock = acquire_lock(self.repo_dir)    # CoordinatorBusy if taken
+        self._mutex = threading.RLock()
+        self._seen: dict[str, dict] = {}
+        self.problems: list[str] = []
+        self.ledger: Ledger | None = None
+        try:
+            self.ledger = Ledger(ledger_path(state_dir(self.repo_dir)))
+            stored = self.ledger.get_meta("settings")
+            if stored != self.config.settings:
+                raise RuntimeError(f"{self.repo_dir}: run.json and the ledger disagree on the run "
+                                   f"settings ({self.config.settings} vs {stored})")
+            self.settings: dict = dict(stored)
+            self.tag: str = self.ledger.get_meta("tag")
+            self.branch: str = self.ledger.get_meta("branch")
+            self.fixed: list[str] = self.reconcile()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+        if self._file_lock is not None and self._file_lock.is_locked:
+            self._file_lock.release()
+        self._file_lock = None
+
+    def __enter__(self) -> "Coordinator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def branch_ref(self) -> str:
+        return f"refs/heads/{self.branch}"
+
+    def reconcile(self) -> list[str]:
+        """Make git agree with the ledger (the truth); return one line per thing fixed."""
+        with self._mutex:
+            fixes: list[str] = []
+            head = self.ledger.head()
+            want = head["commit_sha"]
+            if rev_parse(self.repo_dir, want) != want:
+                raise LedgerError(f"the ledger's head {want} is missing from {self.repo_dir}'s "
+                                  "git objects: the repo was damaged; restore it from a clone")
+            fixes += self._fix_branch(want)
+            have = list_refs(self.repo_dir, CANDIDATE_REFS)
+            for row in self.ledger.all("SELECT id, commit_sha FROM candidates "
+                                       "WHERE commit_sha IS NOT NULL ORDER BY id"):
+                ref = candidate_ref(row["id"])
+                if have.get(ref) != row["commit_sha"]:
+                    update_ref(self.repo_dir, ref, row["commit_sha"], reason="reconcile")
+                    fixes.append(f"{'recreated' if ref not in have else 'reset'} {ref} -> "
+                                 f"{row['commit_sha'][:10]}")
+            self._after_change(wrote_decision=True)
+            return fixes
+
+    def _fix_branch(self, want: str) -> list[str]:
+        cur = rev_parse(self.repo_dir, self.branch_ref)
+        if cur == want:
+            return []
+        fixes = []
+        if cur and not is_ancestor(self.repo_dir, cur, want):
+            # Someone committed to the branch by hand, or it points at junk: keep it reachable.
+            n = len(list_refs(self.repo_dir, DISPLACED_REFS))
+            update_ref(self.repo_dir, f"{DISPLACED_REFS}{n}", cur, ZERO, reason="reconcile")
+            fixes.append(f"saved the displaced branch tip {cur[:10]} as {DISPLACED_REFS}{n}")
+        update_ref(self.repo_dir, self.branch_ref, want, reason="reconcile with ledger")
+        fixes.append(f"moved {self.branch} from {cur[:10] if cur else '(missing)'} to "
+                     f"{want[:10]} (the ledger's head)")
+        return fixes
+
+    def _after_change(self, wrote_decision: bool) -> None:
+        """Side effects that follow a committed ledger change: worktree and results.tsv."""
+        problem = sync_worktree(self.repo_dir, self.branch)
+        self.problems = [p for p in self.problems if not p.startswith("could not sync")]
+        if problem:
+            self.problems.append(problem)
+        if wrote_decision:
+            try:
+                write_results_tsv(self.repo_dir, self.export_tsv())
+            except OSError as exc:
+                self.problems.append(f"could not write results.tsv: {exc}")
+
+    def _move_branch(self, old: str, new: str) -> None:
+        """Advance the branch after the ledger committed a keep (old -> new)."""
+        try:
+            update_ref(self.repo_dir, self.branch_ref, new, old, reason="autoresearch keep")
+        except GitError:
+            # The branch was not where we left it (moved by hand?): the ledger wins.
+            self.problems.append(f"branch {self.branch} was moved outside the coordinator; "
+                                 f"reset to the ledger's head {new[:10]}")
+            self._fix_branch(new)
+
+    # ---- small ledger helpers (call inside a transaction) -------------------------------
+
+    def _now(self) -> float:
+        return float(self.clock())
+
+    def _set_candidate(self, cid: int, new: str) -> None:
+        old = self.ledger.scalar("SELECT state FROM candidates WHERE id = ?", cid)
+        st.check_candidate(old, new)
+        self.ledger.db.execute("UPDATE candidates SET state = ?, updated_at = ? WHERE id = ?",
+                               (new, self._now(), cid))
+
+    def _set_attempt(self, attempt_id: str, new: str, note: str | None = None) -> None:
+        old = self.ledger.scalar("SELECT state FROM attempts WHERE attempt_id = ?", attempt_id)
+        st.check_attempt(old, new)
+        self.ledger.db.execute(
+            "UPDATE attempts SET state = ?, finished_at = COALESCE(finished_at, ?), "
+            "note = COALESCE(?, note) WHERE attempt_id = ?", (new, self._now(), note, attempt_id))
+        self.ledger.db.execute("UPDATE workers SET attempt_id = NULL WHERE attempt_id = ?",
+                               (attempt_id,))
+
+    def _head_measure(self, head_cid: int, hw_class: str) -> dict:
+        """The head's ok values, live head leases and failed head attempts on one class."""
+        rows = self.ledger.all(
+            "SELECT attempt_id, purpose, state, status, val_bpb FROM attempts "
+            "WHERE candidate_id = ? AND hw_class = ?", head_cid, hw_class)
+        ok = [r for r in rows if r["state"] == st.DONE and r["status"] == "ok"]
+        return {
+            "values": [r["val_bpb"] for r in ok],
+            "attempt_ids": [r["attempt_id"] for r in ok],
+            "live": sum(1 for r in rows if r["state"] == st.LEASED and r["purpose"] == "head"),
+            "failed": sum(1 for r in rows if r["state"] == st.DONE and r["status"] != "ok"
+                          and r["purpose"] == "head"),
+        }
+
+    def _insert_decision(self, cid: int, verdict: str, hw_class: str | None,
+                         head_before: str | None, head_after: str, val_bpb: float | None,
+                         head_bpb: float | None, reason: str, attempt_ids: list[str]) -> Decision:
+        self.ledger.db.execute(
+            "INSERT INTO decisions(candidate_id, hw_class, verdict, head_before, head_after, "
+            "val_bpb, head_bpb, reason, attempt_ids, decided_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (cid, hw_class, verdict, head_before, head_after, val_bpb, head_bpb, reason,
+             json.dumps(attempt_ids), self._now()))
+        desc = self.ledger.scalar("SELECT description FROM candidates WHERE id = ?", cid)
+        return Decision(cid, verdict, hw_class, val_bpb, head_bpb, head_before, head_after,
+                        reason, desc or "")
+
+    def _fail_candidate(self, cid: int, hw_class: str, reason: str,
+                        attempt_ids: list[str]) -> Decision:
+        head = self.ledger.head()
+        hv = decide.head_value(self._head_measure(head["candidate_id"], hw_class)["values"])
+        self._set_candidate(cid, st.FAILED)
+        return self._insert_decision(cid, st.FAILED, hw_class, head["commit_sha"],
+                                     head["commit_sha"], None, hv, reason, attempt_ids)
+
+    def _lose(self, att, new_state: str, reason: str) -> tuple[int | None, Decision | None]:
+        """A live lease ends without a counted result (lost or cancelled). Returns
+        (requeued candidate id, failure decision) -- at most one of them."""
+        self._set_attempt(att["attempt_id"], new_state, note=reason)
+        if att["purpose"] != st.PURPOSE_CANDIDATE:
+            return None, None  # a head lease: the next worker of that class measures it
+        cid = att["candidate_id"]
+        if new_state == st.LOST:
+            times = self.ledger.scalar(
+                "SELECT COUNT(*) FROM attempts WHERE candidate_id = ? AND purpose = 'candidate' "
+                "AND (state = 'lost' OR (state = 'stale' AND prior_state = 'lost'))", cid)
+            if times >= decide.LOST_LIMIT:
+                ids = [r[0] for r in self.ledger.all(
+                    "SELECT attempt_id FROM attempts WHERE candidate_id = ? ORDER BY leased_at",
+                    cid)]
+                return None, self._fail_candidate(cid, att["hw_class"],
+                                                  decide.lost_reason(times), ids)
+        self._set_candidate(cid, st.QUEUED)
+        return cid, None
+
+    # ---- workers ------------------------------------------------------------------------
+
+    def worker_hello(self, worker_id: str, name: str, profile: dict, hw_class: str,
+                     attempt_id: str | None) -> HelloReply:
+        """A worker (re)joins, saying which attempt it is running (or None)."""
+        with self._mutex:
+            now = self._now()
+            requeued: list[int] = []
+            decided = False
+            reply = HelloReply()
+            with self.ledger.tx() as db:
+                db.execute(
+                    "INSERT INTO workers(worker_id, name, hw_class, profile, first_seen, "
+                    "last_seen, attempt_id, state) VALUES (?,?,?,?,?,?,NULL,'connected') "
+                    "ON CONFLICT(worker_id) DO UPDATE SET name = excluded.name, "
+                    "hw_class = excluded.hw_class, profile = excluded.profile, "
+                    "last_seen = excluded.last_seen, state = 'connected', gone_reason = NULL",
+                    (worker_id, name, hw_class, json.dumps(profile, sort_keys=True, default=str),
+                     now, now))
+                lease = self.ledger.live_lease(worker_id)
+                if lease is not None and attempt_id == lease["attempt_id"]:
+                    db.execute("UPDATE workers SET attempt_id = ? WHERE worker_id = ?",
+                               (attempt_id, worker_id))
+                    reply.reattached = True
+                else:
+                    if lease is not None:  # it came back without the attempt we leased it
+                        cid, dec = self._lose(lease, st.LOST, "worker restarted without it")
+                        requeued += [cid] if cid is not None else []
+                        decided = dec is not None
+                    if attempt_id:
+                        reply.cancel_attempt = attempt_id
+            reply.requeued = requeued
+            self._seen[worker_id] = {"last_seen": now, "progress": None}
+            if decided:
+                self._after_change(wrote_decision=True)
+            return reply
+
+    def worker_seen(self, worker_id: str, attempt_id: str | None = None,
+                    progress: dict | None = None) -> None:
+        """A heartbeat: remember when, and the attempt's progress (memory only)."""
+        with self._mutex:
+            seen = self._seen.setdefault(worker_id, {"progress": None})
+            seen["last_seen"] = self._now()
+            if attempt_id is not None and progress is not None:
+                seen["progress"] = dict(progress, attempt_id=attempt_id)
+
+    def worker_lost(self, worker_id: str, reason: str) -> list[int]:
+        """The worker went silent: its live lease is lost; returns candidate ids requeued."""
+        return self._worker_gone(worker_id, reason, st.LOST)
+
+    def worker_bye(self, worker_id: str, reason: str) -> list[int]:
+        """The worker left cleanly: its lease is cancelled (not held against the candidate)."""
+        return self._worker_gone(worker_id, reason, st.CANCELLED)
+
+    def _worker_gone(self, worker_id: str, reason: str, lease_state: str) -> list[int]:
+        with self._mutex:
+            requeued: list[int] = []
+            decided = False
+            with self.ledger.tx() as db:
+                lease = self.ledger.live_lease(worker_id)
+                if lease is not None:
+                    cid, dec = self._lose(lease, lease_state, f"worker gone: {reason}")
+                    requeued += [cid] if cid is not None else []
+                    decided = dec is not None
+                db.execute("UPDATE workers SET state = 'gone', gone_reason = ?, attempt_id = NULL "
+                           "WHERE worker_id = ?", (reason, worker_id))
+            self._seen.pop(worker_id, None)
+            if decided:
+                self._after_change(wrote_decision=True)
+            return requeued
+
+    def leased_workers(self) -> set[str]:
+        with self._mutex:
+            return {r[0] for r in self.ledger.all(
+                "SELECT DISTINCT worker_id FROM attempts WHERE state = 'leased'")}
+
+    # ---- scheduling ---------------------------------------------------------------------
+
+    def next_assignment(self, worker_id: str) -> Assignment | None:
+        """The next thing this worker should run, or None (nothing useful, or it holds one)."""
+        with self._mutex:
+            with self.ledger.tx():
+                w = self.ledger.worker(worker_id)
+                if w is None:
+                    raise ValueError(f"unknown worker {worker_id}: it must say hello first")
+                if self.ledger.live_lease(worker_id) is not None:
+                    return None
+                hw = w["hw_class"]
+                head = self.ledger.head()
+                m = self._head_measure(head["candidate_id"], hw)
+                if not m["values"]:
+                    if m["live"] == 0 and m["failed"] < decide.HEAD_FAILURES_LIMIT:
+                        train_py = self.ledger.scalar(
+                            "SELECT train_py FROM candidates WHERE id = ?", head["candidate_id"])
+                        return self._lease(worker_id, hw, head["candidate_id"],
+                                           head["commit_sha"], train_py, st.PURPOSE_HEAD)
+                    if m["live"] == 0:
+                        return None  # head cannot be measured here: nothing here is decidable
+                cand = self.ledger.one("SELECT id, commit_sha, train_py FROM candidates "
+                                       "WHERE state = 'queued' ORDER BY id LIMIT 1")
+                if cand is None:
+                    return None
+                self._set_candidate(cand["id"], st.RUNNING)
+                return self._lease(worker_id, hw, cand["id"], cand["commit_sha"],
+                                   cand["train_py"], st.PURPOSE_CANDIDATE)
+
+    def _lease(self, worker_id: str, hw: str, cid: int, commit: str, train_py: str,
+               purpose: str) -> Assignment:
+        attempt_id = uuid.uuid4().hex
+        now = self._now()
+        self.ledger.db.execute(
+            "INSERT INTO attempts(attempt_id, candidate_id, purpose, worker_id, hw_class, "
+            "commit_sha, leased_at, state) VALUES (?,?,?,?,?,?,?,'leased')",
+            (attempt_id, cid, purpose, worker_id, hw, commit, now))
+        self.ledger.db.execute("UPDATE workers SET attempt_id = ?, last_seen = ? "
+                               "WHERE worker_id = ?", (attempt_id, now, worker_id))
+        self._seen.setdefault(worker_id, {})["progress"] = None
+        return Assignment(attempt_id=attempt_id, candidate_id=cid, commit=commit,
+                          train_py=train_py,
+                          settings={k: self.settings[k] for k in RUN_FIELDS},
+                          timeout=float(self.settings["timeout"]), purpose=purpose)
+
+    # ---- results and decisions ----------------------------------------------------------
+
+    def record_result(self, worker_id: str, attempt_id: str, outcome: dict) -> ResultAck:
+        """Count a worker's result if it is for that worker's live lease (see module doc)."""
+        with self._mutex:
+            att = self.ledger.attempt(attempt_id)
+            if att is None:
+                return ResultAck(False, f"unknown attempt {attempt_id}: not stored")
+            if att["worker_id"] != worker_id:
+                return ResultAck(False, f"attempt {attempt_id} was leased to worker "
+                                        f"{att['worker_id']}, not {worker_id}: not stored")
+            if att["state"] == st.DONE:
+                return ResultAck(True, "duplicate result: already counted")
+            if att["state"] == st.STALE:
+                return ResultAck(False, "duplicate of a stale result: not counted")
+            outcome = outcome if isinstance(outcome, dict) else {}
+            status, bpb, problem = decide.normalise_outcome(outcome)
+            if att["state"] in (st.LOST, st.CANCELLED):
+                with self.ledger.tx():
+                    self._store_outcome(att, status, bpb, outcome, problem)
+                    st.check_attempt(att["state"], st.STALE)
+                    self.ledger.db.execute(
+                        "UPDATE attempts SET state = 'stale', prior_state = ?, finished_at = ? "
+                        "WHERE attempt_id = ?", (att["state"], self._now(), attempt_id))
+                return ResultAck(False, f"attempt was {att['state']} before this result arrived:"
+                                        " stored as stale, not counted")
+            # The live lease of this worker.
+            decisions: list[Decision] = []
+            old_head = self.ledger.head()["commit_sha"]
+            note = ""
+            with self.ledger.tx():
+                self._store_outcome(att, status, bpb, outcome, problem)
+                if status == "cancelled":
+                    cid, dec = self._lose(att, st.CANCELLED, "cancelled by the worker")
+                    note = f"cancelled: candidate #{cid} requeued" if cid is not None else \
+                        "cancelled"
+                    decisions += [dec] if dec else []
+                else:
+                    self._set_attempt(attempt_id, st.DONE)
+                    if att["purpose"] == st.PURPOSE_CANDIDATE:
+                        if status == "ok":
+                            self._set_candidate(att["candidate_id"], st.MEASURED)
+                        else:
+                            reason = decide.failure_reason(
+                                status, att["hw_class"], outcome.get("log_tail"),
+                                problem or (outcome.get("result") or {}).get("error"),
+                                outcome.get("exit_code"))
+                            decisions.append(self._fail_candidate(
+                                att["candidate_id"], att["hw_class"], reason, [attempt_id]))
+                    decisions += self._decide_waiting(att["hw_class"])
+                new_head = self.ledger.head()["commit_sha"]
+            if new_head != old_head:
+                self._move_branch(old_head, new_head)
+            self._after_change(wrote_decision=True)
+            if not note:
+                note = "; ".join(f"#{d.candidate_id} {d.verdict}" for d in decisions)
+                if not note and status == "ok":
+                    note = ("measured: waiting for the head's number on this class"
+                            if att["purpose"] == st.PURPOSE_CANDIDATE else
+                            f"head #{att['candidate_id']} measured on {att['hw_class']}")
+                elif not note:
+                    note = f"head #{att['candidate_id']} measurement failed: {status}"
+            return ResultAck(True, note, decisions)
+
+    def _store_outcome(self, att, status: str, bpb: float | None, outcome: dict,
+                       problem: str | None) -> None:
+        result = outcome.get("result")
+        tail = outcome.get("log_tail")
+        tail = tail[-MAX_LOG_TAIL:] if isinstance(tail, str) else None
+        code = outcome.get("exit_code")
+        wall = outcome.get("wall_seconds")
+        self.ledger.db.execute(
+            "UPDATE attempts SET status = ?, val_bpb = ?, summary = ?, log_tail = ?, "
+            "exit_code = ?, wall_seconds = ?, note = COALESCE(?, note) WHERE attempt_id = ?",
+            (status, bpb, json.dumps(result if isinstance(result, dict) else {}, default=str),
+             tail, code if isinstance(code, int) and not isinstance(code, bool) else None,
+             float(wall) if isinstance(wall, (int, float)) and not isinstance(wall, bool)
+             else None, problem, att["attempt_id"]))
+
+    def _decide_waiting(self, hw: str) -> list[Decision]:
+        """Decide measured candidates on class ``hw``, oldest first, while the head has a
+        number there. A keep makes that candidate the head (its own run is the head's number),
+        so the next waiting one is judged against it."""
+        out: list[Decision] = []
+        margin = float(self.settings.get("margin", 0.0))
+        while True:
+            c = self.ledger.one(
+                "SELECT c.id, c.description, c.commit_sha, c.base_commit, a.attempt_id, "
+                "a.val_bpb FROM candidates c JOIN attempts a ON a.candidate_id = c.id "
+                "WHERE c.state = 'measured' AND a.purpose = 'candidate' AND a.state = 'done' "
+                "AND a.status = 'ok' AND a.hw_class = ? ORDER BY c.id LIMIT 1", hw)
+            if c is None:
+                return out
+            head = self.ledger.head()
+            m = self._head_measure(head["candidate_id"], hw)
+            hv = decide.head_value(m["values"])
+            if hv is None:
+                return out  # waits in measured until the head's number on hw arrives
+            v = decide.judge(c["val_bpb"], hv, margin, hw, len(m["values"]))
+            ids = [c["attempt_id"]] + m["attempt_ids"]
+            new_head = head["commit_sha"]
+            if v.verdict == st.KEPT:
+                message = (
+                    f"keep #{c['id']}: {c['description']}\n\n"
+                    f"val_bpb: {hv:.6f} -> {c['val_bpb']:.6f} on {hw} (margin {margin:g})\n"
+                    f"hardware class: {hw}\n"
+                    f"candidate: #{c['id']} {c['commit_sha']} (based on {c['base_commit']})\n"
+                    f"head before: #{head['candidate_id']} {head['commit_sha']}\n"
+                    f"candidate attempt: {c['attempt_id']}\n"
+                    f"head attempts: {', '.join(m['attempt_ids'])}\n")
+                # Object first: if we die before the ledger commits, it is unreferenced junk.
+                new_head = commit_object(self.repo_dir, commit_tree_of(self.repo_dir,
+                                                                       c["commit_sha"]),
+                                         [head["commit_sha"]], message)
+                self.ledger.db.execute(
+                    "UPDATE head SET commit_sha = ?, candidate_id = ?, updated_at = ? "
+                    "WHERE id = 1", (new_head, c["id"], self._now()))
+            self._set_candidate(c["id"], v.verdict)
+            out.append(self._insert_decision(c["id"], v.verdict, hw, head["commit_sha"],
+                                             new_head, c["val_bpb"], hv, v.reason, ids))
+
+    # ---- clients ------------------------------------------------------------------------
+
+    def submit(self, train_py: str, description: str, base: str | None = None) -> dict:
+        """Queue a train.py variant; SubmitRejected if it cannot be run. An identical text is
+        answered with the earlier candidate (``duplicate: True``) and not queued again."""
+        if not isinstance(train_py, str):
+            raise SubmitRejected("train.py must be text")
+        size = len(train_py.encode("utf-8", "surrogatepass"))
+        if size > MAX_TRAIN_PY_BYTES:
+            raise SubmitRejected(f"train.py is {size} bytes; the limit is {MAX_TRAIN_PY_BYTES}")
+        err = _compile_error(train_py)
+        if err:
+            raise SubmitRejected(err)
+        desc = clean_description(description)
+        sha = hashlib.sha256(train_py.encode("utf-8", "surrogatepass")).hexdigest()
+        with self._mutex:
+            row = self.ledger.one("SELECT * FROM candidates WHERE sha256 = ?", sha)
+            if row is not None:
+                return self._candidate_summary(row, duplicate=True)
+            if base is None or str(base).strip() == "":
+                base_commit = self.ledger.head()["commit_sha"]
+            else:
+                base_commit = rev_parse(self.repo_dir, str(base).strip())
+                if base_commit is None:
+                    raise SubmitRejected(f"base {base!r} is not a commit in the research repo")
+            now = self._now()
+            with self.ledger.tx() as db:
+                cid = int(self.ledger.scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM candidates"))
+                tree = make_tree(self.repo_dir, base_commit, {"train.py": train_py})
+                commit = commit_object(self.repo_dir, tree, [base_commit],
+                                       f"candidate #{cid}: {desc}\n\nbase: {base_commit}\n"
+                                       f"sha256(train.py): {sha}\n")
+                db.execute("INSERT INTO candidates(id, description, sha256, train_py, "
+                           "base_commit, commit_sha, state, created_at, updated_at) "
+                           "VALUES (?,?,?,?,?,?,'queued',?,?)",
+                           (cid, desc, sha, train_py, base_commit, commit, now, now))
+            # After the commit: a crash here leaves the ref missing; reconcile() recreates it.
+            update_ref(self.repo_dir, candidate_ref(cid), commit, reason="autoresearch submit")
+            row = self.ledger.candidate(cid)
+            out = self._candidate_summary(row, duplicate=False)
+            out["queue_position"] = int(self.ledger.scalar(
+                "SELECT COUNT(*) FROM candidates WHERE state = 'queued' AND id <= ?", cid))
+            return out
+
+    def _candidate_summary(self, row, duplicate: bool) -> dict:
+        out = {"candidate_id": row["id"], "state": row["state"], "commit": row["commit_sha"],
+               "base": row["base_commit"], "description": row["description"],
+               "duplicate": duplicate, "val_bpb": None, "hw_class": None}
+        ok = self.ledger.one("SELECT val_bpb, hw_class FROM attempts WHERE candidate_id = ? "
+                             "AND state = 'done' AND status = 'ok' ORDER BY finished_at LIMIT 1",
+                             row["id"])
+        if ok is not None:
+            out["val_bpb"], out["hw_class"] = ok["val_bpb"], ok["hw_class"]
+        d = self.ledger.decision(row["id"])
+        if d is not None:
+            out["verdict"], out["reason"] = d["verdict"], d["reason"]
+        return out
+
+    def candidate(self, cid: int) -> dict | None:
+        """One candidate's summary (state, commit, val_bpb, verdict), or None."""
+        with self._mutex:
+            row = self.ledger.candidate(cid)
+            return None if row is None else self._candidate_summary(row, duplicate=False)
+
+    # ---- reports ------------------------------------------------------------------------
+
+    def _classes(self) -> list[str]:
+        return sorted({r[0] for r in self.ledger.all(
+            "SELECT hw_class FROM workers UNION SELECT hw_class FROM attempts")})
+
+    def status(self) -> dict:
+        """Everything a person wants at a glance; plain JSON-able types."""
+        with self._mutex:
+            L = self.ledger
+            head = L.head()
+            heads, problems = [], list(self.problems)
+            for hw in self._classes():
+                m = self._head_measure(head["candidate_id"], hw)
+                hv = decide.head_value(m["values"])
+                if hv is not None:
+                    state = "measured"
+                elif m["live"]:
+                    state = "measuring"
+                elif m["failed"] >= decide.HEAD_FAILURES_LIMIT:
+                    state = "blocked"
+                    problems.append(
+                        f"head #{head['candidate_id']} failed {m['failed']} measurements on {hw}:"
+                        f" not measuring it there again, so candidates on {hw} cannot be decided"
+                        f" (its workers get no work) until the head changes")
+                else:
+                    state = "unmeasured"
+                heads.append({"hw_class": hw, "val_bpb": hv, "runs": len(m["values"]),
+                              "failed_runs": m["failed"], "state": state,
+                              "commit": head["commit_sha"]})
+            blocked = {h["hw_class"] for h in heads if h["state"] == "blocked"}
+            live = {r["attempt_id"]: r for r in L.all(
+                "SELECT a.*, w.name AS worker_name FROM attempts a LEFT JOIN workers w "
+                "ON w.worker_id = a.worker_id WHERE a.state = 'leased' ORDER BY a.leased_at")}
+            running = []
+            for aid, r in live.items():
+                prog = self._seen.get(r["worker_id"], {}).get("progress")
+                prog = prog if prog and prog.get("attempt_id") == aid else None
+                running.append({"attempt_id": aid, "candidate_id": r["candidate_id"],
+                                "purpose": r["purpose"], "worker_id": r["worker_id"],
+                                "worker": r["worker_name"], "hw_class": r["hw_class"],
+                                "leased_at": _fmt_time(r["leased_at"]), "progress": prog})
+            by_worker = {r["worker_id"]: r for r in running}
+            workers = []
+            for w in L.all("SELECT * FROM workers ORDER BY name, worker_id"):
+                r = by_worker.get(w["worker_id"])
+                seen = self._seen.get(w["worker_id"], {}).get("last_seen") or w["last_seen"]
+                workers.append({
+                    "worker_id": w["worker_id"], "name": w["name"], "hw_class": w["hw_class"],
+                    "state": "gone" if w["state"] == "gone" else ("running" if r else "idle"),
+                    "attempt_id": r["attempt_id"] if r else None,
+                    "candidate_id": r["candidate_id"] if r else None,
+                    "purpose": r["purpose"] if r else None,
+                    "progress": r["progress"] if r else None,
+                    "last_seen": _fmt_time(seen), "gone_reason": w["gone_reason"]})
+            queue = [{"candidate_id": r["id"], "description": r["description"],
+                      "submitted": _fmt_time(r["created_at"])}
+                     for r in L.all("SELECT * FROM candidates WHERE state = 'queued' ORDER BY id")]
+            measured = []
+            for r in L.all("SELECT c.id, c.description, a.hw_class, a.val_bpb FROM candidates c "
+                           "JOIN attempts a ON a.candidate_id = c.id AND a.purpose = 'candidate'"
+                           " AND a.state = 'done' AND a.status = 'ok' WHERE c.state = 'measured'"
+                           " ORDER BY c.id"):
+                why = (f"cannot be decided: the head cannot be measured on {r['hw_class']}"
+                       if r["hw_class"] in blocked else
+                       f"waiting for the head's val_bpb on {r['hw_class']}")
+                measured.append({"candidate_id": r["id"], "description": r["description"],
+                                 "hw_class": r["hw_class"], "val_bpb": r["val_bpb"],
+                                 "waiting_for": why})
+                if r["hw_class"] in blocked:
+                    problems.append(f"candidate #{r['id']} {why}")
+            candidates = []
+            for r in L.all("SELECT c.id, c.state, c.description, d.val_bpb, d.verdict FROM "
+                           "candidates c LEFT JOIN decisions d ON d.candidate_id = c.id "
+                           "ORDER BY c.id"):
+                candidates.append({"id": r["id"], "candidate_id": r["id"], "state": r["state"],
+                                   "description": r["description"], "val_bpb": r["val_bpb"]})
+            counts = {s: 0 for s in st.CANDIDATE_STATES}
+            for r in L.all("SELECT state, COUNT(*) FROM candidates WHERE id > 0 GROUP BY state"):
+                counts[r[0]] = r[1]
+            counts["attempts"] = L.scalar("SELECT COUNT(*) FROM attempts")
+            return {
+                "repo": str(self.repo_dir), "tag": self.tag, "branch": self.branch,
+                "head": head["commit_sha"], "head_commit": head["commit_sha"],
+                "head_candidate": head["candidate_id"], "heads": heads, "workers": workers,
+                "queue": queue, "running": running, "measured": measured,
+                "candidates": candidates, "counts": counts, "settings": dict(self.settings),
+                "problems": problems, "reconciled": list(self.fixed),
+            }
+
+    def log(self, limit: int = 50) -> dict:
+        """Recent attempts and decisions, newest first (and merged, as ``entries``)."""
+        with self._mutex:
+            L = self.ledger
+            attempts = []
+            for r in L.all("SELECT a.*, w.name AS worker_name, c.description FROM attempts a "
+                           "LEFT JOIN workers w ON w.worker_id = a.worker_id JOIN candidates c "
+                           "ON c.id = a.candidate_id ORDER BY COALESCE(a.finished_at, a.leased_at)"
+                           " DESC, a.rowid DESC LIMIT ?", limit):
+                summary = loads(r["summary"], {}) or {}
+                attempts.append({
+                    "attempt_id": r["attempt_id"], "candidate_id": r["candidate_id"],
+                    "purpose": r["purpose"], "worker_id": r["worker_id"],
+                    "worker": r["worker_name"], "hw_class": r["hw_class"],
+                    "state": r["state"], "status": r["status"], "val_bpb": r["val_bpb"],
+                    "leased_at": _fmt_time(r["leased_at"]),
+                    "finished_at": _fmt_time(r["finished_at"]),
+                    "time": _fmt_time(r["finished_at"] or r["leased_at"]),
+                    "_t": r["finished_at"] or r["leased_at"],
+                    "exit_code": r["exit_code"], "wall_seconds": r["wall_seconds"],
+                    "peak_vram_mb": summary.get("peak_vram_mb"),
+                    "num_steps": summary.get("num_steps"), "note": r["note"],
+                    "log_tail": decide.last_line(r["log_tail"]) if r["status"] != "ok" else None,
+                    "description": f"{r['purpose']} run of #{r['candidate_id']} "
+                                   f"({r['description']}) on {r['worker_name'] or r['worker_id']}",
+                })
+            decisions = []
+            for r in L.all("SELECT d.*, c.description, c.commit_sha FROM decisions d JOIN "
+                           "candidates c ON c.id = d.candidate_id ORDER BY d.id DESC LIMIT ?",
+                           limit):
+                decisions.append({
+                    "candidate_id": r["candidate_id"], "verdict": r["verdict"],
+                    "hw_class": r["hw_class"], "val_bpb": r["val_bpb"],
+                    "head_bpb": r["head_bpb"], "head_before": r["head_before"],
+                    "head_after": r["head_after"], "commit": r["commit_sha"],
+                    "reason": r["reason"], "description": r["description"],
+                    "attempt_ids": loads(r["attempt_ids"], []),
+                    "time": _fmt_time(r["decided_at"]), "_t": r["decided_at"]})
+            entries = sorted(attempts + decisions, key=lambda e: e["_t"], reverse=True)[:limit]
+            entries = [dict(e, kind="decision" if "verdict" in e else "attempt") for e in entries]
+            for e in attempts + decisions + entries:
+                e.pop("_t", None)
+            return {"attempts": attempts, "decisions": decisions, "entries": entries}
+
+    def export_tsv(self) -> str:
+        """results.tsv in upstream's format: one row per decided candidate, oldest first."""
+        with self._mutex:
+            lines = [TSV_HEADER]
+            for d in self.ledger.all("SELECT d.*, c.commit_sha, c.description FROM decisions d "
+                                     "JOIN candidates c ON c.id = d.candidate_id ORDER BY d.id"):
+                ids = loads(d["attempt_ids"], []) or []
+                bpb, aid = d["val_bpb"], ids[0] if ids else None
+                if d["candidate_id"] == 0:  # the baseline: its first ok measurement, if any
+                    first = self.ledger.one(
+                        "SELECT attempt_id, val_bpb FROM attempts WHERE candidate_id = 0 AND "
+                        "state = 'done' AND status = 'ok' ORDER BY finished_at LIMIT 1")
+                    bpb, aid = (first["val_bpb"], first["attempt_id"]) if first else (None, None)
+                mem = 0.0
+                if d["verdict"] != st.FAILED and aid:
+                    summary = loads(self.ledger.scalar(
+                        "SELECT summary FROM attempts WHERE attempt_id = ?", aid), {}) or {}
+                    peak = summary.get("peak_vram_mb")
+                    if isinstance(peak, (int, float)) and not isinstance(peak, bool):
+                        mem = peak / 1024
+                if d["verdict"] == st.FAILED or bpb is None:
+                    bpb = 0.0
+                desc = " ".join(str(d["description"]).replace("\t", " ").split())
+                lines.append(f"{d['commit_sha'][:7]}\t{bpb:.6f}\t{mem:.1f}\t"
+                             f"{st.TSV_STATUS[d['verdict']]}\t{desc}\n")
+            return "".join(lines)

@@ -1,0 +1,219 @@
+"""The ledger: the run's truth, in SQLite (WAL) at ``DIR/.autoresearch/ledger.sqlite3``.
+
+The git branch is derived from this file and reconciled with it on every start, never the
+other way round. Each state change is one ``BEGIN IMMEDIATE ... COMMIT`` (``Ledger.tx()``), so
+a ``kill -9`` leaves either the whole change or none of it. Attempt ids are primary keys and a
+candidate has at most one decision row (UNIQUE), so a replayed result cannot be counted twice.
+
+Tables (times are epoch seconds, REAL; JSON columns are TEXT):
+
+    meta       key -> value (JSON): schema_version, settings, tag, branch, preset, ...
+    candidates id, description, sha256 (UNIQUE), train_py, base_commit, commit, state,
+               created_at, updated_at. Candidate 0 is the run's baseline (state kept).
+    attempts   attempt_id, candidate_id, purpose (head|candidate), worker_id, hw_class,
+               commit (what was measured), leased_at, finished_at, state (leased|done|lost|
+               cancelled|stale), prior_state (for stale: lost|cancelled), status (outcome:
+               ok|crash|nan|oom|timeout|cancelled), val_bpb, summary (harness result JSON),
+               log_tail, exit_code, wall_seconds, note
+    workers    worker_id, name, hw_class, profile JSON, first_seen, last_seen, attempt_id,
+               state (connected|gone), gone_reason
+    decisions  id, candidate_id (UNIQUE), hw_class, verdict (kept|discarded|failed),
+               head_before, head_after, val_bpb, head_bpb, reason, attempt_ids JSON, decided_at
+    head       one row: commit, candidate_id, updated_at
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA_VERSION = 1
+LEDGER_NAME = "ledger.sqlite3"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS candidates (
+    id          INTEGER PRIMARY KEY,
+    description TEXT NOT NULL,
+    sha256      TEXT NOT NULL UNIQUE,
+    train_py    TEXT NOT NULL,
+    base_commit TEXT,
+    commit_sha  TEXT,
+    state       TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS candidates_state ON candidates(state, id);
+CREATE TABLE IF NOT EXISTS attempts (
+    attempt_id   TEXT PRIMARY KEY,
+    candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+    purpose      TEXT NOT NULL CHECK (purpose IN ('head', 'candidate')),
+    worker_id    TEXT NOT NULL,
+    hw_class     TEXT NOT NULL,
+    commit_sha   TEXT NOT NULL,
+    leased_at    REAL NOT NULL,
+    finished_at  REAL,
+    state        TEXT NOT NULL,
+    prior_state  TEXT,
+    status       TEXT,
+    val_bpb      REAL,
+    summary      TEXT,
+    log_tail     TEXT,
+    exit_code    INTEGER,
+    wall_seconds REAL,
+    note         TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_cand ON attempts(candidate_id, hw_class, state);
+CREATE INDEX IF NOT EXISTS attempts_worker ON attempts(worker_id, state);
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id   TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    hw_class    TEXT NOT NULL,
+    profile     TEXT NOT NULL,
+    first_seen  REAL NOT NULL,
+    last_seen   REAL NOT NULL,
+    attempt_id  TEXT,
+    state       TEXT NOT NULL,
+    gone_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate_id INTEGER NOT NULL UNIQUE REFERENCES candidates(id),
+    hw_class     TEXT,
+    verdict      TEXT NOT NULL CHECK (verdict IN ('kept', 'discarded', 'failed')),
+    head_before  TEXT,
+    head_after   TEXT NOT NULL,
+    val_bpb      REAL,
+    head_bpb     REAL,
+    reason       TEXT NOT NULL,
+    attempt_ids  TEXT NOT NULL,
+    decided_at   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS head (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    commit_sha   TEXT NOT NULL,
+    candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+    updated_at   REAL NOT NULL
+);
+"""
+
+
+class LedgerError(RuntimeError):
+    pass
+
+
+def ledger_path(state_dir: Path) -> Path:
+    return Path(state_dir) / LEDGER_NAME
+
+
+class Ledger:
+    """One SQLite connection. Not thread-safe by itself: the Coordinator serialises calls."""
+
+    def __init__(self, path: Path, create: bool = False):
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise FileNotFoundError(f"no ledger at {self.path}: run `autoresearch-coord init` first")
+        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so a transaction is
+        # exactly what a `with ledger.tx():` block says. check_same_thread=False: the server may
+        # drive the core from a thread other than the one that opened it (calls are serialised).
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0,
+                                  check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed decision survives power loss, not just a process kill.
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._depth = 0
+        if create:
+            self.db.executescript(SCHEMA)
+            with self.tx():
+                if self.get_meta("schema_version") is None:
+                    self.set_meta("schema_version", SCHEMA_VERSION)
+        version = self.get_meta("schema_version")
+        if version != SCHEMA_VERSION:
+            raise LedgerError(f"{self.path}: ledger schema {version!r}, this release reads "
+                              f"{SCHEMA_VERSION}: use the release that made this run")
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: BEGIN IMMEDIATE (takes the write lock up front) ... COMMIT."""
+        if self._depth:  # nested: part of the enclosing transaction
+            self._depth += 1
+            try:
+                yield self.db
+            finally:
+                self._depth -= 1
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield self.db
+        except BaseException:
+            self._depth = 0
+            self.db.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        self.db.execute("COMMIT")
+
+    # ---- small helpers ------------------------------------------------------------------
+
+    def one(self, sql: str, *args: Any) -> sqlite3.Row | None:
+        return self.db.execute(sql, args).fetchone()
+
+    def all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        return self.db.execute(sql, args).fetchall()
+
+    def scalar(self, sql: str, *args: Any) -> Any:
+        row = self.db.execute(sql, args).fetchone()
+        return None if row is None else row[0]
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        raw = self.scalar("SELECT value FROM meta WHERE key = ?", key)
+        return default if raw is None else json.loads(raw)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.db.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                        (key, json.dumps(value, sort_keys=True)))
+
+    # ---- reads used everywhere ----------------------------------------------------------
+
+    def head(self) -> sqlite3.Row:
+        row = self.one("SELECT * FROM head WHERE id = 1")
+        if row is None:
+            raise LedgerError(f"{self.path}: no head recorded (init did not finish?)")
+        return row
+
+    def candidate(self, cid: int) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM candidates WHERE id = ?", cid)
+
+    def attempt(self, attempt_id: str) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM attempts WHERE attempt_id = ?", attempt_id)
+
+    def worker(self, worker_id: str) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM workers WHERE worker_id = ?", worker_id)
+
+    def live_lease(self, worker_id: str) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM attempts WHERE worker_id = ? AND state = 'leased' "
+                        "ORDER BY leased_at DESC LIMIT 1", worker_id)
+
+    def decision(self, cid: int) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM decisions WHERE candidate_id = ?", cid)
+
+
+def loads(text: str | None, default: Any = None) -> Any:
+    """JSON column -> value; tolerate NULL."""
+    if text is None:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError:
+        return default

@@ -1,0 +1,494 @@
+"""The research repo: an ordinary git repo a person can clone, driven only through the git CLI.
+
+Layout of ``DIR``:
+
+    train.py        the one file research edits (the head's version, on branch autoresearch/<tag>)
+    program.md      instructions for agents
+    .gitignore      ignores .autoresearch/ and results.tsv
+    results.tsv     exported after every decision (upstream-compatible, not committed)
+    .autoresearch/  run.json (the fixed run settings), ledger.sqlite3, coord.lock
+
+Refs:
+
+    refs/heads/autoresearch/<tag>        advances only through keeps
+    refs/autoresearch/candidates/<id>    every candidate ever submitted (parent: its base head)
+    refs/autoresearch/displaced/<n>      a branch tip that disagreed with the ledger (kept, not lost)
+
+Commits are built with plumbing (hash-object, a private GIT_INDEX_FILE, write-tree, commit-tree,
+update-ref with the expected old value), so the working tree is never needed to decide. The
+coordinator owns ``DIR``'s working tree: after the branch moves it resets the index and
+``train.py`` to the branch (best-effort; failures are reported, never fatal). Edit a clone, not
+``DIR``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+STATE_DIR = ".autoresearch"
+RUN_FILE = "run.json"
+LOCK_FILE = "coord.lock"
+CANDIDATE_REFS = "refs/autoresearch/candidates/"
+DISPLACED_REFS = "refs/autoresearch/displaced/"
+ZERO = "0" * 40
+
+# Research-run settings that reach the harness through the environment (trainer.settings), and
+# the coordinator's own per-run settings. All fixed when the run is initialised.
+RUN_FIELDS = ("seq_len", "eval_tokens", "time_budget", "seed", "eval_batch")
+SETTING_FIELDS = RUN_FIELDS + ("timeout", "margin")
+
+# Used only while trainer.presets is unavailable (it is written separately); same numbers as
+# the seed defaults in the contracts, and a CPU-sized tiny run.
+FALLBACK_PRESETS: dict[str, dict[str, Any]] = {
+    "seed": dict(seq_len=2048, eval_tokens=40 * 524288, time_budget=300, seed=42, eval_batch=16,
+                 timeout=900.0),
+    "tiny": dict(seq_len=256, eval_tokens=65536, time_budget=15, seed=42, eval_batch=8,
+                 timeout=180.0),
+}
+
+# An identity that works on machines with no git config at all.
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "autoresearch", "GIT_AUTHOR_EMAIL": "autoresearch@localhost",
+    "GIT_COMMITTER_NAME": "autoresearch", "GIT_COMMITTER_EMAIL": "autoresearch@localhost",
+}
+# Per-invocation config that must not come from the user's: no signing prompts, no hooks.
+GIT_CONFIG = ["-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null",
+              "-c", "init.defaultBranch=main"]
+
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+
+
+class GitError(RuntimeError):
+    pass
+
+
+class CoordinatorBusy(RuntimeError):
+    """Another coordinator (or init) holds DIR/.autoresearch/coord.lock."""
+
+
+class RunMismatch(ValueError):
+    """init was asked to change the settings of an existing run."""
+
+
+# ---- git ---------------------------------------------------------------------------------------
+
+def git(repo: Path, *args: str, input: str | None = None, env: dict | None = None,
+        check: bool = True) -> str:
+    """Run git in ``repo``; return stdout without the trailing newline; GitError on failure."""
+    # Drop git variables inherited from a hook or a parent git: they would redirect us.
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")}
+    full_env.update(GIT_IDENTITY)
+    full_env.update(env or {})
+    proc = subprocess.run(["git", *GIT_CONFIG, "-C", str(repo), *args], input=input,
+                          capture_output=True, text=True, env=full_env)
+    if check and proc.returncode != 0:
+        raise GitError(f"git {' '.join(args)} failed in {repo}: "
+                       f"{(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout.rstrip("\n")
+
+
+def rev_parse(repo: Path, ref: str) -> str | None:
+    """Full sha of ``ref`` (a commit), or None if it does not exist."""
+    out = git(repo, "rev-parse", "--verify", "-q", f"{ref}^{{commit}}", check=False)
+    return out or None
+
+
+def commit_tree_of(repo: Path, commit: str) -> str:
+    return git(repo, "rev-parse", f"{commit}^{{tree}}")
+
+
+def read_blob(repo: Path, commit: str, path: str = "train.py") -> str:
+    return git(repo, "show", f"{commit}:{path}")
+
+
+def make_tree(repo: Path, base_commit: str, files: dict[str, str]) -> str:
+    """Tree of ``base_commit`` with ``files`` (path -> text) replaced; no working tree used."""
+    with tempfile.TemporaryDirectory(prefix="autoresearch-index-") as tmp:
+        env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        git(repo, "read-tree", commit_tree_of(repo, base_commit), env=env)
+        for path, text in files.items():
+            blob = git(repo, "hash-object", "-w", "--stdin", input=text)
+            git(repo, "update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env)
+        return git(repo, "write-tree", env=env)
+
+
+def commit_object(repo: Path, tree: str, parents: list[str], message: str) -> str:
+    """Write a commit object (unreferenced until a ref points at it: harmless if we die)."""
+    args = ["commit-tree", tree]
+    for p in parents:
+        args += ["-p", p]
+    return git(repo, *args, input=message)
+
+
+def update_ref(repo: Path, ref: str, new: str, old: str | None = None, reason: str = "") -> None:
+    """Point ``ref`` at ``new``; with ``old`` (ZERO = must not exist) only if it still is ``old``."""
+    args = ["update-ref", "-m", reason or "autoresearch", ref, new]
+    if old is not None:
+        args.append(old)
+    git(repo, *args)
+
+
+def candidate_ref(cid: int) -> str:
+    return f"{CANDIDATE_REFS}{cid}"
+
+
+def list_refs(repo: Path, prefix: str) -> dict[str, str]:
+    out = git(repo, "for-each-ref", "--format=%(refname) %(objectname)", prefix)
+    refs = {}
+    for line in out.splitlines():
+        name, _, sha = line.partition(" ")
+        refs[name] = sha
+    return refs
+
+
+def is_ancestor(repo: Path, a: str, b: str) -> bool:
+    proc = subprocess.run(["git", "-C", str(repo), "merge-base", "--is-ancestor", a, b],
+                          capture_output=True, env={**os.environ, **GIT_IDENTITY})
+    return proc.returncode == 0
+
+
+def sync_worktree(repo: Path, branch: str) -> str | None:
+    """Make DIR's index and tracked files match the branch if DIR has it checked out.
+
+    Best-effort: returns a one-line problem, or None. The coordinator owns DIR (see module doc),
+    so local edits to tracked files there are overwritten.
+    """
+    try:
+        current = git(repo, "symbolic-ref", "-q", "HEAD", check=False)
+        if current != f"refs/heads/{branch}":
+            return None  # someone checked out something else: leave their tree alone
+        git(repo, "read-tree", "--reset", "-u", "HEAD")
+        return None
+    except (GitError, OSError) as exc:
+        return f"could not sync the working tree of {repo} to {branch}: {exc}"
+
+
+# ---- run settings ------------------------------------------------------------------------------
+
+def default_tag(now: float | None = None) -> str:
+    """A date tag like ``nov25`` (locale-independent)."""
+    t = time.localtime(now)
+    return f"{_MONTHS[t.tm_mon - 1]}{t.tm_mday}"
+
+
+def preset_settings(preset: str) -> dict[str, Any]:
+    """The preset's run settings (from trainer.presets when available), margin 0.0."""
+    try:
+        from trainer.presets import PRESETS  # mlx-free by contract
+    except ImportError:
+        PRESETS = None
+    if PRESETS is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; one of {', '.join(sorted(PRESETS))}")
+        p = PRESETS[preset]
+        get = p.get if isinstance(p, dict) else (lambda k, d=None: getattr(p, k, d))
+        out = {f: get(f) for f in RUN_FIELDS}
+        timeout = get("timeout")
+        if out.get("seq_len") is None:  # an unexpected shape: fall back rather than guess
+            out = dict(FALLBACK_PRESETS.get(preset, FALLBACK_PRESETS["seed"]))
+        else:
+            out["timeout"] = timeout if timeout is not None else out["time_budget"] * 3 + 300
+    else:
+        if preset not in FALLBACK_PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; one of {', '.join(FALLBACK_PRESETS)}")
+        out = dict(FALLBACK_PRESETS[preset])
+    out["margin"] = 0.0
+    return out
+
+
+def resolve_settings(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Preset settings with ``overrides`` applied and checked; ValueError on bad input."""
+    base = preset_settings(preset)
+    settings = dict(base)
+    unknown = sorted(set(overrides) - set(SETTING_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown run setting(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(SETTING_FIELDS)}")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in RUN_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{key}={value!r}: expected an integer")
+            if value < (0 if key == "seed" else 1):
+                raise ValueError(f"{key}={value}: must be {'>= 0' if key == 'seed' else '> 0'}")
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{key}={value!r}: expected a number")
+            value = float(value)
+            if key == "timeout" and value <= 0:
+                raise ValueError(f"timeout={value}: must be > 0")
+            if key == "margin" and value < 0:
+                raise ValueError(f"margin={value}: must be >= 0")
+        settings[key] = value
+    # A longer budget without an explicit timeout keeps the preset's allowance for startup+eval.
+    if overrides.get("time_budget") is not None and overrides.get("timeout") is None:
+        settings["timeout"] = float(base["timeout"]) + settings["time_budget"] - base["time_budget"]
+    settings["timeout"] = float(settings["timeout"])
+    if settings["timeout"] <= settings["time_budget"]:
+        raise ValueError(f"timeout={settings['timeout']:g}s must exceed the time budget "
+                         f"({settings['time_budget']}s) to leave room for startup and eval")
+    return settings
+
+
+@dataclass
+class RunConfig:
+    """What ``init_repo`` made (or found): fixed for the life of the run."""
+    repo_dir: Path
+    tag: str
+    branch: str
+    preset: str
+    settings: dict[str, Any]
+    baseline_commit: str
+    created_at: float
+    schema: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_settings(self) -> dict[str, Any]:
+        """Only what the harness reads from the environment (AUTORESEARCH_*)."""
+        return {k: self.settings[k] for k in RUN_FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["repo_dir"] = str(self.repo_dir)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, repo_dir: Path) -> "RunConfig":
+        return cls(repo_dir=Path(repo_dir), tag=d["tag"], branch=d["branch"], preset=d["preset"],
+                   settings=dict(d["settings"]), baseline_commit=d["baseline_commit"],
+                   created_at=float(d["created_at"]), schema=int(d.get("schema", 1)),
+                   extra=dict(d.get("extra", {})))
+
+
+def state_dir(repo_dir: Path) -> Path:
+    return Path(repo_dir) / STATE_DIR
+
+
+def load_run(repo_dir: Path) -> RunConfig:
+    path = state_dir(repo_dir) / RUN_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{repo_dir} is not a research repo (no {STATE_DIR}/{RUN_FILE}): "
+                                f"run `autoresearch-coord init {repo_dir}` first")
+    return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")), Path(repo_dir))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_results_tsv(repo_dir: Path, text: str) -> None:
+    _write_atomic(Path(repo_dir) / "results.tsv", text)
+
+
+def acquire_lock(repo_dir: Path, what: str = "another coordinator") -> FileLock:
+    """Take DIR/.autoresearch/coord.lock without waiting; CoordinatorBusy if someone has it."""
+    sd = state_dir(repo_dir)
+    sd.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(sd / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise CoordinatorBusy(f"another coordinator is running on {repo_dir} "
+                              f"(lock {STATE_DIR}/{LOCK_FILE} held); stop it first") from None
+    return lock
+
+
+# ---- init --------------------------------------------------------------------------------------
+
+GITIGNORE_LINES = (f"{STATE_DIR}/", "results.tsv")
+
+
+def program_md(tag: str, branch: str, settings: dict[str, Any]) -> str:
+    return f"""# autoresearch run `{tag}`
+
+You are one of several researchers (agents or people) improving a small language model's
+training script. A fleet of machines trains every variant you submit for a fixed time budget
+and keeps it only if it beats the current best. This file tells you how to take part.
+
+## The loop
+
+1. Get the current best: `git fetch` and read `train.py` on branch `{branch}` (the branch only
+   ever moves forward through kept variants; each commit message says by how much and where).
+2. Change `train.py` with one idea: architecture, optimiser, learning rates, schedule,
+   batch size, initialisation, anything inside that file.
+3. Submit it: `autoresearch-coord submit train.py -m "what you changed, in one line"`.
+4. Watch: `autoresearch-coord status`, `autoresearch-coord log`. A worker trains the variant for
+   exactly {settings['time_budget']} seconds of training (startup and compilation excluded),
+   then evaluates it.
+5. Kept: the branch advances to your file; build on it. Discarded or failed: read the reason
+   and the log tail (`autoresearch-coord log`), learn from it, try the next idea.
+
+## The one file you edit
+
+Only `train.py`. It imports the fixed harness (`trainer.harness`: data loading, the time budget,
+evaluation, result reporting) and MLX. Do not edit, monkeypatch or work around the harness, the
+evaluation, the data, the tokenizer or the time budget, and do not read the validation data in
+training: such a result measures the change to the rules, not the idea, and is worthless.
+No new dependencies; no network; no files outside the run directory.
+
+## The metric
+
+`val_bpb`: bits per byte on the fixed validation set, lower is better. It is independent of the
+tokenizer's vocabulary size, so changing model width or depth is a fair comparison. A variant
+is kept when its `val_bpb` is lower than the current best's by more than
+{settings['margin']:g}, measured on the same hardware class (the same kind of machine): numbers
+from an M1 and an M4 are never compared. One run is noisy (a few hundredths between re-runs), so
+prefer ideas with clear effects over tuning the last digit.
+
+Fixed for this run: sequence length {settings['seq_len']}, {settings['eval_tokens']} validation
+tokens, seed {settings['seed']}, time budget {settings['time_budget']} s, hard timeout
+{settings['timeout']:g} s per run (then it counts as failed).
+
+## Rules
+
+- Submit whole `train.py` files that compile; an identical file is answered with its earlier
+  result instead of being trained again.
+- Variants that crash, produce nan, run out of memory or time out are recorded as failed with
+  their log tail. Keep memory use sensible: the machines are laptops and desktops.
+- Simpler is better: a tiny gain that adds a lot of complexity is not worth keeping; a change
+  that deletes code and holds the number is a win.
+- Do not commit to `{branch}` yourself: only the coordinator moves it.
+"""
+
+
+def init_repo(dir: Path, tag: str | None = None, preset: str = "seed",
+              train_py: str | None = None, **overrides: Any) -> RunConfig:
+    """Create (or adopt) the research repo in ``dir``; return the run's RunConfig.
+
+    Idempotent for the same settings; refuses (RunMismatch, a ValueError) to change the settings
+    of an existing run. ``train_py`` overrides the preset's baseline text (tests, custom runs).
+    """
+    from coordinator.ledger import Ledger, ledger_path  # noqa: PLC0415 (avoid a cycle at import)
+
+    repo = Path(dir).expanduser().resolve()
+    settings = resolve_settings(preset, overrides)
+    if tag is not None:
+        tag = tag.strip()
+        if not tag or git(Path.cwd(), "check-ref-format", "--branch", f"autoresearch/{tag}",
+                          check=False) == "":
+            raise ValueError(f"tag {tag!r} does not make a valid branch name autoresearch/<tag>")
+
+    run_file = state_dir(repo) / RUN_FILE
+    if run_file.exists():
+        existing = load_run(repo)
+        diffs = [f"{k}: {existing.settings.get(k)!r} -> {settings[k]!r}"
+                 for k in SETTING_FIELDS if existing.settings.get(k) != settings[k]]
+        if tag is not None and tag != existing.tag:
+            diffs.insert(0, f"tag: {existing.tag!r} -> {tag!r}")
+        if preset != existing.preset:
+            diffs.insert(0, f"preset: {existing.preset!r} -> {preset!r}")
+        if diffs:
+            raise RunMismatch(
+                f"{repo} already holds run {existing.tag!r} with different settings "
+                f"({'; '.join(diffs)}); a run's settings are fixed: init a new directory instead")
+        return existing
+
+    if train_py is None:
+        try:
+            from trainer.presets import baseline_train_py
+        except ImportError:
+            raise RuntimeError("trainer.presets is not available: pass train_py= explicitly") \
+                from None
+        train_py = baseline_train_py(preset)
+    try:
+        compile(train_py, "train.py", "exec")
+    except (SyntaxError, ValueError) as exc:
+        raise ValueError(f"baseline train.py does not compile: {exc}") from None
+
+    tag = tag or default_tag()
+    branch = f"autoresearch/{tag}"
+    repo.mkdir(parents=True, exist_ok=True)
+    lock = acquire_lock(repo)
+    try:
+        return _init_locked(repo, tag, branch, preset, settings, train_py, Ledger, ledger_path)
+    finally:
+        lock.release()
+
+
+def _init_locked(repo: Path, tag: str, branch: str, preset: str, settings: dict,
+                 train_py: str, Ledger, ledger_path) -> RunConfig:
+    inside = git(repo, "rev-parse", "--show-toplevel", check=False)
+    if inside and Path(inside).resolve() != repo:
+        raise ValueError(f"{repo} is inside the git repo {inside}: use its top level or a new "
+                         "directory")
+    if not inside:
+        git(repo, "init", "-q")
+    parent = rev_parse(repo, "HEAD")
+    if rev_parse(repo, f"refs/heads/{branch}"):
+        raise ValueError(f"branch {branch} already exists in {repo}: pick another --tag")
+    if parent:
+        dirty = git(repo, "status", "--porcelain", "--untracked-files=no")
+        if dirty:
+            raise ValueError(f"{repo} has uncommitted changes to tracked files; commit or "
+                             "stash them before adopting it as a research repo")
+    gitignore = repo / ".gitignore"
+    lines = gitignore.read_text(encoding="utf-8").splitlines() if gitignore.exists() else []
+    lines += [ln for ln in GITIGNORE_LINES if ln not in lines]
+    files = {"train.py": train_py, "program.md": program_md(tag, branch, settings),
+             ".gitignore": "\n".join(lines) + "\n"}
+    message = (f"baseline for autoresearch run {tag} (preset {preset})\n\n"
+               + "".join(f"{k}: {settings[k]}\n" for k in SETTING_FIELDS))
+    if parent:
+        tree = make_tree(repo, parent, files)
+        commit = commit_object(repo, tree, [parent], message)
+    else:
+        with tempfile.TemporaryDirectory(prefix="autoresearch-index-") as tmp:
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            for path, text in files.items():
+                blob = git(repo, "hash-object", "-w", "--stdin", input=text)
+                git(repo, "update-index", "--add", "--cacheinfo", f"100644,{blob},{path}",
+                    env=env)
+            tree = git(repo, "write-tree", env=env)
+        commit = commit_object(repo, tree, [], message)
+    update_ref(repo, f"refs/heads/{branch}", commit, ZERO, reason="autoresearch init")
+    update_ref(repo, candidate_ref(0), commit, reason="autoresearch baseline")
+    git(repo, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
+    git(repo, "read-tree", "--reset", "-u", "HEAD")
+
+    now = time.time()
+    config = RunConfig(repo_dir=repo, tag=tag, branch=branch, preset=preset, settings=settings,
+                       baseline_commit=commit, created_at=now)
+    sd = state_dir(repo)
+    lp = ledger_path(sd)
+    if lp.exists():  # left by an init that died before writing run.json: start it afresh
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(lp) + suffix).unlink(missing_ok=True)
+    ledger = Ledger(lp, create=True)
+    try:
+        with ledger.tx() as db:
+            for key, value in (("settings", settings), ("tag", tag), ("branch", branch),
+                               ("preset", preset), ("baseline_commit", commit),
+                               ("created_at", now)):
+                ledger.set_meta(key, value)
+            db.execute("INSERT INTO candidates(id, description, sha256, train_py, base_commit, "
+                       "commit_sha, state, created_at, updated_at) "
+                       "VALUES (0, ?, ?, ?, NULL, ?, 'kept', ?, ?)",
+                       ("baseline", hashlib.sha256(train_py.encode()).hexdigest(), train_py,
+                        commit, now, now))
+            db.execute("INSERT INTO decisions(candidate_id, hw_class, verdict, head_before, "
+                       "head_after, val_bpb, head_bpb, reason, attempt_ids, decided_at) "
+                       "VALUES (0, NULL, 'kept', NULL, ?, NULL, NULL, ?, '[]', ?)",
+                       (commit, f"baseline of run {tag} (preset {preset})", now))
+            db.execute("INSERT INTO head(id, commit_sha, candidate_id, updated_at) "
+                       "VALUES (1, ?, 0, ?)", (commit, now))
+    finally:
+        ledger.close()
+    # run.json last: its presence means the run is complete.
+    _write_atomic(sd / RUN_FILE, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    return config

@@ -1,0 +1,108 @@
+"""The two state machines of the coordinator: candidates and attempts.
+
+A *candidate* is one submitted train.py. It waits in the queue, runs on one worker at a time,
+and ends kept (the branch advanced to it), discarded (measured, not better than the head) or
+failed (crashed, went nan/oom/timeout, or took a worker down too often):
+
+    queued -> running -> measured -> kept | discarded
+                 |  \\-> failed
+                 \\---> queued            (its worker was lost or left: try again elsewhere)
+
+An *attempt* is one lease of a candidate (or of the head, to measure it) to one worker:
+
+    leased -> done        a result arrived from that worker while the lease was live
+    leased -> lost        the worker went silent / restarted without it: not counted
+    leased -> cancelled   the worker left cleanly (bye) or cancelled it itself: not counted
+    lost | cancelled -> stale   a result arrived anyway, too late: stored, never counted
+
+Every state change in the ledger goes through ``check_candidate`` / ``check_attempt``, so an
+illegal move (say, a discarded candidate being kept) raises ``IllegalTransition`` instead of
+silently corrupting the run. ``describe()`` prints both machines (``python -m
+coordinator.states``).
+"""
+from __future__ import annotations
+
+# ---- candidates ----------------------------------------------------------------------------
+
+QUEUED, RUNNING, MEASURED, KEPT, DISCARDED, FAILED = (
+    "queued", "running", "measured", "kept", "discarded", "failed")
+
+CANDIDATE_STATES = (QUEUED, RUNNING, MEASURED, KEPT, DISCARDED, FAILED)
+CANDIDATE_FINAL = frozenset({KEPT, DISCARDED, FAILED})
+
+CANDIDATE_TRANSITIONS: dict[str, frozenset[str]] = {
+    QUEUED: frozenset({RUNNING}),
+    # back to the queue when the worker is lost; failed on a bad outcome or too many losses
+    RUNNING: frozenset({MEASURED, FAILED, QUEUED}),
+    # waits here until the head is measured on the same hardware class
+    MEASURED: frozenset({KEPT, DISCARDED}),
+    KEPT: frozenset(),
+    DISCARDED: frozenset(),
+    FAILED: frozenset(),
+}
+
+# ---- attempts ------------------------------------------------------------------------------
+
+LEASED, DONE, LOST, CANCELLED, STALE = "leased", "done", "lost", "cancelled", "stale"
+
+ATTEMPT_STATES = (LEASED, DONE, LOST, CANCELLED, STALE)
+ATTEMPT_TRANSITIONS: dict[str, frozenset[str]] = {
+    LEASED: frozenset({DONE, LOST, CANCELLED}),
+    LOST: frozenset({STALE}),
+    CANCELLED: frozenset({STALE}),
+    DONE: frozenset(),
+    STALE: frozenset(),
+}
+
+# Attempt purposes: measure a submitted candidate, or re-measure the current head on a class.
+PURPOSE_HEAD, PURPOSE_CANDIDATE = "head", "candidate"
+
+# Decision verdicts (the decisions table), and the results.tsv words upstream uses for them.
+VERDICTS = (KEPT, DISCARDED, FAILED)
+TSV_STATUS = {KEPT: "keep", DISCARDED: "discard", FAILED: "crash"}
+
+
+class IllegalTransition(ValueError):
+    """A state change the machine does not allow (a bug in the caller, never user input)."""
+
+
+def _check(kind: str, table: dict[str, frozenset[str]], old: str, new: str) -> str:
+    if old not in table:
+        raise IllegalTransition(f"{kind}: unknown state {old!r}")
+    if new not in table:
+        raise IllegalTransition(f"{kind}: unknown state {new!r}")
+    if new not in table[old]:
+        allowed = ", ".join(sorted(table[old])) or "nothing (final)"
+        raise IllegalTransition(f"{kind}: {old} -> {new} is not allowed ({old} -> {allowed})")
+    return new
+
+
+def check_candidate(old: str, new: str) -> str:
+    """Return ``new`` if a candidate may go from ``old`` to ``new``; else IllegalTransition."""
+    return _check("candidate", CANDIDATE_TRANSITIONS, old, new)
+
+
+def check_attempt(old: str, new: str) -> str:
+    """Return ``new`` if an attempt may go from ``old`` to ``new``; else IllegalTransition."""
+    return _check("attempt", ATTEMPT_TRANSITIONS, old, new)
+
+
+def describe() -> str:
+    """Both state machines as text, one transition per line."""
+    lines = ["candidate states:"]
+    for kind, states, table, final in (
+            ("candidate", CANDIDATE_STATES, CANDIDATE_TRANSITIONS, CANDIDATE_FINAL),
+            ("attempt", ATTEMPT_STATES, ATTEMPT_TRANSITIONS,
+             frozenset(s for s, t in ATTEMPT_TRANSITIONS.items() if not t))):
+        if kind == "attempt":
+            lines += ["", "attempt states:"]
+        for s in states:
+            if s in final and not table[s]:
+                lines.append(f"  {s:<10} (final)")
+            for t in sorted(table[s], key=states.index):
+                lines.append(f"  {s:<10} -> {t}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(describe())
