@@ -43,8 +43,8 @@ from coordinator import states as st
 from coordinator.ledger import Ledger, LedgerError, ledger_path, loads
 from coordinator.repo import (
     CANDIDATE_REFS, DISPLACED_REFS, RUN_FIELDS, ZERO, CoordinatorBusy, GitError, acquire_lock,
-    candidate_ref, commit_object, commit_tree_of, is_ancestor, list_refs, load_run, make_tree,
-    rev_parse, state_dir, sync_worktree, update_ref, write_results_tsv,
+    candidate_ref, clear_stale_ref_locks, commit_object, commit_tree_of, is_ancestor, list_refs,
+    load_run, make_tree, rev_parse, state_dir, sync_worktree, update_ref, write_results_tsv,
 )
 
 __all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "HelloReply", "Assignment",
@@ -184,7 +184,7 @@ class Coordinator:
     def reconcile(self) -> list[str]:
         """Make git agree with the ledger (the truth); return one line per thing fixed."""
         with self._mutex:
-            fixes: list[str] = []
+            fixes: list[str] = clear_stale_ref_locks(self.repo_dir, self.branch)
             head = self.ledger.head()
             want = head["commit_sha"]
             if rev_parse(self.repo_dir, want) != want:

@@ -82,19 +82,23 @@ class RunMismatch(ValueError):
 # ---- git ---------------------------------------------------------------------------------------
 
 def git(repo: Path, *args: str, input: str | None = None, env: dict | None = None,
-        check: bool = True) -> str:
-    """Run git in ``repo``; return stdout without the trailing newline; GitError on failure."""
+        check: bool = True, raw: bool = False) -> str:
+    """Run git in ``repo``; return stdout (without the trailing newline unless ``raw``);
+    GitError on failure."""
     # Drop git variables inherited from a hook or a parent git: they would redirect us.
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")}
     full_env.update(GIT_IDENTITY)
     full_env.update(env or {})
-    proc = subprocess.run(["git", *GIT_CONFIG, "-C", str(repo), *args], input=input,
-                          capture_output=True, text=True, env=full_env)
+    # Bytes, not text mode: text mode would translate \r\n in a train.py we read back.
+    proc = subprocess.run(["git", *GIT_CONFIG, "-C", str(repo), *args],
+                          input=None if input is None else input.encode("utf-8", "surrogatepass"),
+                          capture_output=True, env=full_env)
+    out = proc.stdout.decode("utf-8", "replace")
     if check and proc.returncode != 0:
-        raise GitError(f"git {' '.join(args)} failed in {repo}: "
-                       f"{(proc.stderr or proc.stdout).strip()}")
-    return proc.stdout.rstrip("\n")
+        err = proc.stderr.decode("utf-8", "replace").strip() or out.strip()
+        raise GitError(f"git {' '.join(args)} failed in {repo}: {err}")
+    return out if raw else out.rstrip("\n")
 
 
 def rev_parse(repo: Path, ref: str) -> str | None:
@@ -108,7 +112,7 @@ def commit_tree_of(repo: Path, commit: str) -> str:
 
 
 def read_blob(repo: Path, commit: str, path: str = "train.py") -> str:
-    return git(repo, "show", f"{commit}:{path}")
+    return git(repo, "cat-file", "blob", f"{commit}:{path}", raw=True)
 
 
 def make_tree(repo: Path, base_commit: str, files: dict[str, str]) -> str:
@@ -155,6 +159,25 @@ def is_ancestor(repo: Path, a: str, b: str) -> bool:
     proc = subprocess.run(["git", "-C", str(repo), "merge-base", "--is-ancestor", a, b],
                           capture_output=True, env={**os.environ, **GIT_IDENTITY})
     return proc.returncode == 0
+
+
+def clear_stale_ref_locks(repo: Path, branch: str) -> list[str]:
+    """Remove lock files a killed git left on the refs only the coordinator writes.
+
+    Called under coord.lock, so no other coordinator can be mid-update on these refs; without
+    this a ``kill -9`` during ``update-ref`` would block every later update of that ref.
+    """
+    gitdir = Path(git(repo, "rev-parse", "--absolute-git-dir"))
+    found = [gitdir / "refs" / "heads" / f"{branch}.lock"]
+    ours = gitdir / "refs" / "autoresearch"
+    if ours.is_dir():
+        found += sorted(ours.rglob("*.lock"))
+    removed = []
+    for path in found:
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(f"removed stale git lock {path.relative_to(gitdir)}")
+    return removed
 
 
 def sync_worktree(repo: Path, branch: str) -> str | None:
