@@ -114,7 +114,6 @@ def start(directory: Path, bind: str, insecure: bool, heartbeat_interval: float,
     from coordinator.core import Coordinator
     from coordinator.server import is_loopback_endpoint, join_endpoint, serve, stamp
 
-    bind = bind.replace(":0", ":*") if bind.endswith(":0") else bind
     if not is_loopback_endpoint(bind) and not insecure:
         raise click.ClickException(
             f"{bind} is reachable from other machines and this release has no encryption: "

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import zmq
 
+from coordinator.core import SubmitRejected
 from shared import protocol
 from shared.codec import MAX_FRAME_BYTES, CodecError, decode, encode
 from shared.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, ProtocolError
@@ -68,6 +69,8 @@ def make_router(ctx: zmq.Context, bind: str) -> zmq.Socket:
     The one place socket options live, so CURVE (server keypair, ZAP allow-list of workers'
     public keys) can be added here without touching the loop.
     """
+    if bind.startswith("tcp://") and bind.endswith(":0"):
+        bind = bind[:-2] + ":*"   # libzmq spells "any free port" as *
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     # Frames above the codec's limit are dropped by libzmq before they reach Python.
@@ -232,7 +235,10 @@ class Server:
                 "error", code=HELLO_FIRST, message=f"worker {wid} unknown here: send hello"))
         elif t == "ready":
             self.core.worker_seen(wid)
-            self._assign(conn)
+            # A worker sends ready only when it holds nothing; one still holding an attempt
+            # here means this ready crossed our assign (it re-sends while waiting): no second.
+            if conn.attempt_id is None:
+                self._assign(conn)
         elif t == "heartbeat":
             self.core.worker_seen(wid, msg.get("attempt_id"), msg.get("progress"))
 
@@ -299,9 +305,7 @@ class Server:
         if msg["type"] == "submit":
             try:
                 data = self.core.submit(msg["train_py"], msg["description"], msg.get("base"))
-            except Exception as exc:
-                if type(exc).__name__ != "SubmitRejected":
-                    raise
+            except SubmitRejected as exc:
                 self._send(identity, protocol.make(
                     "reply", req_id=req_id, ok=False, data={"error": str(exc)}))
                 self.event(f"submission refused: {_first_line(str(exc))}")

@@ -26,3 +26,74 @@ def prepared_sample(prepare_cache_dir) -> Path:
     from trainer.prepare import prepare_sample
 
     return prepare_sample(prepare_cache_dir, vocab_size=512)
+
+
+# ---- fleet_ fixtures: a research repo whose train.py is a fast stand-in (test_wire, test_fleet)
+
+_FLEET_TRAIN_PY = '''"""Stand-in train.py for the fleet tests: no MLX; "trains" by sleeping, reports BPB."""
+import json
+import os
+import time
+
+BPB = 1.50        # the val_bpb this variant reports
+SLEEP = 0.3       # seconds of pretend training
+CRASH = False     # raise instead of reporting
+
+
+def main():
+    t0 = time.time()
+    progress = os.environ.get("AUTORESEARCH_PROGRESS")
+    steps = 5
+    for step in range(steps):
+        time.sleep(SLEEP / steps)
+        if progress:
+            with open(progress, "a") as f:
+                f.write(json.dumps({"step": step, "progress": (step + 1) / steps, "loss": 3.0,
+                                    "tok_per_sec": 1000.0, "elapsed": time.time() - t0}) + "\\n")
+    if CRASH:
+        raise RuntimeError("stand-in crash")
+    try:
+        from trainer.harness import write_result
+    except ImportError:
+        path = os.environ.get("AUTORESEARCH_RESULT", "result.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"schema": 1, "status": "ok", "val_bpb": BPB}, f)
+        os.replace(path + ".tmp", path)
+    else:
+        write_result("ok", val_bpb=BPB, training_seconds=SLEEP, num_steps=steps)
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def _fleet_variant_text(bpb: float = 1.50, sleep: float = 0.3, crash: bool = False) -> str:
+    text = _FLEET_TRAIN_PY
+    for old, new in (("BPB = 1.50", f"BPB = {bpb!r}"), ("SLEEP = 0.3", f"SLEEP = {sleep!r}"),
+                     ("CRASH = False", f"CRASH = {crash!r}")):
+        assert text.count(old) == 1
+        text = text.replace(old, new)
+    return text
+
+
+@pytest.fixture
+def fleet_train_py() -> str:
+    """The stand-in baseline: reports val_bpb 1.50 after 0.3 s."""
+    return _FLEET_TRAIN_PY
+
+
+@pytest.fixture
+def fleet_variant():
+    """``fleet_variant(bpb=1.4, sleep=2.0, crash=False)`` -> a variant of the stand-in."""
+    return _fleet_variant_text
+
+
+@pytest.fixture
+def fleet_repo(tmp_path):
+    """A research repo (real git, real ledger) whose baseline is the stand-in train.py."""
+    from coordinator.repo import init_repo
+
+    repo = tmp_path / "research"
+    init_repo(repo, tag="fleet", preset="tiny", train_py=_FLEET_TRAIN_PY)
+    return repo

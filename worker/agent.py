@@ -243,7 +243,7 @@ class Agent:
             return
         if self.sock is not None and now >= self.next_beat:
             progress = self.proc.progress() if self.proc is not None else None
-            self._send("heartbeat", worker_id=self.worker_id, attempt_id=self._held_attempt(),
+            self._send("heartbeat", worker_id=self.worker_id, attempt_id=self.attempt_id,
                        progress=progress if isinstance(progress, dict) else None)
             self.next_beat = now + self.interval
         if self.interrupts and self.proc is None and self.pending is None:
@@ -267,12 +267,11 @@ class Agent:
             try:
                 msg = protocol.validate(decode(data))
             except (CodecError, ProtocolError) as exc:
-                code = getattr(exc, "code", "bad_frame")
-                self.event(f"bad message from coordinator ignored: {exc}")
-                if code == "version":
-                    self.event("refusing to continue: versions differ (see above)")
+                if getattr(exc, "code", None) == "version":
+                    self.event(f"version mismatch with the coordinator: {exc}")
                     self.exit_code = EXIT_VERSION
                     return
+                self.event(f"bad message from coordinator ignored: {exc}")
                 continue
             self._on_message(msg)
             if self.exit_code is not None:
@@ -327,12 +326,11 @@ class Agent:
                    f"({msg['commit'][:8]}), timeout {float(msg['timeout']):.0f}s")
         try:
             self.proc = self.start_attempt(spec, self.run_root, self.env)
-        except Exception as exc:  # could not even start (disk full, bad run root)
-            self.event(f"could not start {attempt_id}: {type(exc).__name__}: {exc}")
-            self.pending = {"attempt_id": attempt_id, "outcome": {
-                "status": "crash", "val_bpb": None, "result": {},
-                "log_tail": f"worker could not start the trainer: {type(exc).__name__}: {exc}",
-                "exit_code": None, "wall_seconds": 0.0}}
+        except Exception as exc:  # bad id/settings (ValueError) or cannot spawn (OSError)
+            from worker.runner import Outcome
+            note = f"worker could not start the trainer: {type(exc).__name__}: {exc}"
+            self.event(f"could not start {attempt_id}: {note}")
+            self.pending = {"attempt_id": attempt_id, "outcome": Outcome.refused(note).to_wire()}
             self._send("result", worker_id=self.worker_id, **self.pending)
             return
         self.attempt_id = attempt_id
