@@ -161,6 +161,7 @@ def test_shard_writer_splits_between_documents(tmp_path):
     starts = [ds.load_shard(tmp_path / f)[1].tolist() for f in w.written]
     assert starts == [[0, 5], [0, 3], [0], [0]]
     assert w.tokens == 46 and w.docs == 6
+    assert ds.token_dtype(65536) == np.uint16 and ds.token_dtype(65537) == np.uint32
     # deterministic bytes
     tokens, starts = ds.load_shard(tmp_path / "train_00000.npz")
     ds.write_shard(tmp_path / "again.npz", tokens, starts)

@@ -227,7 +227,7 @@ class ShardWriter:
         for d in docs:
             if self._pending and self._pending_tokens + len(d) > self.max_tokens:
                 self.flush()
-            self._pending.append(d)
+            self._pending.append(d.astype(self.dtype, copy=False))  # uint16: half of int32
             self._pending_tokens += len(d)
 
     def flush(self) -> None:

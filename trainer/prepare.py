@@ -344,11 +344,11 @@ def cli(ctx: click.Context, sample: bool, corpus_path: Path | None, num_shards: 
 def _report(result: ds.PrepareResult, seconds: float, as_json: bool) -> None:
     s = result.summary()
     s["seconds"] = round(seconds, 2)
+    if s["status"] == "unchanged":
+        stderr_log(f"dataset '{s['name']}' is already prepared with the same recipe; nothing to do")
     if as_json:
         click.echo(json.dumps(s))
         return
-    if s["status"] == "unchanged":
-        stderr_log(f"dataset '{s['name']}' is already prepared with the same recipe; nothing to do")
     click.echo(f"dataset:      {s['dataset_dir']}  ({s['status']}, now CURRENT)")
     click.echo(f"source:       {s['source']}")
     click.echo(f"vocab:        {s['vocab_size']:,} (BOS id {s['bos_id']})")
