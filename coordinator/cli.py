@@ -12,6 +12,7 @@ tcp://127.0.0.1:5555.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -70,10 +71,12 @@ def main() -> None:
               help="Validation tokens evaluated (overrides the preset).")
 @click.option("--margin", type=click.FloatRange(min=0.0), default=None,
               help="val_bpb improvement a candidate needs over the head to be kept.")
+@click.option("--train-py", "train_py", type=click.File("r", encoding="utf-8"), default=None,
+              metavar="FILE", help="Start from this train.py instead of the preset's baseline.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was made as JSON.")
 def init(directory: Path, tag: str | None, preset: str, budget: int | None,
          seq_len: int | None, eval_tokens: int | None, margin: float | None,
-         as_json: bool) -> None:
+         train_py, as_json: bool) -> None:
     """Create a research repo in DIRECTORY (git, baseline train.py, ledger)."""
     from coordinator.repo import init_repo
 
@@ -81,16 +84,20 @@ def init(directory: Path, tag: str | None, preset: str, budget: int | None,
                                    ("eval_tokens", eval_tokens), ("margin", margin))
                  if v is not None}
     try:
-        made = init_repo(directory, tag=tag, preset=preset, **overrides)
+        made = init_repo(directory, tag=tag, preset=preset,
+                         train_py=train_py.read() if train_py else None, **overrides)
     except (ValueError, FileExistsError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
+    info = dataclasses.asdict(made) if dataclasses.is_dataclass(made) else dict(made or {})
     if as_json:
-        click.echo(json.dumps(made, indent=2, sort_keys=True, default=str))
+        click.echo(json.dumps(info, indent=2, sort_keys=True, default=str))
         return
-    click.echo(f"initialised research repo {directory}")
-    if isinstance(made, dict):
-        for key, value in made.items():
-            click.echo(f"  {key}: {value}")
+    click.echo(f"research repo {info.get('repo_dir', directory)}")
+    click.echo(f"  branch      {info.get('branch')} at {str(info.get('baseline_commit'))[:10]} "
+               f"(baseline train.py, preset {info.get('preset')})")
+    for key, value in (info.get("settings") or {}).items():
+        click.echo(f"  {key:<12}{value}")
+    click.echo("  ledger      .autoresearch/ (ignored by git)")
     click.echo(f"next: autoresearch-coord start {directory}")
 
 
@@ -316,10 +323,11 @@ def format_log(data: Any) -> str:
         return "(no results yet)"
     return _table([[_pick(r, "time", "at", "created_at", "finished_at"),
                     f"#{_pick(r, 'candidate_id')}",
-                    _pick(r, "decision", "verdict", "state", "status"),
+                    _pick(r, "verdict") or " ".join(
+                        str(x) for x in (r.get("state"), r.get("status")) if x),
                     _num(_pick(r, "val_bpb")), _pick(r, "hw_class"),
                     _pick(r, "description", "reason")] for r in rows],
-                  ["time", "cand", "decision", "val_bpb", "class", "description"])
+                  ["time", "cand", "what", "val_bpb", "class", "description"])
 
 
 if __name__ == "__main__":

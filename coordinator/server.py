@@ -98,6 +98,7 @@ class WorkerConn:
     hw_class: str
     last_seen: float
     attempt_id: str | None = None
+    waiting: bool = False     # said ready and got nothing: offer it work when some appears
 
 
 @dataclass
@@ -238,7 +239,7 @@ class Server:
             # A worker sends ready only when it holds nothing; one still holding an attempt
             # here means this ready crossed our assign (it re-sends while waiting): no second.
             if conn.attempt_id is None:
-                self._assign(conn)
+                conn.waiting = not self._assign(conn)
         elif t == "heartbeat":
             self.core.worker_seen(wid, msg.get("attempt_id"), msg.get("progress"))
 
@@ -264,11 +265,11 @@ class Server:
                 "cancel", attempt_id=cancel, reason="attempt no longer leased to this worker"))
             self.event(f"cancel {cancel} on {msg['name']}: no longer leased to it")
 
-    def _assign(self, conn: WorkerConn) -> None:
+    def _assign(self, conn: WorkerConn) -> bool:
         a = self.core.next_assignment(conn.worker_id)
         if a is None:
-            return
-        conn.attempt_id = a.attempt_id
+            return False
+        conn.attempt_id, conn.waiting = a.attempt_id, False
         fields = dict(attempt_id=a.attempt_id, candidate_id=a.candidate_id, commit=a.commit,
                       train_py=a.train_py, settings=dict(a.settings), timeout=float(a.timeout))
         purpose = getattr(a, "purpose", "candidate")
@@ -276,6 +277,14 @@ class Server:
         what = "head" if purpose == "head" else "candidate"
         self.event(f"assign {a.attempt_id} {what} #{a.candidate_id} ({a.commit[:8]}) "
                    f"-> {conn.name} [{conn.hw_class}]")
+        return True
+
+    def _offer_work(self) -> None:
+        """Something changed (submission, requeue, head measured): wake idle workers now
+        rather than when their next ``ready`` comes round."""
+        for conn in list(self.workers.values()):
+            if conn.waiting and conn.attempt_id is None:
+                conn.waiting = not self._assign(conn)
 
     def _on_result(self, identity: bytes, wid: str, msg: dict, conn: WorkerConn | None) -> None:
         attempt_id, outcome = msg["attempt_id"], msg["outcome"]
@@ -293,12 +302,14 @@ class Server:
                    f"val_bpb {bpb_s}, {state}{note}")
         for d in getattr(ack, "decisions", None) or []:
             self.event(describe_decision(d))
+        self._offer_work()
 
     def _on_bye(self, wid: str, reason: str, conn: WorkerConn | None) -> None:
         requeued = self.core.worker_bye(wid, reason)
         self._forget(wid)
         who = conn.name if conn else wid
         self.event(f"worker {who} left: {reason}{_requeued(requeued)}")
+        self._offer_work()
 
     def _on_client(self, identity: bytes, msg: dict) -> None:
         req_id = msg["req_id"]
@@ -312,6 +323,7 @@ class Server:
                 return
             self._send(identity, protocol.make("reply", req_id=req_id, ok=True, data=data))
             self.event(describe_submission(data, msg["description"]))
+            self._offer_work()
             return
         what, args = msg["what"], msg["args"]
         if what == "status":
@@ -339,6 +351,7 @@ class Server:
             self._send_raw(conn.identity, beat)
 
     def _expire(self, now: float) -> None:
+        before = len(self.workers) + len(self.awaiting)
         for wid, conn in list(self.workers.items()):
             silent = now - conn.last_seen
             if silent > self.window:
@@ -351,6 +364,8 @@ class Server:
                 del self.awaiting[wid]
                 requeued = self.core.worker_lost(wid, "did not return after coordinator restart")
                 self.event(f"worker {wid} lost: did not return after restart{_requeued(requeued)}")
+        if len(self.workers) + len(self.awaiting) != before:
+            self._offer_work()
 
     # ---- helpers ------------------------------------------------------------------------
 
@@ -392,22 +407,21 @@ def _fmt(x: Any) -> str:
 def describe_decision(d: Any) -> str:
     """One line for a decision: KEEP / DISCARD / FAIL with the numbers that decided it."""
     get = d.get if isinstance(d, dict) else (lambda k, default=None: getattr(d, k, default))
-    verdict = str(get("verdict", None) or get("decision", None) or get("kind", "?"))
-    word = {"keep": "KEEP", "kept": "KEEP", "discard": "DISCARD", "discarded": "DISCARD",
-            "fail": "FAIL", "failed": "FAIL", "head": "HEAD", "measured": "HEAD"}.get(
+    verdict = str(get("verdict", None) or "?")
+    word = {"kept": "KEEP", "discarded": "DISCARD", "failed": "FAIL"}.get(
         verdict.lower(), verdict.upper())
-    cand = get("candidate_id", None)
-    parts = [f"{word} #{cand}" if cand is not None else word]
-    parts.append(f"val_bpb {_fmt(get('val_bpb', None))}")
-    head = get("head_bpb", None)
-    if head is not None:
-        parts.append(f"vs head {_fmt(head)}")
-    hw = get("hw_class", None)
-    if hw:
-        parts.append(f"[{hw}]")
-    reason = get("reason", None)
-    if reason:
-        parts.append(f"- {reason}")
+    parts = [f"{word} #{get('candidate_id', '?')}"]
+    desc = get("description", None)
+    if desc:
+        parts.append(repr(desc))
+    if word == "FAIL":
+        parts.append(f"[{get('hw_class', None) or '-'}]: {get('reason', None) or 'failed'}")
+        return " ".join(parts)
+    parts.append(f"val_bpb {_fmt(get('val_bpb', None))} vs head {_fmt(get('head_bpb', None))}")
+    parts.append(f"[{get('hw_class', None) or '-'}]")
+    after = get("head_after", None)
+    if word == "KEEP" and after:
+        parts.append(f"branch -> {str(after)[:10]}")
     return " ".join(parts)
 
 

@@ -305,3 +305,28 @@ def test_version_mismatched_worker_exits_with_upgrade_message(fleet):
         w.stop()
     assert "upgrade" in w.text
     assert "upgrade" in coord.wait_for(r"refused message .*version").string
+
+
+def test_worker_ctrl_c_once_finishes_twice_cancels(fleet, fleet_variant):
+    coord, ep = fleet.started_coord()
+    w1 = fleet.worker(ep, "w1")
+    wait_head_measured(coord)
+    # Once: the running attempt finishes and is reported, then the worker says bye.
+    cand = submit(ep, fleet_variant(bpb=1.41, sleep=1.5), "finish me")["candidate_id"]
+    w1.wait_for(rf"assigned \S+: candidate #{cand}\b")
+    w1.signal(signal.SIGINT)
+    assert w1.wait() == 0
+    coord.wait_for(rf"KEEP #{cand}\b")
+    coord.wait_for(r"worker w1 left: worker stopped by its operator")
+    # Twice: the attempt is cancelled, the coordinator told why, the candidate requeued.
+    w2 = fleet.worker(ep, "w2")
+    mark = coord.mark()
+    cand2 = submit(ep, fleet_variant(bpb=1.39, sleep=5.0), "interrupt me")["candidate_id"]
+    coord.wait_for(rf"assign \S+ candidate #{cand2}", since=mark)
+    w2.wait_for(rf"assigned \S+: candidate #{cand2}\b")
+    w2.signal(signal.SIGINT)
+    w2.wait_for(r"stopping after the current attempt")
+    w2.signal(signal.SIGINT)
+    assert w2.wait() == 130
+    coord.wait_for(rf"worker w2 left: worker interrupted .*cancelled; requeued #{cand2}",
+                   since=mark)
