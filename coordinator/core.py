@@ -21,6 +21,16 @@ candidate. A candidate measured on C before the head is is decided when the head
 arrives. After ``HEAD_FAILURES_LIMIT`` failed head measurements on C, C workers get nothing (a
 candidate measured there could never be compared) and ``status()["problems"]`` says so.
 
+Choices worth knowing:
+  * candidate 0 is the baseline (state kept, with a "baseline" decision row) so head
+    assignments carry an integer candidate id like everything else;
+  * ``worker_bye`` (a clean leave) and a worker's own "cancelled" outcome cancel the lease and
+    requeue without a strike; ``worker_lost`` and a hello without the leased attempt count as
+    lost (``LOST_LIMIT`` losses fail the candidate);
+  * a candidate keeps its first measurement: no re-runs or seeds yet (DESIGN.md plans them on
+    top; every attempt is stored for that);
+  * an identical train.py text is never queued twice, whatever its earlier fate.
+
 Heartbeats (``worker_seen``) are kept in memory only: liveness is the server's business and
 writing SQLite once a second per worker would buy nothing after a restart.
 
@@ -217,12 +227,13 @@ class Coordinator:
                      f"{want[:10]} (the ledger's head)")
         return fixes
 
-    def _after_change(self, wrote_decision: bool) -> None:
+    def _after_change(self, wrote_decision: bool, head_moved: bool = True) -> None:
         """Side effects that follow a committed ledger change: worktree and results.tsv."""
-        problem = sync_worktree(self.repo_dir, self.branch)
-        self.problems = [p for p in self.problems if not p.startswith("could not sync")]
-        if problem:
-            self.problems.append(problem)
+        if head_moved:
+            problem = sync_worktree(self.repo_dir, self.branch)
+            self.problems = [p for p in self.problems if not p.startswith("could not sync")]
+            if problem:
+                self.problems.append(problem)
         if wrote_decision:
             try:
                 write_results_tsv(self.repo_dir, self.export_tsv())
@@ -347,7 +358,7 @@ class Coordinator:
             reply.requeued = requeued
             self._seen[worker_id] = {"last_seen": now, "progress": None}
             if decided:
-                self._after_change(wrote_decision=True)
+                self._after_change(wrote_decision=True, head_moved=False)
             return reply
 
     def worker_seen(self, worker_id: str, attempt_id: str | None = None,
@@ -381,7 +392,7 @@ class Coordinator:
                            "WHERE worker_id = ?", (reason, worker_id))
             self._seen.pop(worker_id, None)
             if decided:
-                self._after_change(wrote_decision=True)
+                self._after_change(wrote_decision=True, head_moved=False)
             return requeued
 
     def leased_workers(self) -> set[str]:
@@ -488,7 +499,7 @@ class Coordinator:
                 new_head = self.ledger.head()["commit_sha"]
             if new_head != old_head:
                 self._move_branch(old_head, new_head)
-            self._after_change(wrote_decision=True)
+            self._after_change(wrote_decision=True, head_moved=new_head != old_head)
             if not note:
                 note = "; ".join(f"#{d.candidate_id} {d.verdict}" for d in decisions)
                 if not note and status == "ok":
