@@ -1,0 +1,479 @@
+"""
+Baseline pretraining script for autoresearch fleet: a small GPT trained for a fixed time
+budget with MLX, scored by val_bpb (bits per byte on held-out text; lower is better).
+
+This is the ONE file research edits. Everything else (data loading, evaluation, the time budget,
+the result file) lives in the fixed harness, trainer/harness.py. Run it directly:
+
+    python train.py                      # settings from AUTORESEARCH_* env (seed: T=2048, 300 s)
+    python train.py --time-budget 60     # shorter run
+    python -m trainer.launch train.py    # Linux: same, with a fast system OpenBLAS preloaded
+
+The model and optimizer follow upstream autoresearch (nanochat's GPT) as ported to MLX:
+token + value embeddings, RoPE + QK-norm, sliding-window attention, relu^2 MLP, per-layer
+residual scalars, logit softcap, and AdamW with six parameter groups.
+"""
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from trainer import harness
+
+# ---------------------------------------------------------------------------------------------
+# Hyperparameters. Edit freely. (trainer/presets.py rewrites some of these lines by name.)
+
+# Model shape
+DEPTH = 4                  # number of transformer blocks
+ASPECT_RATIO = 64          # d_model = DEPTH * ASPECT_RATIO (256 at depth 4)
+HEAD_DIM = 128             # channels per attention head; n_head = d_model // HEAD_DIM
+WINDOW_PATTERN = "SSSL"    # per-layer attention window, tiled over depth: S = T/2, L = T (last layer always L)
+
+# Batch: tokens per optimizer step = DEVICE_BATCH_SIZE * T * grad_accum_steps
+TOTAL_BATCH_SIZE = 2**16   # tokens per optimizer step
+DEVICE_BATCH_SIZE = 16     # rows per forward/backward pass (lower it if memory is short)
+
+# AdamW, six parameter groups (the seed's table). Embedding and unembedding LRs are scaled by
+# 1/sqrt(d_model/768) at build time, so they stay right when the width changes.
+EMBEDDING_LR = 0.6         # wte
+VALUE_EMBED_LR = 0.6       # value embedding tables
+UNEMBEDDING_LR = 0.004     # lm_head
+MATRIX_LR = 0.04           # every weight matrix inside the blocks
+RESID_LR = 0.005           # resid_lambdas
+X0_LR = 0.5                # x0_lambdas
+WEIGHT_DECAY = 0.2         # decoupled weight decay, matrices only; scheduled WD * (1 - progress)
+ADAM_BETAS = (0.8, 0.95)   # every group except x0_lambdas
+X0_BETAS = (0.96, 0.95)    # x0_lambdas: more momentum, so they move slowly and smoothly
+ADAM_EPS = 1e-10
+
+# LR schedule over progress = training_seconds / time_budget (time-based, like upstream)
+WARMUP_RATIO = 0.0         # no warmup: a short budget cannot afford it
+WARMDOWN_RATIO = 0.5       # linear decay over the last half of the budget ...
+FINAL_LR_FRAC = 0.0        # ... down to this fraction of each group's LR
+
+# Small constants of the architecture
+SOFTCAP = 15.0             # logits = SOFTCAP * tanh(logits / SOFTCAP)
+ROPE_BASE = 10000.0
+VE_GATE_CHANNELS = 32      # the value-embedding gate reads this many channels of x
+UNTIMED_STEPS = 2          # steps 0 and 1 (mx.compile tracing, first allocations) are not timed
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    n_embd: int
+    window_pattern: str
+
+
+def build_config(vocab_size: int, sequence_len: int) -> GPTConfig:
+    d_model = DEPTH * ASPECT_RATIO
+    if d_model % HEAD_DIM:
+        raise ValueError(f"d_model {d_model} (DEPTH*ASPECT_RATIO) is not a multiple of HEAD_DIM {HEAD_DIM}")
+    n_head = d_model // HEAD_DIM
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=DEPTH,
+                     n_head=n_head, n_kv_head=n_head, n_embd=d_model,
+                     window_pattern=WINDOW_PATTERN)
+
+
+def window_sizes(config: GPTConfig) -> list[int]:
+    """Attention window per layer: the pattern tiled over depth, S = T/2, L = T, last layer L."""
+    pattern = config.window_pattern.upper()
+    if not pattern or set(pattern) - {"S", "L"}:
+        raise ValueError(f"WINDOW_PATTERN must use only 'S' and 'L', got {config.window_pattern!r}")
+    T = config.sequence_len
+    sizes = [T if pattern[i % len(pattern)] == "L" else T // 2 for i in range(config.n_layer)]
+    sizes[-1] = T  # the last layer always sees the whole context
+    return sizes
+
+
+def attention_mask(T: int, window: int, dtype) -> mx.array:
+    """Additive [T, T] mask: query i sees keys j with i - window < j <= i (0), else -inf.
+    Same dtype as q/k/v: mx.fast.scaled_dot_product_attention rejects a mismatched mask."""
+    i = mx.arange(T)[:, None]
+    j = mx.arange(T)[None, :]
+    visible = (j <= i) & (i - j < window)
+    return mx.where(visible, 0.0, -math.inf).astype(dtype)
+
+
+def attention_masks(config: GPTConfig, dtype) -> list[mx.array]:
+    """One mask per layer (layers with the same window share one array)."""
+    cache = {}
+    for w in window_sizes(config):
+        if w not in cache:
+            cache[w] = attention_mask(config.sequence_len, w, dtype)
+    return [cache[w] for w in window_sizes(config)]
+
+
+def has_value_embed(layer_idx: int, n_layer: int) -> bool:
+    """ResFormer value embeddings on alternating layers, counted back from the last (included)."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def norm(x: mx.array) -> mx.array:
+    """RMSNorm without learnable weight (nanochat uses no gain anywhere)."""
+    return mx.fast.rms_norm(x, None, 1e-6)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        d, hd = config.n_embd, self.head_dim
+        # q, k and v in one matmul (one bigger GEMM is faster than three small ones on CPU).
+        self.c_qkv = nn.Linear(d, (self.n_head + 2 * self.n_kv_head) * hd, bias=False)
+        self.c_proj = nn.Linear(self.n_head * hd, d, bias=False)
+        self.has_ve = has_value_embed(layer_idx, config.n_layer)
+        if self.has_ve:
+            # Value-embedding gate: per head, 2*sigmoid(W x[:32]) in (0, 2); zero init -> 1.
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
+
+    def __call__(self, x, ve, mask):
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = mx.split(self.c_qkv(x), [H * D, (H + Hkv) * D], axis=-1)
+        q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
+        if ve is not None:
+            # ResFormer: mix a direct token lookup into the values, gated by the input.
+            gate = 2 * mx.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # [B, T, Hkv]
+            v = v + gate[..., None] * ve.reshape(B, T, Hkv, D)
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, heads, T, D]
+        # RoPE (rotate-halves form) then QK-norm: bounded attention logits, no position table.
+        q = norm(mx.fast.rope(q, D, traditional=False, base=ROPE_BASE, scale=1.0, offset=0))
+        k = norm(mx.fast.rope(k, D, traditional=False, base=ROPE_BASE, scale=1.0, offset=0))
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5, mask=mask)
+        return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def __call__(self, x):
+        return self.c_proj(mx.square(nn.relu(self.c_fc(x))))  # relu^2: cheap, sparse
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def __call__(self, x, ve, mask):
+        x = x + self.attn(norm(x), ve, mask)  # pre-norm residual blocks
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        # Keyed "layer<i>" (not "<i>": numeric keys would turn into list indices in mlx.utils trees).
+        self.value_embeds = {f"layer{i}": nn.Embedding(config.vocab_size, kv_dim)
+                             for i in range(config.n_layer) if has_value_embed(i, config.n_layer)}
+        self.blocks = [Block(config, i) for i in range(config.n_layer)]
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied
+        # Per-layer residual scalars: x = resid_lambdas[i] * x + x0_lambdas[i] * x0.
+        self.resid_lambdas = mx.ones((config.n_layer,))
+        self.x0_lambdas = mx.full((config.n_layer,), 0.1)
+
+    def init_weights(self):
+        d = self.config.n_embd
+        bound = 3 ** 0.5 * d ** -0.5  # uniform(-b, b) has std 1/sqrt(d)
+        uniform = lambda a: mx.random.uniform(-bound, bound, a.shape)
+        self.wte.weight = mx.random.normal(self.wte.weight.shape)
+        self.lm_head.weight = 0.001 * mx.random.normal(self.lm_head.weight.shape)
+        for ve in self.value_embeds.values():
+            ve.weight = uniform(ve.weight)
+        for block in self.blocks:
+            block.attn.c_qkv.weight = uniform(block.attn.c_qkv.weight)
+            block.mlp.c_fc.weight = uniform(block.mlp.c_fc.weight)
+            # Output projections start at zero: every block begins as the identity.
+            block.attn.c_proj.weight = mx.zeros_like(block.attn.c_proj.weight)
+            block.mlp.c_proj.weight = mx.zeros_like(block.mlp.c_proj.weight)
+            if block.attn.has_ve:
+                block.attn.ve_gate.weight = mx.zeros_like(block.attn.ve_gate.weight)
+
+    def __call__(self, idx, masks):
+        x = norm(self.wte(idx))
+        x0 = x  # the embedding, re-injected into every layer through x0_lambdas
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            key = f"layer{i}"
+            ve = self.value_embeds[key](idx) if key in self.value_embeds else None
+            x = block(x, ve, masks[i])
+        # Raw logits in float32; the softcap SOFTCAP * tanh(logits / SOFTCAP) is applied inside
+        # softcap_cross_entropy below (apply it yourself if you sample from the model).
+        return self.lm_head(norm(x)).astype(mx.float32)
+
+
+@mx.custom_function
+def _softcap_ce(logits, targets):
+    # Softcap (Gemma 2): logits bounded to (-SOFTCAP, SOFTCAP), no token gets overconfident.
+    t = mx.tanh(logits / SOFTCAP)
+    e = mx.exp(SOFTCAP * t)  # |SOFTCAP * t| <= 15, so no max-subtraction is needed
+    total = e.sum(axis=-1, keepdims=True)
+    target_logit = SOFTCAP * mx.take_along_axis(t, targets[..., None], axis=-1)[..., 0]
+    return mx.log(total[..., 0]) - target_logit, t, e / total
+
+
+@_softcap_ce.vjp
+def _softcap_ce_vjp(primals, cotangents, outputs):
+    logits, targets = primals
+    _, t, probs = outputs  # reuse the forward's tanh and softmax: no third pass of exp
+    onehot = mx.arange(logits.shape[-1]) == targets[..., None]
+    dlogits = (probs - onehot) * (1 - mx.square(t)) * cotangents[0][..., None]
+    return dlogits, mx.zeros_like(targets)
+
+
+def softcap_cross_entropy(logits, targets):
+    """Per-token loss in nats (float32) of the softcapped logits. Same math as
+    cross_entropy(SOFTCAP * tanh(logits / SOFTCAP)), with a hand-written gradient: the
+    [tokens x vocab] elementwise work dominates a CPU step and autodiff would redo the exp."""
+    return _softcap_ce(logits, targets)[0]
+
+
+def param_category(name: str) -> str:
+    """wte | value_embeds | lm_head | resid_lambdas | x0_lambdas | matrices."""
+    for prefix in ("wte", "value_embeds", "lm_head", "resid_lambdas", "x0_lambdas"):
+        if name == prefix or name.startswith(prefix + "."):
+            return prefix
+    return "matrices"
+
+
+def param_counts(model: GPT) -> dict:
+    counts = {"wte": 0, "value_embeds": 0, "lm_head": 0, "matrices": 0, "scalars": 0}
+    for name, p in tree_flatten(model.parameters()):
+        cat = param_category(name)
+        counts["scalars" if cat.endswith("_lambdas") else cat] += p.size
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def estimate_flops(config: GPTConfig, counts: dict) -> float:
+    """Training FLOPs per token: 6 per weight of every matmul (forward + backward; embedding
+    lookups and scalars are not matmuls), plus attention: 12 * n_head * head_dim * window per
+    layer (QK^T and AV, forward + backward), using each layer's window, not T."""
+    head_dim = config.n_embd // config.n_head
+    attn = sum(12 * config.n_head * head_dim * w for w in window_sizes(config))
+    return 6 * (counts["matrices"] + counts["lm_head"]) + attn
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer: AdamW by hand, so each group's hyperparameters are in plain sight.
+
+
+@dataclass
+class ParamGroup:
+    name: str
+    lr: float
+    betas: tuple
+    weight_decay: float
+    params: list  # parameter names (dotted paths from tree_flatten)
+
+
+def param_groups(model: GPT) -> list[ParamGroup]:
+    scale = (model.config.n_embd / 768) ** -0.5  # 1/sqrt(d_model/768) for (un)embeddings
+    groups = [ParamGroup("wte", EMBEDDING_LR * scale, ADAM_BETAS, 0.0, []),
+              ParamGroup("value_embeds", VALUE_EMBED_LR * scale, ADAM_BETAS, 0.0, []),
+              ParamGroup("lm_head", UNEMBEDDING_LR * scale, ADAM_BETAS, 0.0, []),
+              ParamGroup("matrices", MATRIX_LR, ADAM_BETAS, WEIGHT_DECAY, []),
+              ParamGroup("resid_lambdas", RESID_LR, ADAM_BETAS, 0.0, []),
+              ParamGroup("x0_lambdas", X0_LR, X0_BETAS, 0.0, [])]
+    by_name = {g.name: g for g in groups}
+    for name, _ in tree_flatten(model.trainable_parameters()):
+        by_name[param_category(name)].params.append(name)
+    return groups
+
+
+class AdamW:
+    """Adam moments in float32 whatever the weights' dtype; decoupled weight decay
+    p <- p * (1 - lr * wd); bias-corrected. LR and WD multipliers arrive as mx.arrays so a
+    compiled update never retraces when the schedule moves."""
+
+    def __init__(self, model: GPT, groups: list[ParamGroup]):
+        self.groups = groups
+        params = dict(tree_flatten(model.trainable_parameters()))
+        zeros = lambda n: mx.zeros(params[n].shape, dtype=mx.float32)
+        self.state = {"step": mx.array(0.0),
+                      "m": {n: zeros(n) for g in groups for n in g.params},
+                      "v": {n: zeros(n) for g in groups for n in g.params}}
+
+    def update(self, model: GPT, grads, lr_mult: mx.array, wd_mult: mx.array):
+        params = dict(tree_flatten(model.trainable_parameters()))
+        grads = dict(tree_flatten(grads))
+        m, v = self.state["m"], self.state["v"]
+        step = self.state["step"] + 1
+        new = []
+        for g in self.groups:
+            b1, b2 = g.betas
+            lr = g.lr * lr_mult
+            bias1, bias2 = 1 - b1 ** step, 1 - b2 ** step
+            for n in g.params:
+                grad = grads[n].astype(mx.float32)
+                m[n] = b1 * m[n] + (1 - b1) * grad
+                v[n] = b2 * v[n] + (1 - b2) * mx.square(grad)
+                p = params[n].astype(mx.float32)
+                if g.weight_decay:
+                    p = p * (1 - lr * g.weight_decay * wd_mult)
+                p = p - lr * (m[n] / bias1) / (mx.sqrt(v[n] / bias2) + ADAM_EPS)
+                new.append((n, p.astype(params[n].dtype)))
+        self.state["step"] = step
+        model.update(tree_unflatten(new))
+
+
+def lr_multiplier(progress: float) -> float:
+    """Linear warmup over WARMUP_RATIO, flat, then linear warmdown to FINAL_LR_FRAC."""
+    if WARMUP_RATIO > 0 and progress < WARMUP_RATIO:
+        return (progress + 1e-8) / WARMUP_RATIO
+    if progress < 1.0 - WARMDOWN_RATIO:
+        return 1.0
+    frac = max(0.0, (1.0 - progress) / WARMDOWN_RATIO)  # 1 -> 0 over the warmdown
+    return frac + (1.0 - frac) * FINAL_LR_FRAC
+
+
+def weight_decay_multiplier(progress: float) -> float:
+    """WD * (1 - progress): late in the run decay would only pull weights toward zero."""
+    return max(0.0, 1.0 - progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def main(argv=None):
+    run = harness.start(argv)
+    t_start = time.time()
+    T = run.settings.seq_len
+    budget = run.settings.time_budget
+
+    config = build_config(run.vocab_size, T)
+    print(f"config: {dataclasses.asdict(config)}", flush=True)
+    model = GPT(config)
+    model.init_weights()
+    model.set_dtype(run.dtype)  # bf16 on Metal, float32 on CPU (no fast bf16 BLAS there)
+    masks = attention_masks(config, run.dtype)
+    mx.eval(model.parameters(), masks)
+
+    counts = param_counts(model)
+    flops_per_token = estimate_flops(config, counts)
+    print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()), flush=True)
+    print(f"windows: {window_sizes(config)} | flops/token: {flops_per_token:.3e}", flush=True)
+
+    tokens_per_micro = DEVICE_BATCH_SIZE * T
+    if TOTAL_BATCH_SIZE % tokens_per_micro:
+        raise ValueError(f"TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} is not a multiple of "
+                         f"DEVICE_BATCH_SIZE*T = {tokens_per_micro}")
+    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro
+    print(f"batch: {TOTAL_BATCH_SIZE:,} tokens/step = {DEVICE_BATCH_SIZE} rows x {T} x "
+          f"{grad_accum_steps} accumulation steps", flush=True)
+
+    groups = param_groups(model)
+    for g in groups:
+        print(f"  group {g.name:<13} lr {g.lr:.5f} betas {g.betas} wd {g.weight_decay} "
+              f"({len(g.params)} tensors)", flush=True)
+    optimizer = AdamW(model, groups)
+
+    def loss_fn(model, x, y):
+        return softcap_cross_entropy(model(x, masks), y).mean()
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    # mx.compile with the model/optimizer state as captured inputs/outputs (mlx-examples idiom).
+    # Measured on a 2-core x86 CPU, float32 + OpenBLAS, DEPTH 4/T 256/B 16: compiled (both
+    # functions) 0.0 s/step vs eager 0.0 s/step; see the comment by UNTIMED_STEPS for warmup.
+    state = [model.state, optimizer.state]
+
+    # outputs=model.state too: value_and_grad swaps traced arrays into the model while tracing.
+    @partial(mx.compile, inputs=model.state, outputs=model.state)
+    def micro_step(x, y):
+        return loss_and_grad(model, x, y)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def optimizer_step(grads, lr_mult, wd_mult):
+        optimizer.update(model, grads, lr_mult, wd_mult)
+
+    loader = run.train_loader(DEVICE_BATCH_SIZE)
+    startup_seconds = time.time() - t_start
+    print(f"startup: {startup_seconds:.1f}s; training for {budget}s", flush=True)
+
+    step, training_seconds, untimed_seconds, smooth_loss = 0, 0.0, 0.0, 0.0
+    while True:
+        t0 = time.time()
+        progress = min(training_seconds / budget, 1.0)
+        lr_mult = mx.array(lr_multiplier(progress))
+        wd_mult = mx.array(weight_decay_multiplier(progress))
+        grads, loss = None, mx.array(0.0)
+        for _ in range(grad_accum_steps):
+            x, y = next(loader)
+            micro_loss, micro_grads = micro_step(x, y)
+            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+            loss = loss + micro_loss
+            mx.eval(loss, grads)  # bound memory to one micro-batch's graph
+        if grad_accum_steps > 1:
+            grads = tree_map(lambda g: g / grad_accum_steps, grads)
+        optimizer_step(grads, lr_mult, wd_mult)
+        mx.eval(model.parameters(), optimizer.state)
+        train_loss = loss.item() / grad_accum_steps
+        dt = time.time() - t0
+
+        # Fast fail: a diverged run wastes the rest of the budget.
+        if not math.isfinite(train_loss) or train_loss > 100:
+            run.fail("nan", f"train loss is {train_loss} at step {step}")
+        if step >= UNTIMED_STEPS:
+            training_seconds += dt
+        else:
+            untimed_seconds += dt
+        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss  # EMA, debiased below
+        run.log_step(step=step, loss=smooth_loss / (1 - 0.9 ** (step + 1)),
+                     progress=min(training_seconds / budget, 1.0),
+                     tok_per_sec=TOTAL_BATCH_SIZE / dt, dt=dt)
+        step += 1
+        if step > UNTIMED_STEPS and training_seconds >= budget:
+            break
+
+    # Evaluation: per-token loss in nats, the harness turns it into bits per byte.
+    @partial(mx.compile, inputs=model.state)
+    def per_token_loss(x, y):
+        return softcap_cross_entropy(model(x, masks), y)
+
+    val_bpb = run.evaluate(per_token_loss)
+
+    timed_steps = step - UNTIMED_STEPS
+    tok_per_sec = timed_steps * TOTAL_BATCH_SIZE / training_seconds
+    peak_tflops = float(os.environ.get("PEAK_FLOPS_TFLOPS") or 0)
+    if peak_tflops > 0:
+        mfu = 100 * flops_per_token * tok_per_sec / (peak_tflops * 1e12)
+    else:
+        mfu = 0.0
+        print("note: PEAK_FLOPS_TFLOPS unset, mfu_percent reported as 0", flush=True)
+    eval_seconds = run.eval_result.seconds if run.eval_result is not None else None
+    print(f"phases: startup {startup_seconds:.1f}s | untimed warmup steps {untimed_seconds:.1f}s | "
+          f"training {training_seconds:.1f}s | eval {eval_seconds or 0:.1f}s", flush=True)
+    run.finish(val_bpb=val_bpb, training_seconds=training_seconds, num_steps=step,
+               num_params_M=counts["total"] / 1e6, depth=DEPTH, mfu_percent=mfu,
+               total_tokens_M=step * TOTAL_BATCH_SIZE / 1e6, tok_per_sec=tok_per_sec,
+               params=counts, flops_per_token=flops_per_token,
+               grad_accum_steps=grad_accum_steps, untimed_seconds=untimed_seconds,
+               config=dataclasses.asdict(config))
+
+
+if __name__ == "__main__":
+    harness.run_main(main)
