@@ -214,13 +214,22 @@ def preset_settings(preset: str) -> dict[str, Any]:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; one of {', '.join(sorted(PRESETS))}")
         p = PRESETS[preset]
-        get = p.get if isinstance(p, dict) else (lambda k, d=None: getattr(p, k, d))
+        # The contract says the Preset carries the run settings; accept them flat or nested.
+        holders = [p] + [getattr(p, n) for n in ("settings", "run") if hasattr(p, n)]
+
+        def get(key: str) -> Any:
+            for h in holders:
+                v = h.get(key) if isinstance(h, dict) else getattr(h, key, None)
+                if v is not None:
+                    return v
+            return None
+
         out = {f: get(f) for f in RUN_FIELDS}
+        missing = [f for f, v in out.items() if v is None]
+        if missing:
+            raise RuntimeError(f"trainer.presets: preset {preset!r} lacks {', '.join(missing)}")
         timeout = get("timeout")
-        if out.get("seq_len") is None:  # an unexpected shape: fall back rather than guess
-            out = dict(FALLBACK_PRESETS.get(preset, FALLBACK_PRESETS["seed"]))
-        else:
-            out["timeout"] = timeout if timeout is not None else out["time_budget"] * 3 + 300
+        out["timeout"] = timeout if timeout is not None else out["time_budget"] * 3 + 300
     else:
         if preset not in FALLBACK_PRESETS:
             raise ValueError(f"unknown preset {preset!r}; one of {', '.join(FALLBACK_PRESETS)}")
