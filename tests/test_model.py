@@ -1,0 +1,244 @@
+"""The baseline train.py's model and optimizer, imported as a module (tiny configs, real MLX),
+and the presets that rewrite its constants."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+nn = pytest.importorskip("mlx.nn")
+
+from trainer import presets  # noqa: E402
+from trainer import train  # noqa: E402  (the __main__ guard keeps this import inert)
+
+
+def tiny_config(n_layer=4, T=16, vocab=64, d=32, heads=2, pattern="SSSL"):
+    return train.GPTConfig(sequence_len=T, vocab_size=vocab, n_layer=n_layer, n_head=heads,
+                           n_kv_head=heads, n_embd=d, window_pattern=pattern)
+
+
+def tiny_model(config):
+    mx.random.seed(0)
+    model = train.GPT(config)
+    model.init_weights()
+    mx.eval(model.parameters())
+    return model
+
+
+def test_output_shapes_and_dtype():
+    config = tiny_config()
+    model = tiny_model(config)
+    idx = mx.random.randint(0, config.vocab_size, (3, config.sequence_len))
+    logits = model(idx, train.attention_masks(config, mx.float32))
+    assert logits.shape == (3, config.sequence_len, config.vocab_size)
+    assert logits.dtype == mx.float32
+    loss = train.softcap_cross_entropy(logits, idx)
+    assert loss.shape == (3, config.sequence_len) and loss.dtype == mx.float32
+    # Zero-init output projections and a tiny lm_head: the first loss is ~ln(vocab).
+    assert abs(loss.mean().item() - math.log(config.vocab_size)) < 0.1
+
+
+def test_window_sizes_follow_pattern_and_last_layer_is_long():
+    T = 16
+    assert train.window_sizes(tiny_config(n_layer=4, T=T)) == [8, 8, 8, 16]
+    assert train.window_sizes(tiny_config(n_layer=6, T=T)) == [8, 8, 8, 16, 8, 16]
+    # The last layer is long even where the pattern says S.
+    assert train.window_sizes(tiny_config(n_layer=3, T=T)) == [8, 8, 16]
+    assert train.window_sizes(tiny_config(n_layer=2, T=T, pattern="L")) == [16, 16]
+    with pytest.raises(ValueError, match="WINDOW_PATTERN"):
+        train.window_sizes(tiny_config(pattern="SXL"))
+
+
+def test_masks_short_layers_see_last_half_causally():
+    config = tiny_config(n_layer=4, T=16)
+    masks = train.attention_masks(config, mx.float32)
+    T, half = 16, 8
+    for layer, mask in enumerate(masks):
+        visible = (mask == 0).tolist()
+        window = half if layer < 3 else T
+        for i in range(T):
+            for j in range(T):
+                assert visible[i][j] == (j <= i and i - j < window), (layer, i, j)
+    assert masks[0] is masks[1]  # layers with the same window share one array
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mask_dtype_matches_activations(dtype):
+    # mx.fast.scaled_dot_product_attention rejects a float32 mask with bf16 inputs.
+    dt = getattr(mx, dtype)
+    config = tiny_config(n_layer=2)
+    masks = train.attention_masks(config, dt)
+    assert all(m.dtype == dt for m in masks)
+    model = tiny_model(config)
+    model.set_dtype(dt)
+    idx = mx.random.randint(0, config.vocab_size, (2, config.sequence_len))
+    mx.eval(model(idx, masks))
+
+
+def test_value_embedding_layers_alternate_and_include_last():
+    for n_layer, expected in [(4, [1, 3]), (5, [0, 2, 4]), (2, [1]), (1, [0])]:
+        assert [i for i in range(n_layer) if train.has_value_embed(i, n_layer)] == expected
+        model = train.GPT(tiny_config(n_layer=n_layer))
+        assert sorted(model.value_embeds) == sorted(f"layer{i}" for i in expected)
+        gated = [i for i, b in enumerate(model.blocks) if b.attn.has_ve]
+        assert gated == expected
+
+
+def test_param_groups_membership_and_hyperparameters():
+    config = tiny_config(n_layer=4, d=32)
+    model = train.GPT(config)
+    groups = {g.name: g for g in train.param_groups(model)}
+    assert list(groups) == ["wte", "value_embeds", "lm_head", "matrices", "resid_lambdas",
+                            "x0_lambdas"]
+    assert groups["wte"].params == ["wte.weight"]
+    assert groups["lm_head"].params == ["lm_head.weight"]
+    assert sorted(groups["value_embeds"].params) == ["value_embeds.layer1.weight",
+                                                     "value_embeds.layer3.weight"]
+    assert groups["resid_lambdas"].params == ["resid_lambdas"]
+    assert groups["x0_lambdas"].params == ["x0_lambdas"]
+    # Per layer: c_qkv, c_proj, c_fc, mlp c_proj (4), plus a ve_gate on the two VE layers.
+    assert len(groups["matrices"].params) == 4 * 4 + 2
+    assert all(n.startswith("blocks.") for n in groups["matrices"].params)
+    every = [n for g in groups.values() for n in g.params]
+    assert len(every) == len(set(every)) == len(train.tree_flatten(model.trainable_parameters()))
+    # Only matrices decay; x0_lambdas have their own betas; (un)embeddings scale with width.
+    assert [g.name for g in groups.values() if g.weight_decay] == ["matrices"]
+    assert groups["matrices"].weight_decay == train.WEIGHT_DECAY
+    assert groups["x0_lambdas"].betas == (0.96, 0.95)
+    assert all(g.betas == (0.8, 0.95) for n, g in groups.items() if n != "x0_lambdas")
+    scale = (32 / 768) ** -0.5
+    assert groups["wte"].lr == pytest.approx(0.6 * scale)
+    assert groups["value_embeds"].lr == pytest.approx(0.6 * scale)
+    assert groups["lm_head"].lr == pytest.approx(0.004 * scale)
+    assert groups["matrices"].lr == 0.04
+    assert groups["resid_lambdas"].lr == 0.005
+    assert groups["x0_lambdas"].lr == 0.5
+
+
+def test_lr_and_weight_decay_schedules():
+    # No warmup; flat for the first half; linear warmdown to FINAL_LR_FRAC (0) at the end.
+    lr = [train.lr_multiplier(p) for p in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert lr == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.0])
+    wd = [train.WEIGHT_DECAY * train.weight_decay_multiplier(p) for p in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert wd == pytest.approx([0.2, 0.15, 0.1, 0.05, 0.0])
+
+
+def test_default_config_has_about_11_5M_parameters():
+    config = train.build_config(vocab_size=8192, sequence_len=2048)
+    assert (config.n_layer, config.n_embd, config.n_head) == (4, 256, 2)
+    counts = train.param_counts(train.GPT(config))
+    assert counts["total"] == pytest.approx(11.5e6, rel=0.03)
+    assert counts["wte"] == counts["lm_head"] == 8192 * 256
+    assert counts["value_embeds"] == 2 * 8192 * 256
+    assert counts["scalars"] == 8
+    # FLOPs use each layer's window: three S layers at T/2 and one L layer at T.
+    flops = train.estimate_flops(config, counts)
+    attn = 12 * 2 * 128 * (3 * 1024 + 2048)
+    assert flops == 6 * (counts["matrices"] + counts["lm_head"]) + attn
+
+
+def test_softcap_cross_entropy_matches_autodiff_reference():
+    mx.random.seed(1)
+    logits = 20 * mx.random.normal((4, 5, 11))
+    targets = mx.random.randint(0, 11, (4, 5))
+    weights = mx.random.uniform(shape=(4, 5))
+
+    def ours(z):
+        return (train.softcap_cross_entropy(z, targets) * weights).sum()
+
+    def reference(z):
+        capped = train.SOFTCAP * mx.tanh(z / train.SOFTCAP)
+        return (nn.losses.cross_entropy(capped, targets, reduction="none") * weights).sum()
+
+    assert ours(logits).item() == pytest.approx(reference(logits).item(), rel=1e-5)
+    g1, g2 = mx.grad(ours)(logits), mx.grad(reference)(logits)
+    assert mx.allclose(g1, g2, atol=1e-5).item()
+
+
+def test_adamw_step_matches_formula():
+    config = tiny_config(n_layer=2)
+    model = tiny_model(config)
+    groups = train.param_groups(model)
+    opt = train.AdamW(model, groups)
+    before = dict(train.tree_flatten(model.parameters()))
+    grads = train.tree_map(lambda p: mx.full(p.shape, 0.5), model.parameters())
+    opt.update(model, grads, mx.array(0.5), mx.array(0.5))
+    after = dict(train.tree_flatten(model.parameters()))
+    # Step 1 with bias correction: Adam's step is exactly lr * sign(g) (eps aside).
+    for g in groups:
+        lr = g.lr * 0.5
+        for n in g.params:
+            expected = before[n] * (1 - lr * g.weight_decay * 0.5) - lr
+            assert mx.allclose(after[n], expected, atol=1e-6).item(), n
+
+
+def test_compiled_training_reduces_loss_on_repeated_sequences():
+    config = tiny_config(n_layer=2, T=16, vocab=32, d=32)
+    model = tiny_model(config)
+    masks = train.attention_masks(config, mx.float32)
+    opt = train.AdamW(model, train.param_groups(model))
+    loss_and_grad = nn.value_and_grad(
+        model, lambda m, x, y: train.softcap_cross_entropy(m(x, masks), y).mean())
+    state = [model.state, opt.state]
+
+    @partial(mx.compile, inputs=model.state, outputs=model.state)
+    def micro_step(x, y):
+        return loss_and_grad(model, x, y)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def optimizer_step(grads, lr_mult, wd_mult):
+        opt.update(model, grads, lr_mult, wd_mult)
+
+    rows = mx.tile(mx.random.randint(0, config.vocab_size, (2, config.sequence_len + 1)), (4, 1))
+    x, y = rows[:, :-1], rows[:, 1:]
+    losses = []
+    for _ in range(12):
+        loss, grads = micro_step(x, y)
+        optimizer_step(grads, mx.array(0.3), mx.array(1.0))
+        mx.eval(loss, model.parameters(), opt.state)
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+# -- presets ---------------------------------------------------------------------------------
+
+def test_seed_preset_is_train_py_unchanged():
+    text = presets.TRAIN_PY.read_text()
+    assert presets.baseline_train_py("seed") == text
+    assert presets.PRESETS["seed"].settings() == {"seq_len": 2048, "eval_tokens": 40 * 524288,
+                                                   "time_budget": 300, "seed": 42,
+                                                   "eval_batch": 16}
+    assert presets.PRESETS["seed"].timeout > 300
+
+
+def test_tiny_preset_rewrites_constants_and_keeps_comments():
+    tiny = presets.PRESETS["tiny"]
+    text = presets.baseline_train_py("tiny")
+    for name, value in tiny.overrides.items():
+        lines = [ln for ln in text.splitlines() if ln.startswith(f"{name} = ")]
+        assert len(lines) == 1 and lines[0].startswith(f"{name} = {value!r}"), lines
+        assert "#" in lines[0]
+    assert tiny.overrides["TOTAL_BATCH_SIZE"] == tiny.overrides["DEVICE_BATCH_SIZE"] * tiny.seq_len
+    compile(text, "train.py", "exec")
+
+
+def test_override_must_hit_exactly_once():
+    text = 'A = 1  # one\nB = "x"\nB = "y"\n'
+    assert presets.apply_overrides(text, {"A": 2}) == 'A = 2  # one\nB = "x"\nB = "y"\n'
+    with pytest.raises(RuntimeError, match="exactly one"):
+        presets.apply_overrides(text, {"B": "z"})
+    with pytest.raises(RuntimeError, match="exactly one"):
+        presets.apply_overrides(text, {"MISSING": 3})
+    with pytest.raises(ValueError, match="unknown preset"):
+        presets.baseline_train_py("huge")
+
+
+def test_presets_module_stays_mlx_free():
+    import subprocess
+    import sys
+    code = "import sys, trainer.presets; assert 'mlx' not in sys.modules, 'mlx imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
