@@ -42,6 +42,47 @@ each other's files.
 
 Known limit: if the worker itself is SIGKILLed, its attempt's group is not killed; the trainer
 dies at its next write to the closed log pipe (BrokenPipeError) rather than at the timeout.
+
+Containment of a hostile or broken train.py (it is arbitrary code from an agent):
+- Processes. train.py is started through a small bootstrap (``python -c BOOTSTRAP``) that sets
+  resource limits and then runs train.py with ``runpy`` as ``__main__`` in the same process.
+  Killing the attempt kills its process group, then sweeps descendants that left the group
+  (``setsid()``): every process whose parent chain leads to the trainer (read from /proc on
+  Linux, ``ps`` elsewhere), and on Linux every process whose initial environment carries this
+  attempt's ``AUTORESEARCH_ATTEMPT_TOKEN``. On Linux the trainer is also made a child
+  subreaper (``prctl(PR_SET_CHILD_SUBREAPER)``), so double-forked daemons stay in its tree while
+  it lives. The sweep repeats until a round finds nobody new (a fork loop cannot outrun it).
+  NOT contained: on Linux, a descendant that leaves the group *and* is orphaned (its parent
+  exited) *and* exec'd with an environment that no longer holds the token; on macOS (no /proc),
+  any descendant that called setsid() and whose parent chain to the trainer broke before the
+  kill (e.g. it outlives a trainer that exited normally). A fork bomb is only stopped at the
+  timeout; RLIMIT_NPROC is per user, not per attempt, so it is not set.
+- Disk. RLIMIT_FSIZE (soft = hard, so train.py cannot raise it) caps every file the trainer or
+  its children write at ``file_size_limit`` bytes (default 2 GiB): the write past it gets
+  SIGXFSZ (the bootstrap restores its default action; Python ignores it otherwise) and the
+  attempt ends as crash "file size limit exceeded". RLIMIT_CORE = 0: no core dumps. Many files
+  below the cap can still fill a disk, so ``start`` refuses to start (``LowDiskSpace``) when the
+  run root's file system has less than ``min_free_bytes`` free, and a running attempt is killed
+  (crash "disk space low") when free space drops below that, with its scratch files deleted.
+- Log. Output past ``log_limit`` kills the attempt (crash "log limit exceeded").
+- Time. ``spec.timeout`` wall seconds, then SIGTERM, then SIGKILL.
+- Files. The working directory is the run dir, and HOME, TMPDIR/TMP/TEMP point into it
+  (``run_dir/home``, ``run_dir/tmp``; XDG_* dirs are unset so they follow HOME), so careless
+  writes (``~/.cache/...``, ``tempfile``) land in the run dir and are pruned with it.
+  AUTORESEARCH_CACHE (and PYTHONUSERBASE) are pinned to the worker's real paths first.
+  This is NOT a sandbox: train.py runs as the worker's user and can read, write or delete
+  anything that user can, signal the worker itself, or open network connections. macOS has no
+  unprivileged sandbox short of the deprecated sandbox-exec. Run workers as a dedicated user
+  with nothing else in its home directory.
+- Memory. No RLIMIT_AS / RLIMIT_DATA: MLX reserves large virtual ranges (and Metal maps unified
+  memory), so an address-space limit breaks ordinary runs long before it stops a leak. Out of
+  memory is left to the OS (OOM killer / jetsam) and classified as oom from the log tail.
+- The metric. val_bpb comes only from result.json, never from printed output. But the harness
+  runs inside the train.py process, so a train.py can call ``harness.write_result`` (or write
+  the file) itself with any number: in-process forgery cannot be prevented here. What limits it
+  is that the harness is not part of the submission (its files are checked against the worker's
+  release before each run, elsewhere), every kept result is a commit whose train.py anyone can
+  read and re-run, and a forged number is caught by re-measuring on another worker.
 """
 from __future__ import annotations
 
@@ -51,10 +92,12 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,8 +105,8 @@ from trainer.settings import RunSettings
 
 __all__ = [
     "AttemptSpec", "Outcome", "AttemptProcess", "default_run_root", "prune_runs",
-    "prune_stale_run_roots", "check_attempt_id", "attempt_env",
-    "LOG_LIMIT", "KEEP_RUNS", "KILL_GRACE",
+    "prune_stale_run_roots", "check_attempt_id", "attempt_env", "LowDiskSpace",
+    "LOG_LIMIT", "KEEP_RUNS", "KILL_GRACE", "FILE_SIZE_LIMIT", "MIN_FREE_BYTES",
 ]
 
 ATTEMPT_ID_RE = re.compile(r"[0-9a-f-]{8,64}")
@@ -77,8 +120,42 @@ RESULT_MAX_BYTES = 1 << 20    # a result JSON is ~1 KB; anything huge is not the
 PROGRESS_READ_MAX = 64 * 1024 # never read more than this of progress.jsonl per call
 HARNESS_STATUSES = ("ok", "nan", "oom", "crash")
 EXIT_NAN, EXIT_OOM = 3, 4     # trainer.harness exit codes (not imported: keep worker mlx-free)
+FILE_SIZE_LIMIT = 2 * 2**30   # RLIMIT_FSIZE for the trainer: largest file it may write
+MIN_FREE_BYTES = 1 * 2**30    # free disk below this under run_root: refuse to start / kill
+DISK_CHECK_INTERVAL = 1.0     # seconds between free-space checks while an attempt runs
+TOKEN_ENV = "AUTORESEARCH_ATTEMPT_TOKEN"  # marks the trainer's processes (found after setsid)
+SWEEP_ROUNDS = 20             # kill sweeps repeat until a round finds nobody new
+SCRATCH_DIRS = ("home", "tmp")  # HOME and TMPDIR of the trainer, inside the run dir
+RUN_FILES = ("train.py", "train.log", "result.json", "progress.jsonl")
 OOM_HINTS = ("out of memory", "outofmemory", "memoryerror", "cannot allocate memory",
              "insufficient memory", "failed to allocate")
+
+# Runs train.py as __main__ after setting limits the trainer cannot undo. argv: limit, path.
+# In-process (runpy), not exec: a fresh interpreter would set SIGXFSZ back to ignored.
+BOOTSTRAP = """\
+import os, sys
+def _contain(fsize):
+    import resource, signal
+    if fsize > 0:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):
+        pass
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        except Exception:
+            pass
+_contain(int(sys.argv[1]))
+del _contain
+sys.argv = sys.argv[2:]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+import runpy
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 # os.waitid is missing on macOS before Python 3.13; tests flip this to cover the fallback.
 _HAVE_WAITID = hasattr(os, "waitid")
@@ -124,21 +201,57 @@ class Outcome:
         return cls("crash", None, {}, "", None, 0.0, note)
 
 
+class LowDiskSpace(OSError):
+    """Too little free disk under the run root to start an attempt (the worker's problem,
+    not the candidate's)."""
+
+
+def disk_free(path) -> int:
+    """Bytes available to an unprivileged user on the file system holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 def check_attempt_id(attempt_id) -> str:
     if not isinstance(attempt_id, str) or not ATTEMPT_ID_RE.fullmatch(attempt_id):
         raise ValueError(f"invalid attempt id {attempt_id!r}: expected 8-64 chars of [0-9a-f-]")
     return attempt_id
 
 
-def attempt_env(base_env: dict, settings: dict, run_dir: Path) -> dict[str, str]:
-    """The trainer's environment: base env, the run settings, result/progress paths."""
+def attempt_env(base_env: dict, settings: dict, run_dir: Path,
+                token: str | None = None) -> dict[str, str]:
+    """The trainer's environment: base env, the run settings, result/progress paths, and a
+    scratch HOME / TMPDIR inside the run dir (the paths that need the real home are pinned
+    first)."""
     env = {str(k): str(v) for k, v in base_env.items()}
     env.update(RunSettings.from_dict(settings).to_env())  # ValueError naming the bad setting
+    real_home = env.get("HOME") or os.path.expanduser("~")
+    for key in ("AUTORESEARCH_CACHE", "AUTORESEARCH_DATA"):
+        if env.get(key):
+            env[key] = _expand_home(env[key], real_home)
+    if not env.get("AUTORESEARCH_CACHE"):
+        env["AUTORESEARCH_CACHE"] = os.path.join(real_home, ".cache", "autoresearch")
+    if not env.get("PYTHONUSERBASE"):  # a `pip install --user` MLX must still import
+        import site
+        env["PYTHONUSERBASE"] = site.getuserbase()
+    for key in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME"):
+        env.pop(key, None)  # follow the scratch HOME
+    env["HOME"] = str(run_dir / "home")
+    for key in ("TMPDIR", "TMP", "TEMP"):
+        env[key] = str(run_dir / "tmp")
+    if token:
+        env[TOKEN_ENV] = token
     env["AUTORESEARCH_RESULT"] = str(run_dir / "result.json")
     env["AUTORESEARCH_PROGRESS"] = str(run_dir / "progress.jsonl")
     env["PYTHONUNBUFFERED"] = "1"      # the log tail should end where the process ended
     env["PYTHONFAULTHANDLER"] = "1"    # a segfault in MLX still leaves a Python traceback
     return env
+
+
+def _expand_home(path: str, home: str) -> str:
+    if path == "~" or path.startswith("~/"):
+        return home + path[1:]
+    return path
 
 
 def default_run_root(cache_dir, worker_name: str) -> Path:
@@ -204,14 +317,108 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _finite(obj):
+def _process_table() -> dict[int, int]:
+    """pid -> parent pid of every live (non-zombie) process we can see."""
+    table: dict[int, int] = {}
+    if os.path.isdir("/proc/self"):
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields and fields[0] not in (b"Z", b"X"):
+                table[int(name)] = int(fields[1])
+        return table
+    try:  # macOS / BSD
+        out = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid=", "-o", "stat="],
+                             capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return table
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+            if len(parts) < 3 or not parts[2].startswith("Z"):
+                table[int(parts[0])] = int(parts[1])
+    return table
+
+
+def _descendants(root: int, table: dict[int, int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, ppid in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, stack = set(), [root]
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _token_holders(token: str, pids) -> set[int]:
+    """Processes (Linux: from /proc/<pid>/environ) started with this attempt's token."""
+    needle = f"{TOKEN_ENV}={token}".encode()
+    found = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.add(pid)
+        except OSError:
+            continue  # gone, or another user's
+    return found
+
+
+MAX_DEPTH = 32   # nesting accepted in result.json / progress lines (the harness writes 2)
+
+
+def _finite(obj, depth: int = 0):
+    """A copy of JSON data that msgpack and JSON both carry: non-finite floats, integers
+    beyond 64 bits and anything nested deeper than MAX_DEPTH become None; lone surrogates
+    (JSON ``\\ud800``) become "?"."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
+    if isinstance(obj, bool) or obj is None:
+        return obj
+    if isinstance(obj, int):
+        return obj if -2**63 <= obj < 2**64 else None
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(obj, (dict, list, tuple)) and depth >= MAX_DEPTH:
+        return None
     if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
+        return {_finite(str(k)): _finite(v, depth + 1) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [_finite(v, depth + 1) for v in obj]
     return obj
+
+
+def _depth(obj, limit: int = MAX_DEPTH) -> int:
+    """Nesting depth of JSON data, counting no further than limit + 1."""
+    if limit < 0 or not isinstance(obj, (dict, list)):
+        return 0
+    values = obj.values() if isinstance(obj, dict) else obj
+    return 1 + max((_depth(v, limit - 1) for v in values), default=0)
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """Read a file the trainer made, refusing what would hang or mislead the worker: a FIFO
+    (open would block), a device, a symlink, or more than ``limit`` bytes."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+        if st.st_size > limit:
+            raise OSError(f"{path.name} is {st.st_size} bytes (limit {limit})")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit + 1)[:limit + 1]
+    finally:
+        os.close(fd)
 
 
 def _first_line(text, limit: int = 300) -> str:
@@ -223,7 +430,8 @@ class AttemptProcess:
     """One running attempt. Not thread-safe: drive it from one loop."""
 
     def __init__(self, spec: AttemptSpec, run_dir: Path, proc: subprocess.Popen, log_file,
-                 *, log_limit: int, keep_runs: int, kill_grace: float):
+                 *, log_limit: int, keep_runs: int, kill_grace: float, token: str = "",
+                 file_size_limit: int = FILE_SIZE_LIMIT, min_free_bytes: int = MIN_FREE_BYTES):
         self.spec = spec
         self.run_dir = run_dir
         self.pid = proc.pid
@@ -238,6 +446,11 @@ class AttemptProcess:
         self._sigkill_at: float | None = None
         self._sigkilled = False
         self._outcome: Outcome | None = None
+        self._token = token
+        self._file_size_limit = file_size_limit
+        self._min_free = min_free_bytes
+        self._disk_next = self._t0 + DISK_CHECK_INTERVAL
+        self._disk_note = ""
         # log pump state (shared with the reader thread)
         self._lock = threading.Lock()
         self._kill_lock = threading.RLock()
@@ -256,10 +469,14 @@ class AttemptProcess:
 
     @classmethod
     def start(cls, spec: AttemptSpec, run_root: Path, env: dict, *, log_limit: int = LOG_LIMIT,
-              keep_runs: int = KEEP_RUNS, kill_grace: float = KILL_GRACE) -> "AttemptProcess":
+              keep_runs: int = KEEP_RUNS, kill_grace: float = KILL_GRACE,
+              file_size_limit: int = FILE_SIZE_LIMIT,
+              min_free_bytes: int = MIN_FREE_BYTES) -> "AttemptProcess":
         """Create the run dir, write train.py, start it. Raises ValueError for a bad attempt
-        id, timeout or settings (report ``Outcome.refused(str(err))``), OSError if the
-        process cannot be started."""
+        id, timeout or settings (report ``Outcome.refused(str(err))``), LowDiskSpace (an
+        OSError) if run_root's disk has less than ``min_free_bytes`` free, OSError if the
+        process cannot be started. ``file_size_limit`` <= 0 disables the per-file cap,
+        ``min_free_bytes`` <= 0 the free-space checks."""
         check_attempt_id(spec.attempt_id)
         timeout = spec.timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
@@ -270,9 +487,16 @@ class AttemptProcess:
         # Absolute: the child runs with cwd=run_dir, so relative result paths would miss.
         run_root = Path(run_root).expanduser().absolute()
         run_dir = run_root / spec.attempt_id
-        child_env = attempt_env(env, spec.settings or {}, run_dir)  # before touching the disk
+        token = f"{spec.attempt_id}:{uuid.uuid4().hex}"
+        child_env = attempt_env(env, spec.settings or {}, run_dir, token)  # before the disk
 
         run_root.mkdir(parents=True, exist_ok=True)
+        if min_free_bytes > 0:
+            free = disk_free(run_root)
+            if free < min_free_bytes:
+                raise LowDiskSpace(f"only {free / 2**20:.0f} MiB free under {run_root} (the "
+                                   f"worker needs {min_free_bytes / 2**20:.0f} MiB to start a "
+                                   f"run): free some disk space")
         if run_dir.is_symlink() or run_dir.is_file():
             run_dir.unlink()
         elif run_dir.exists():
@@ -280,11 +504,15 @@ class AttemptProcess:
             # an old result.json can never be read as this run's.
             shutil.rmtree(run_dir)
         run_dir.mkdir()
+        for name in SCRATCH_DIRS:
+            (run_dir / name).mkdir()
         (run_dir / "train.py").write_text(spec.train_py, encoding="utf-8")
         log_file = open(run_dir / "train.log", "wb")
+        fsize = int(file_size_limit) if file_size_limit and file_size_limit > 0 else 0
         try:
             proc = subprocess.Popen(
-                [sys.executable, "train.py"], cwd=run_dir, env=child_env,
+                [sys.executable, "-c", BOOTSTRAP, str(fsize), "train.py"],
+                cwd=run_dir, env=child_env,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True,
             )
@@ -293,7 +521,8 @@ class AttemptProcess:
             raise
         _LIVE_DIRS.add(run_dir)
         return cls(spec, run_dir, proc, log_file, log_limit=log_limit, keep_runs=keep_runs,
-                   kill_grace=kill_grace)
+                   kill_grace=kill_grace, token=token, file_size_limit=fsize,
+                   min_free_bytes=min_free_bytes)
 
     @property
     def attempt_id(self) -> str:
@@ -322,6 +551,7 @@ class AttemptProcess:
                         os.killpg(self.pid, signal.SIGKILL)
                     except (ProcessLookupError, PermissionError):
                         pass
+                    self._sweep(signal.SIGKILL, tree=False)
             self._exit_at = now
             self._reader.join(timeout=0.05)
         # Stragglers were just killed, so the pipe closes promptly; but never wait long on
@@ -329,6 +559,7 @@ class AttemptProcess:
         if self._reader.is_alive() and now - self._exit_at < DRAIN_GRACE:
             return None
         self._outcome = self._classify()
+        self._clean_scratch()
         _LIVE_DIRS.discard(self.run_dir)
         prune_runs(self.run_dir.parent, self._keep_runs)
         return self._outcome
@@ -338,9 +569,12 @@ class AttemptProcess:
         what was appended since the last call; a partial last line waits for its newline."""
         path = self.run_dir / "progress.jsonl"
         try:
-            size = os.stat(path).st_size
+            st = os.lstat(path)
         except OSError:
             return self._prog_last
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or symlink would hang or mislead the read
+            return self._prog_last
+        size = st.st_size
         if size < self._prog_offset:          # replaced or truncated: start over
             self._prog_offset, self._prog_buf = 0, b""
         if size == self._prog_offset:
@@ -349,7 +583,10 @@ class AttemptProcess:
         if size - start > PROGRESS_READ_MAX:  # fell far behind: only the end matters
             start, skip_partial = size - PROGRESS_READ_MAX, True
         try:
-            with open(path, "rb") as f:
+            flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+            with os.fdopen(os.open(path, flags), "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    return self._prog_last
                 f.seek(start)
                 data = f.read(size - start)
         except OSError:
@@ -366,9 +603,9 @@ class AttemptProcess:
         for line in reversed(lines):
             try:
                 obj = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
-            if isinstance(obj, dict):
+            if isinstance(obj, dict) and _depth(obj) <= MAX_DEPTH:
                 self._prog_last = _finite(obj)
                 break
         return self._prog_last
@@ -445,6 +682,19 @@ class AttemptProcess:
             elif now - self._t0 > self.spec.timeout:
                 self._kill_reason = "timeout"
                 self._begin_kill(now)
+            elif self._min_free > 0 and now >= self._disk_next:
+                self._disk_next = now + DISK_CHECK_INTERVAL
+                try:
+                    free = disk_free(self.run_dir)
+                except OSError:
+                    return
+                if free < self._min_free:
+                    self._kill_reason = "disk"
+                    self._disk_note = (f"disk space low: {free / 2**20:.0f} MiB free under the "
+                                       f"run dir (limit {self._min_free / 2**20:.0f} MiB); "
+                                       "killed, scratch files deleted")
+                    self._signal_group(signal.SIGKILL)  # every second of writing makes it worse
+                    self._sigkilled = True
 
     def _begin_kill(self, now: float) -> None:
         """SIGTERM the group now; a watchdog thread sends SIGKILL after the grace. A thread,
@@ -468,11 +718,61 @@ class AttemptProcess:
         # belong to someone else, so it is never signalled again.
         with self._kill_lock:
             if self._proc.returncode is not None:
+                self._sweep(sig, tree=False)  # token holders can't be someone else's
                 return
             try:
                 os.killpg(self.pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass  # group already gone (macOS answers EPERM for a group of zombies)
+            self._sweep(sig, tree=True)
+
+    def _sweep(self, sig: int, tree: bool) -> None:
+        """Signal the trainer's processes that left its group (setsid): its descendants by
+        parent links (``tree``: only while the leader is unreaped, so its pid is still ours)
+        and, on Linux, every process started with this attempt's token. For SIGKILL, repeat
+        until a round finds nobody new, so a forking loop cannot outrun it."""
+        have_proc = os.path.isdir("/proc/self")
+        if not tree and not (self._token and have_proc):
+            return
+        me = os.getpid()
+        done: set[int] = set()
+        for _ in range(SWEEP_ROUNDS if sig == signal.SIGKILL else 1):
+            table = _process_table()
+            targets = _descendants(self.pid, table) if tree and self.pid in table else set()
+            if self._token and have_proc:
+                targets |= _token_holders(self._token, table)
+            targets -= {me, self.pid}
+            if sig == signal.SIGKILL:
+                targets -= done  # already SIGKILLed: now an exiting zombie, not a survivor
+            if not targets:
+                return
+            for pid in targets:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            done |= targets
+
+    def _clean_scratch(self) -> None:
+        """TMPDIR is disposable once the run is over; after a disk kill, so is every file
+        the trainer made (only train.py, the log, result and progress are kept)."""
+        shutil.rmtree(self.run_dir / "tmp", ignore_errors=True)
+        if self._kill_reason != "disk":
+            return
+        try:
+            entries = list(self.run_dir.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name in RUN_FILES and entry.is_file() and not entry.is_symlink():
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                try:
+                    entry.unlink()
+                except OSError:
+                    pass
 
     def _tail_text(self) -> str:
         with self._lock:
@@ -485,19 +785,26 @@ class AttemptProcess:
         """(result, problem): ({}, None) if no file; problem is set if it is unusable."""
         path = self.run_dir / "result.json"
         try:
-            size = os.stat(path).st_size
+            os.lstat(path)
         except FileNotFoundError:
             return {}, None
         except OSError as exc:
             return {}, f"cannot stat result.json: {exc}"
-        if size > RESULT_MAX_BYTES:
-            return {}, f"result.json is {size} bytes (limit {RESULT_MAX_BYTES})"
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            return {}, f"result.json unreadable: {exc}"
+            data = _read_regular(path, RESULT_MAX_BYTES)
+        except OSError as exc:
+            return {}, f"result.json unusable: {exc}"
+        if len(data) > RESULT_MAX_BYTES:
+            return {}, f"result.json grew past {RESULT_MAX_BYTES} bytes"
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." bombs
+            return {}, f"result.json unreadable: {type(exc).__name__}: {str(exc)[:200]}"
         if not isinstance(obj, dict):
             return {}, f"result.json holds a {type(obj).__name__}, not an object"
+        if _depth(obj) > MAX_DEPTH:
+            return {}, f"result.json is nested deeper than {MAX_DEPTH} levels"
+        obj = _finite(obj)
         if obj.get("status") not in HARNESS_STATUSES:
             return obj, f"result.json status {obj.get('status')!r} is not one of {HARNESS_STATUSES}"
         return obj, None
@@ -515,9 +822,14 @@ class AttemptProcess:
             return out("cancelled", f"cancelled: {self._cancel_reason}")
         if self._kill_reason == "log" or self._over_limit:
             return out("crash", f"log limit exceeded ({self._log_limit} bytes)")
+        if self._kill_reason == "disk":
+            return out("crash", self._disk_note)
         if result and problem is None:
             status = result["status"]
             note = _first_line(result.get("error"))
+            if status != "ok" and "file too large" in str(result.get("error") or "").lower():
+                note = (f"file size limit exceeded: a file grew past {self._file_size_limit} "
+                        f"bytes; {note}")
             if self._kill_reason == "timeout":
                 note = f"result written before the {self.spec.timeout:g}s timeout kill; {note}".rstrip("; ")
             if status == "ok":
@@ -528,6 +840,9 @@ class AttemptProcess:
             return out(status, note)
         if self._kill_reason == "timeout":
             return out("timeout", f"no result within {self.spec.timeout:g}s")
+        if rc == -signal.SIGXFSZ or (not result and "file too large" in tail.lower()):
+            return out("crash", f"file size limit exceeded: a file grew past "
+                                f"{self._file_size_limit} bytes (SIGXFSZ)")
         if problem:
             return out("crash", f"bad result file: {problem}")
         if rc == EXIT_NAN:
