@@ -67,6 +67,8 @@ MESSAGES: dict[str, dict[str, tuple]] = {
     "submit": {"req_id": (str,), "train_py": (str,), "description": (str,), "base": OPT_STR},
     "query": {"req_id": (str,), "what": (str,), "args": (dict,)},
     "reply": {"req_id": (str,), "ok": (bool,), "data": (object,)},
+    # unknown key -> coordinator: redeem an invite (coordinator.trust); answered with reply
+    "enrol": {"req_id": (str,), "token": (str,), "name": (str,)},
 }
 
 # Optional fields that, when present, must have these types.
