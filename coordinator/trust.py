@@ -369,6 +369,10 @@ class TrustStore:
         ``server_public`` is the coordinator's own key (treated as admin)."""
         key = user_id.decode("ascii", "replace") if isinstance(user_id, bytes) else user_id
         desc = f"query {what!r}" if message_type == "query" else message_type
+        try:
+            key = validate_public_key(key).decode("ascii") if key else None
+        except ValueError:
+            key = None   # not a CURVE user id: the socket is not behind FleetAuthenticator
         if not key:
             return Verdict(False, "untrusted", None, "untrusted",
                            "connection is not authenticated: this coordinator requires CURVE "

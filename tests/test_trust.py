@@ -183,6 +183,7 @@ def test_check_verdicts(store):
     assert v.ok and v.status == "coordinator" and v.role == "admin"
     assert store.check(None, "hello").code == "untrusted"
     assert "not authenticated" in store.check("", ENROL).message
+    assert store.check("anonymous", "hello").code == "untrusted"
     store.revoke("w1")
     v = store.check(w, ENROL)
     assert (v.ok, v.code, v.entry.name) == (False, "revoked", "w1")
