@@ -63,6 +63,12 @@ __all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "HelloReply", "As
 MAX_DESCRIPTION = 200                 # characters kept of a submission's description
 MAX_TRAIN_PY_BYTES = 1_000_000        # a train.py is a few hundred lines; refuse a megabyte
 MAX_LOG_TAIL = 16_384                 # characters of log tail stored per attempt
+MAX_JSON_DEPTH = 32                   # nesting kept of a worker's profile / result map
+MAX_BASE = 256                        # characters of a submission's base (a ref or sha)
+# Kept by clean_description although they are format characters: they join emoji and
+# shape scripts (Persian, Indic). Every other Cf -- bidi overrides/isolates (U+202A-E,
+# U+2066-9), zero-width spaces, BOMs -- can make a description display as something else.
+KEEP_FORMAT_CHARS = {"\u200c", "\u200d"}
 TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 
 
@@ -121,12 +127,51 @@ def clean_description(text: Any) -> str:
             out.append(" ")
         elif cat == "Cc" or cat in ("Cs", "Zl", "Zp"):
             continue  # control chars, lone surrogates, line/paragraph separators
+        elif cat == "Cf" and ch not in KEEP_FORMAT_CHARS:
+            continue  # bidi overrides, zero-width spaces, ...
         else:
             out.append(ch)
     clean = " ".join("".join(out).split())
     if len(clean) > MAX_DESCRIPTION:
         clean = clean[: MAX_DESCRIPTION - 1].rstrip() + "…"
     return clean or "(no description)"
+
+
+def _plain(obj: Any, depth: int = 0) -> Any:
+    """What a worker sent (msgpack: bytes, bytes keys, any nesting, any int), made safe for
+    ``json.dumps``: str keys, bytes as text, nesting capped at MAX_JSON_DEPTH (deeper -> None)."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj).decode("utf-8", "replace")
+    if isinstance(obj, (dict, list, tuple)) and depth >= MAX_JSON_DEPTH:
+        return None
+    if isinstance(obj, dict):
+        return {(k.decode("utf-8", "replace") if isinstance(k, (bytes, bytearray))
+                 else str(k)): _plain(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, depth + 1) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float)):
+        return obj
+    return str(obj)
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(_plain(obj), sort_keys=True)
+
+
+def _db_int(value: Any) -> int | None:
+    """An int SQLite can store (64-bit signed), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63:
+        return value
+    return None
+
+
+def _db_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def _fmt_time(t: float | None) -> str | None:
@@ -341,7 +386,7 @@ class Coordinator:
                     "ON CONFLICT(worker_id) DO UPDATE SET name = excluded.name, "
                     "hw_class = excluded.hw_class, profile = excluded.profile, "
                     "last_seen = excluded.last_seen, state = 'connected', gone_reason = NULL",
-                    (worker_id, name, hw_class, json.dumps(profile, sort_keys=True, default=str),
+                    (worker_id, name, hw_class, _json(profile if isinstance(profile, dict) else {}),
                      now, now))
                 lease = self.ledger.live_lease(worker_id)
                 if lease is not None and attempt_id == lease["attempt_id"]:
@@ -367,7 +412,7 @@ class Coordinator:
         with self._mutex:
             seen = self._seen.setdefault(worker_id, {"progress": None})
             seen["last_seen"] = self._now()
-            if attempt_id is not None and progress is not None:
+            if attempt_id is not None and isinstance(progress, dict):
                 seen["progress"] = dict(progress, attempt_id=attempt_id)
 
     def worker_lost(self, worker_id: str, reason: str) -> list[int]:
@@ -463,6 +508,8 @@ class Coordinator:
                 return ResultAck(False, "duplicate of a stale result: not counted")
             outcome = outcome if isinstance(outcome, dict) else {}
             status, bpb, problem = decide.normalise_outcome(outcome)
+            if status == "ok" and bpb <= 0:  # bits per byte of real text are always > 0
+                status, bpb, problem = "crash", None, f"status ok but val_bpb is {bpb}"
             if att["state"] in (st.LOST, st.CANCELLED):
                 with self.ledger.tx():
                     self._store_outcome(att, status, bpb, outcome, problem)
@@ -489,10 +536,13 @@ class Coordinator:
                         if status == "ok":
                             self._set_candidate(att["candidate_id"], st.MEASURED)
                         else:
+                            result = outcome.get("result")
+                            error = result.get("error") if isinstance(result, dict) else None
+                            tail = outcome.get("log_tail")
                             reason = decide.failure_reason(
-                                status, att["hw_class"], outcome.get("log_tail"),
-                                problem or (outcome.get("result") or {}).get("error"),
-                                outcome.get("exit_code"))
+                                status, att["hw_class"], tail if isinstance(tail, str) else None,
+                                problem or (error if isinstance(error, str) else None),
+                                _db_int(outcome.get("exit_code")))
                             decisions.append(self._fail_candidate(
                                 att["candidate_id"], att["hw_class"], reason, [attempt_id]))
                     decisions += self._decide_waiting(att["hw_class"])
@@ -520,10 +570,9 @@ class Coordinator:
         self.ledger.db.execute(
             "UPDATE attempts SET status = ?, val_bpb = ?, summary = ?, log_tail = ?, "
             "exit_code = ?, wall_seconds = ?, note = COALESCE(?, note) WHERE attempt_id = ?",
-            (status, bpb, json.dumps(result if isinstance(result, dict) else {}, default=str),
-             tail, code if isinstance(code, int) and not isinstance(code, bool) else None,
-             float(wall) if isinstance(wall, (int, float)) and not isinstance(wall, bool)
-             else None, problem, att["attempt_id"]))
+            (status, bpb, _json(result if isinstance(result, dict) else {}),
+             tail, _db_int(code),
+             _db_float(wall), problem, att["attempt_id"]))
 
     def _decide_waiting(self, hw: str) -> list[Decision]:
         """Decide measured candidates on class ``hw``, oldest first, while the head has a
@@ -588,6 +637,10 @@ class Coordinator:
                 return self._candidate_summary(row, duplicate=True)
             if base is None or str(base).strip() == "":
                 base_commit = self.ledger.head()["commit_sha"]
+            elif (not isinstance(base, str) or len(base) > MAX_BASE or "\x00" in base
+                  or base.strip().startswith("-")):
+                raise SubmitRejected(f"base {str(base)[:80]!r} is not a commit in the research "
+                                     "repo")
             else:
                 base_commit = rev_parse(self.repo_dir, str(base).strip())
                 if base_commit is None:
