@@ -1,7 +1,7 @@
 """The fleet as a person runs it: coordinator and workers as real processes on loopback.
 
 Every process here is the console entry point (``python -m coordinator.cli`` /
-``python -m worker.cli``) with fast heartbeats (0.2 s x 3); the research repo's train.py is the
+``python -m worker.cli``) with fast heartbeats (0.2 s x 5); the research repo's train.py is the
 stand-in from conftest (``fleet_train_py``): it sleeps, then writes a result with the val_bpb
 written in its own text, so a variant is a different constant and a run takes a moment.
 Waits are bounded by generous deadlines that only turn a hang into a failure; nothing asserts a
@@ -25,7 +25,7 @@ from coordinator.client import Client
 
 pytestmark = pytest.mark.slow
 
-HB = ["--heartbeat-interval", "0.2", "--liveness", "3"]
+HB = ["--heartbeat-interval", "0.2", "--liveness", "5"]
 DEADLINE = 60.0   # only for hangs; a healthy run takes a second or two per step
 
 
@@ -149,6 +149,16 @@ def git(repo: Path, *args: str) -> str:
                           check=True).stdout
 
 
+def wait_file(root: Path, pattern: str) -> Path:
+    end = time.monotonic() + DEADLINE
+    while time.monotonic() < end:
+        found = next(root.glob(pattern), None)
+        if found is not None:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"no {pattern} under {root}")
+
+
 def wait_head_measured(coord: Proc) -> None:
     """The first ready worker measures the baseline on its class before candidates count."""
     coord.wait_for(r"result \S+ from \S+: ok val_bpb 1\.5000, accepted")
@@ -254,7 +264,8 @@ def test_coordinator_killed_mid_run_and_restarted(fleet, fleet_variant):
     w = fleet.worker(ep, "w1")
     wait_head_measured(coord)
     cand = submit(ep, fleet_variant(bpb=1.42, sleep=3.0), "survives restart")["candidate_id"]
-    coord.wait_for(rf"assign (\S+) candidate #{cand}")
+    attempt = coord.wait_for(rf"assign (\S+) candidate #{cand}").group(1)
+    w.wait_for(rf"assigned {attempt}")
     coord.signal(signal.SIGKILL)
     coord.wait()
     w.wait_for(r"coordinator silent")
@@ -267,6 +278,8 @@ def test_coordinator_killed_mid_run_and_restarted(fleet, fleet_variant):
         log = c.query("log", limit=50)
     # Exactly one counted result and one decision for the candidate, across both lives.
     assert coord2.count(rf"(KEEP|DISCARD|FAIL) #{cand}\b") == 1
+    assert coord2.count(rf"assign \S+ candidate #{cand}\b") == 0   # re-attached, not rerun
+    assert coord2.count(rf"result {attempt} .* accepted") == 1
     assert coord.count(rf"(KEEP|DISCARD|FAIL) #{cand}\b") == 0
     assert log
 
@@ -276,16 +289,14 @@ def test_worker_stopped_past_liveness_reports_stale(fleet, fleet_variant):
     w = fleet.worker(ep, "w1")
     wait_head_measured(coord)
     mark = coord.mark()
-    cand = submit(ep, fleet_variant(bpb=1.43, sleep=1.5), "frozen worker")["candidate_id"]
+    cand = submit(ep, fleet_variant(bpb=1.43, sleep=3.0), "frozen worker")["candidate_id"]
     attempt = coord.wait_for(rf"assign (\S+) candidate #{cand}", since=mark).group(1)
+    w.wait_for(rf"assigned {attempt}")
+    # Freeze the worker once its trainer (own process group, so not frozen) is under way.
+    wait_file(fleet.cache, f"runs/*/{attempt}/progress.jsonl")
     w.signal(signal.SIGSTOP)
     coord.wait_for(rf"worker w1 \S+ lost: .*requeued #{cand}", since=mark)
-    # Let the trainer (its own process group, not stopped) finish while the worker is frozen.
-    result = next(fleet.cache.glob(f"runs/*/{attempt}"), None)
-    assert result is not None
-    deadline = time.monotonic() + DEADLINE
-    while not (result / "result.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_file(fleet.cache, f"runs/*/{attempt}/result.json")
     w.signal(signal.SIGCONT)
     coord.wait_for(rf"result {attempt} from \S+: ok val_bpb 1\.4300, not counted", since=mark)
     # The requeued candidate is measured again, once, and decided.

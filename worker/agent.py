@@ -42,6 +42,10 @@ from shared.protocol import (HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, RECONNECT_I
 READY_RESEND = 3.0        # seconds between ``ready`` re-sends while idle and unassigned
 MAX_POLL_SECONDS = 0.25   # poll slice: how quickly signals and the subprocess are noticed
 BYE_LINGER_MS = 1000      # how long close() may spend delivering the final ``bye``
+# A cancel waits this long before killing: a trainer that already exited while we were frozen
+# (SIGSTOP, lid closed) is still being reaped, and its real result beats "cancelled".
+CANCEL_GRACE = 1.0
+SHUTDOWN_WAIT = 10.0      # at exit, how long to wait for a cancelled trainer's process group
 
 EXIT_OK = 0
 EXIT_VERSION = 2
@@ -141,6 +145,8 @@ class Agent:
         self.proc: Any = None              # the running AttemptProcess
         self.attempt_id: str | None = None
         self.pending: dict | None = None   # {"attempt_id", "outcome"} awaiting ack
+        self.cancel_at: float | None = None  # when to kill the attempt the coordinator cancelled
+        self.cancel_reason = ""
         self.interrupts = 0
         self.exit_code: int | None = None
 
@@ -205,9 +211,10 @@ class Agent:
             while self.exit_code is None:
                 self._step()
         finally:
-            if self.proc is not None:  # an exception got us here: never leave a trainer behind
-                self.proc.cancel("worker exiting")
             self._disconnect(linger_ms=BYE_LINGER_MS)
+            if self.proc is not None:  # never leave a trainer behind
+                self.proc.cancel("worker exiting")
+                self.proc.wait(timeout=SHUTDOWN_WAIT)
         return self.exit_code
 
     def _step(self) -> None:
@@ -338,12 +345,10 @@ class Agent:
     def _on_cancel(self, attempt_id: str, reason: str) -> None:
         if self.proc is None or self.attempt_id != attempt_id:
             return  # already finished: its result (if any) is reported and recorded as stale
-        outcome = self.proc.poll()   # poll first: a finished run keeps its real outcome
-        if outcome is not None:
-            self._finished(outcome)
-            return
-        self.proc.cancel(reason)
-        self.event(f"cancelling {attempt_id}: {reason}")
+        if self.cancel_at is None:
+            self.cancel_at = self.clock() + CANCEL_GRACE
+            self.cancel_reason = reason
+        self._poll_attempt()
 
     def _poll_attempt(self) -> None:
         if self.proc is None:
@@ -351,11 +356,15 @@ class Agent:
         outcome = self.proc.poll()
         if outcome is not None:
             self._finished(outcome)
+        elif self.cancel_at is not None and self.clock() >= self.cancel_at:
+            self.cancel_at = float("inf")   # once: the runner escalates to SIGKILL itself
+            self.proc.cancel(self.cancel_reason)
+            self.event(f"cancelling {self.attempt_id}: {self.cancel_reason}")
 
     def _finished(self, outcome: Any) -> None:
         wire = outcome.to_wire() if hasattr(outcome, "to_wire") else dict(outcome)
         self.pending = {"attempt_id": self.attempt_id, "outcome": wire}
-        self.proc, self.attempt_id = None, None
+        self.proc, self.attempt_id, self.cancel_at = None, None, None
         bpb = wire.get("val_bpb")
         bpb_s = f" val_bpb {bpb:.4f}" if isinstance(bpb, (int, float)) else ""
         self.event(f"finished {self.pending['attempt_id']}: {wire.get('status')}{bpb_s} "
@@ -371,10 +380,10 @@ class Agent:
         if self.interrupts >= 2:
             reason = "worker interrupted by its operator"
             if self.proc is not None:
+                # SIGTERM now; run()'s exit path waits for the group (SIGKILL after a grace).
                 self.proc.cancel(reason)
                 reason += f"; attempt {self.attempt_id} cancelled"
                 self.event(f"cancelled {self.attempt_id}")
-                self.proc, self.attempt_id = None, None
             self._send("bye", worker_id=self.worker_id, reason=reason)
             self.event(f"leaving: {reason}")
             self.exit_code = EXIT_INTERRUPTED
