@@ -32,7 +32,7 @@ from shared.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, ProtocolErro
 MAX_POLL_SECONDS = 0.25
 
 # Error code telling a worker that this coordinator does not know it (yet): send hello.
-HELLO_FIRST = "hello_first"
+HELLO_FIRST = protocol.ERROR_HELLO_FIRST
 
 WORKER_TYPES = ("hello", "ready", "heartbeat", "result", "bye")
 CLIENT_TYPES = ("submit", "query")

@@ -75,7 +75,12 @@ MESSAGES: dict[str, dict[str, tuple]] = {
 OPTIONAL: dict[str, dict[str, tuple]] = {
     "heartbeat": {"worker_id": (str,), "attempt_id": OPT_STR, "progress": OPT_MAP},
     "error": {"req_id": (str,)},
+    "assign": {"purpose": (str,)},   # "head" (measure the head on this class) | "candidate"
 }
+
+# ``error`` code a coordinator sends to a worker it does not know (it restarted, or the worker's
+# lease was lost): the worker answers with ``hello`` carrying the attempt it holds.
+ERROR_HELLO_FIRST = "hello_first"
 
 # Result outcome statuses (the harness's, plus the worker's own classifications).
 OUTCOME_STATUSES = ("ok", "crash", "nan", "oom", "timeout", "cancelled")

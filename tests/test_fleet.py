@@ -168,7 +168,8 @@ def wait_head_measured(coord: Proc) -> None:
 
 def test_two_workers_keep_discard_fail(fleet, fleet_variant):
     coord, ep = fleet.started_coord()
-    assert f"autoresearch-worker join {ep}" in coord.text
+    coord.wait_for(rf"workers join with: +autoresearch-worker join {re.escape(ep)}$")
+    coord.wait_for(r"submit with: +autoresearch-coord submit ")
     fleet.worker(ep, "w1")
     fleet.worker(ep, "w2")
     wait_head_measured(coord)

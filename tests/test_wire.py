@@ -326,3 +326,42 @@ def test_restart_loses_workers_that_do_not_return(fleet_repo, fleet_variant):
         assert f"requeued #{cand}" in line
     finally:
         second.stop()
+
+
+# ---- CLI surface --------------------------------------------------------------------------
+
+def test_every_command_has_help():
+    from click.testing import CliRunner
+
+    from coordinator.cli import main as coord
+    from worker.cli import main as worker
+
+    runner = CliRunner()
+    for group in (coord, worker):
+        assert runner.invoke(group, ["--help"]).exit_code == 0
+        for name in group.commands:
+            result = runner.invoke(group, [name, "--help"])
+            assert result.exit_code == 0 and "Usage:" in result.output, (name, result.output)
+    assert {"init", "start", "submit", "status", "log", "export"} <= set(coord.commands)
+    assert {"join", "profile"} <= set(worker.commands)
+
+
+def test_init_and_profile_commands(tmp_path, fleet_train_py):
+    from click.testing import CliRunner
+
+    from coordinator.cli import main as coord
+    from worker.cli import main as worker
+
+    base = tmp_path / "base.py"
+    base.write_text(fleet_train_py)
+    runner = CliRunner()
+    made = runner.invoke(coord, ["init", str(tmp_path / "r"), "--tag", "t1", "--preset", "tiny",
+                                 "--budget", "7", "--train-py", str(base)])
+    assert made.exit_code == 0, made.output
+    assert "autoresearch/t1" in made.output and "time_budget" in made.output
+    # Same directory, different settings: refused with the reason, exit 1.
+    again = runner.invoke(coord, ["init", str(tmp_path / "r"), "--tag", "t1", "--preset", "tiny",
+                                  "--budget", "8", "--train-py", str(base)])
+    assert again.exit_code == 1 and "time_budget" in again.output
+    prof = runner.invoke(worker, ["profile", "--threads", "1"])
+    assert prof.exit_code == 0 and "hardware class:" in prof.output

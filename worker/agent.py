@@ -51,7 +51,7 @@ EXIT_OK = 0
 EXIT_VERSION = 2
 EXIT_INTERRUPTED = 130
 
-HELLO_FIRST = "hello_first"   # coordinator's error code: "I don't know you, say hello"
+HELLO_FIRST = protocol.ERROR_HELLO_FIRST
 
 
 def stamp() -> str:
