@@ -96,7 +96,7 @@ class Client:
             except ProtocolError as exc:
                 self.close()
                 raise ClientError(f"coordinator at {self.endpoint}: {exc}") from None
-            except CodecError as exc:
+            except CodecError:
                 continue  # garbage from somewhere: keep waiting for our reply
             if msg.get("req_id") != req_id:
                 continue  # a reply to an abandoned request, or a stray heartbeat
