@@ -332,3 +332,12 @@ def format_log(data: Any) -> str:
 
 if __name__ == "__main__":
     main()
+
+
+def _register_demo() -> None:
+    # demo lives in its own module: it orchestrates processes and is not needed by the others.
+    from coordinator.demo import demo_command
+    main.add_command(demo_command)
+
+
+_register_demo()
