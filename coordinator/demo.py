@@ -10,6 +10,7 @@ demo is also the three-terminal walkthrough in one command.
 """
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -32,35 +34,40 @@ DEMO_TIMEOUT = 900.0
 @dataclass
 class Variant:
     description: str
-    edits: dict[str, str]        # constant name -> new right-hand side
+    edits: dict[str, Callable]   # constant name -> function of its baseline value
     crash: bool = False          # append a line that makes the run fail at start
 
 
 def variants() -> list[Variant]:
     """The research a person might try first, each one a real edit of the baseline."""
     return [
-        Variant("double the matrix learning rate", {"MATRIX_LR": "{MATRIX_LR} * 2"}),
-        Variant("one layer deeper", {"DEPTH": "{DEPTH} + 1"}),
-        Variant("halve the device batch", {"DEVICE_BATCH_SIZE": "{DEVICE_BATCH_SIZE} // 2",
-                                           "TOTAL_BATCH_SIZE": "{TOTAL_BATCH_SIZE} // 2"}),
-        Variant("quarter the matrix learning rate", {"MATRIX_LR": "{MATRIX_LR} / 4"}),
-        Variant("broken: typo in the model (crashes)", {}, crash=True),
+        Variant("double the matrix learning rate", {"MATRIX_LR": lambda v: v * 2}),
+        Variant("one layer deeper", {"DEPTH": lambda v: v + 1}),
+        Variant("halve the batch", {"DEVICE_BATCH_SIZE": lambda v: v // 2,
+                                    "TOTAL_BATCH_SIZE": lambda v: v // 2}),
+        Variant("quarter the matrix learning rate", {"MATRIX_LR": lambda v: v / 4}),
+        Variant("freeze the token embeddings", {"EMBEDDING_LR": lambda v: 0.0}),
+        Variant("typo: nn.Linaer (crashes)", {}, crash=True),
     ]
 
 
+def constant(text: str, name: str):
+    """The literal value of `NAME = ...` at column 0 of train.py."""
+    m = re.search(rf"^{re.escape(name)}\s*=\s*([^#\n]+)", text, re.M)
+    if not m:
+        raise click.ClickException(f"demo: baseline train.py has no constant {name}")
+    return ast.literal_eval(m.group(1).strip())
+
+
 def apply_variant(baseline: str, v: Variant) -> str:
-    """Rewrite constant assignments at the top of train.py; refuse if a constant is missing."""
-    text = baseline
-    for name, rhs in v.edits.items():
-        pat = re.compile(rf"^({name}\s*=\s*)([^#\n]+?)(\s*(#.*)?)$", re.M)
-        m = pat.search(text)
-        if not m:
-            raise click.ClickException(f"demo: baseline train.py has no constant {name}")
-        new_rhs = rhs.replace("{" + name + "}", f"({m.group(2).strip()})")
-        text = text[: m.start()] + m.group(1) + new_rhs + m.group(3) + text[m.end():]
+    """The baseline with the variant's constants rewritten (same rewriter the presets use)."""
+    from trainer.presets import apply_overrides
+    text = apply_overrides(baseline, {k: f(constant(baseline, k)) for k, f in v.edits.items()})
     if v.crash:
-        text += ("\n\n# demo: a bug an agent might write -- the run fails before training.\n"
-                 "raise NameError(\"name 'nn_Linear' is not defined\")\n")
+        # A typo an agent might make: the module imports fine, the model build fails.
+        if "nn.Linear(" not in text:
+            raise click.ClickException("demo: baseline train.py has no nn.Linear( to misspell")
+        text = text.replace("nn.Linear(", "nn.Linaer(", 1)
     return text
 
 
