@@ -397,8 +397,11 @@ def main(argv=None):
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     # mx.compile with the model/optimizer state as captured inputs/outputs (mlx-examples idiom).
-    # Measured on a 2-core x86 CPU, float32 + OpenBLAS, DEPTH 4/T 256/B 16: compiled (both
-    # functions) 0.0 s/step vs eager 0.0 s/step; see the comment by UNTIMED_STEPS for warmup.
+    # Measured (2-core x86 CPU shared with other jobs, float32, OpenBLAS at 1 thread, median
+    # step): DEPTH 4/T 256/B 16 compiled 2.95 s vs eager 3.07 s (1,389 vs 1,333 tok/s);
+    # tiny preset 0.39-0.41 s vs 0.45-0.47 s. At 2 BLAS threads the machine's load swamped the
+    # difference (1,222-1,755 vs 1,397-1,639 tok/s). Compiled it is; the first call traces and
+    # JIT-compiles (a few seconds), which is why the first UNTIMED_STEPS are not timed.
     state = [model.state, optimizer.state]
 
     # outputs=model.state too: value_and_grad swaps traced arrays into the model while tracing.

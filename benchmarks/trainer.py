@@ -1,0 +1,173 @@
+"""Trainer throughput: the baseline train.py run for real, as subprocesses, on the sample data.
+
+Reported, never asserted. For each case: tokens/s, median step time, startup seconds, eval
+seconds, peak memory; written to benchmarks/results/trainer.json and printed as a table.
+
+Cases (Linux CPU backend; on macOS the OpenBLAS cases are skipped, the rest run on Metal):
+  tiny           the tiny preset (T=128), OpenBLAS at 1 thread (what a demo worker gets)
+  default        DEPTH 4 / d_model 256 at T=256, batch 16x256 with no accumulation, OpenBLAS
+  default-1t     the same at OPENBLAS_NUM_THREADS=1
+  default-malloc the same with glibc told to keep freed memory (MALLOC_MMAP_MAX_=0): MLX's CPU
+                 allocator hands big buffers back to the OS, so every [tokens x vocab]
+                 temporary otherwise page-faults fresh zeroed pages
+  default-noblas the same without OpenBLAS (MLX's bundled reference BLAS; very slow)
+
+    python benchmarks/trainer.py                  # all cases
+    python benchmarks/trainer.py --only tiny default --budget 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from trainer import backend, presets  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "trainer.json"
+UNTIMED_STEPS = 2  # train.py does not time its first steps (compile); skip them here too
+
+DEFAULT_T256 = {"TOTAL_BATCH_SIZE": 16 * 256, "DEVICE_BATCH_SIZE": 16}
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def cases(budget: int) -> dict:
+    tiny = presets.PRESETS["tiny"]
+    return {
+        "tiny": dict(preset="tiny", overrides={}, seq_len=tiny.seq_len, budget=tiny.time_budget,
+                     blas=True, threads=1, env={}),
+        "default": dict(preset="seed", overrides=DEFAULT_T256, seq_len=256, budget=budget,
+                        blas=True, threads=None, env={}),
+        "default-1t": dict(preset="seed", overrides=DEFAULT_T256, seq_len=256, budget=budget,
+                           blas=True, threads=1, env={}),
+        "default-malloc": dict(preset="seed", overrides=DEFAULT_T256, seq_len=256, budget=budget,
+                               blas=True, threads=None, env=MALLOC_ENV),
+        # Steps take tens of seconds without OpenBLAS: a short budget still measures 1-2 steps.
+        "default-noblas": dict(preset="seed", overrides=DEFAULT_T256, seq_len=256,
+                               budget=min(budget, 20), blas=False, threads=None, env={}),
+    }
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def sample_dataset(cache: Path) -> Path:
+    from trainer.prepare import prepare_sample
+    return Path(prepare_sample(cache, vocab_size=8192))
+
+
+def run_case(name: str, case: dict, dataset: Path, workdir: Path) -> dict:
+    text = presets.apply_overrides(presets.baseline_train_py(case["preset"]), case["overrides"])
+    run_dir = workdir / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train.py").write_text(text)
+    result, progress = run_dir / "result.json", run_dir / "progress.jsonl"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AUTORESEARCH_") and k != "LD_PRELOAD"}
+    env.update(AUTORESEARCH_DATA=str(dataset), AUTORESEARCH_SEQ_LEN=str(case["seq_len"]),
+               AUTORESEARCH_EVAL_TOKENS="8192", AUTORESEARCH_RESULT=str(result),
+               AUTORESEARCH_PROGRESS=str(progress))
+    if case["blas"]:
+        env = backend.trainer_env(env, case["threads"])
+    elif case["threads"]:
+        env["OPENBLAS_NUM_THREADS"] = str(case["threads"])
+    env.update(case["env"])
+    load_before = load_average()
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "train.py", "--time-budget", str(case["budget"])],
+                          cwd=run_dir, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    row = {"case": name, "exit_code": proc.returncode, "wall_seconds": round(wall, 1),
+           "openblas": bool(case["blas"] and env.get("LD_PRELOAD")),
+           "openblas_threads": case["threads"], "seq_len": case["seq_len"],
+           "overrides": case["overrides"], "extra_env": case["env"],
+           "load_before": load_before, "load_after": load_average()}
+    if not result.exists():
+        row["error"] = (proc.stdout + proc.stderr)[-2000:]
+        return row
+    doc = json.loads(result.read_text())
+    steps = [json.loads(ln) for ln in progress.read_text().splitlines()] if progress.exists() else []
+    timed = [s["dt"] for s in steps[UNTIMED_STEPS:] if "dt" in s]
+    step_s = statistics.median(timed) if timed else None
+    tokens_per_step = doc.get("tokens_per_step") or (
+        doc["total_tokens_M"] * 1e6 / doc["num_steps"] if doc.get("num_steps") else None)
+    row.update(status=doc["status"], val_bpb=doc.get("val_bpb"), num_steps=doc.get("num_steps"),
+               tok_per_sec=doc.get("tok_per_sec"), step_seconds=step_s,
+               median_tok_per_sec=tokens_per_step / step_s if step_s and tokens_per_step else None,
+               first_steps_seconds=doc.get("untimed_seconds"),
+               startup_seconds=doc.get("startup_seconds"), eval_seconds=doc.get("eval_seconds"),
+               peak_memory_mb=doc.get("peak_vram_mb"), num_params_M=doc.get("num_params_M"),
+               backend=doc.get("backend"))
+    return row
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'case':<15}{'status':>7}{'tok/s':>9}{'med tok/s':>10}{'step s':>8}{'first2 s':>9}"
+            f"{'startup s':>10}{'eval s':>8}{'peak MB':>9}{'steps':>6}  load before/after")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['case']:<15}{r.get('status', 'error'):>7}{fmt(r.get('tok_per_sec'), ',.0f'):>9}"
+              f"{fmt(r.get('median_tok_per_sec'), ',.0f'):>10}{fmt(r.get('step_seconds'), '.3f'):>8}"
+              f"{fmt(r.get('first_steps_seconds'), '.1f'):>9}"
+              f"{fmt(r.get('startup_seconds'), '.1f'):>10}{fmt(r.get('eval_seconds'), '.1f'):>8}"
+              f"{fmt(r.get('peak_memory_mb'), ',.0f'):>9}{fmt(r.get('num_steps'), 'd'):>6}  "
+              f"{r.get('load_before')} / {r.get('load_after')}")
+
+
+def main(argv=None) -> None:
+    all_cases = cases(60)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=list(all_cases), help="cases to run")
+    ap.add_argument("--budget", type=int, default=30,
+                    help="training seconds for the default-config cases (default 30)")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="cache root for the prepared sample (default: a temporary directory)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+
+    chosen = cases(args.budget)
+    names = args.only or list(chosen)
+    if not sys.platform.startswith("linux"):
+        names = [n for n in names if n not in ("default-noblas", "default-malloc")]
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
+        cache = args.cache or Path(tmp) / "cache"
+        dataset = sample_dataset(cache)
+        rows = []
+        for name in names:
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            rows.append(run_case(name, chosen[name], dataset, Path(tmp) / "runs"))
+    doc = {"benchmark": "trainer", "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                       "python": platform.python_version()},
+           "note": "tok/s = tokens of timed steps / training seconds; med tok/s from the median "
+                   "step; first2 s = the two untimed first steps (mx.compile tracing + JIT). "
+                   "Load averages show how busy the machine was.",
+           "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print_table(rows)
+    print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()
