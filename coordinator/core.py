@@ -199,6 +199,7 @@ class Coordinator:
         self.config = load_run(self.repo_dir)            # FileNotFoundError if not a run
         self._file_lock = acquire_lock(self.repo_dir)    # CoordinatorBusy if taken
         self._mutex = threading.RLock()
+        self._tsv_rows: dict[int, str] = {}  # decision id -> rendered results.tsv line
         self._seen: dict[str, dict] = {}
         self.problems: list[str] = []
         self.ledger: Ledger | None = None
@@ -824,6 +825,13 @@ class Coordinator:
             lines = [TSV_HEADER]
             for d in self.ledger.all("SELECT d.*, c.commit_sha, c.description FROM decisions d "
                                      "JOIN candidates c ON c.id = d.candidate_id ORDER BY d.id"):
+                # A decision row never changes once written, so its line is rendered once: this
+                # file is rewritten after every decision, and re-parsing every attempt's summary
+                # each time made a long run quadratic (measured by benchmarks/scheduler.py).
+                cached = self._tsv_rows.get(d["id"])
+                if cached is not None:
+                    lines.append(cached)
+                    continue
                 ids = loads(d["attempt_ids"], []) or []
                 bpb, aid = d["val_bpb"], ids[0] if ids else None
                 if d["candidate_id"] == 0:  # the baseline: its first ok measurement, if any
@@ -841,6 +849,9 @@ class Coordinator:
                 if d["verdict"] == st.FAILED or bpb is None:
                     bpb = 0.0
                 desc = " ".join(str(d["description"]).replace("\t", " ").split())
-                lines.append(f"{d['commit_sha'][:7]}\t{bpb:.6f}\t{mem:.1f}\t"
-                             f"{st.TSV_STATUS[d['verdict']]}\t{desc}\n")
+                line = (f"{d['commit_sha'][:7]}\t{bpb:.6f}\t{mem:.1f}\t"
+                        f"{st.TSV_STATUS[d['verdict']]}\t{desc}\n")
+                if d["candidate_id"] != 0:  # the baseline's row fills in when it is measured
+                    self._tsv_rows[d["id"]] = line
+                lines.append(line)
             return "".join(lines)

@@ -169,6 +169,10 @@ def clear_stale_ref_locks(repo: Path, branch: str) -> list[str]:
     """
     gitdir = Path(git(repo, "rev-parse", "--absolute-git-dir"))
     found = [gitdir / "refs" / "heads" / f"{branch}.lock"]
+    # update-ref of the checked-out branch also locks HEAD (its reflog), sync_worktree locks the
+    # index, and ref deletions lock packed-refs: a kill -9 at those instants leaves these too.
+    # DIR belongs to the coordinator (see module docstring), so at start they can only be stale.
+    found += [gitdir / "HEAD.lock", gitdir / "index.lock", gitdir / "packed-refs.lock"]
     ours = gitdir / "refs" / "autoresearch"
     if ours.is_dir():
         found += sorted(ours.rglob("*.lock"))
