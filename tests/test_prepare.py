@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from trainer.corpus import SAMPLE_PASSAGE_CHARS, sample_documents
 import pyarrow.parquet as pq
 import pytest
 
@@ -58,7 +59,7 @@ def test_shards_hold_bos_prefixed_documents(prepared_sample: Path):
         assert int((tokens == m["bos_id"]).sum()) == len(starts)  # BOS only at boundaries
         assert tokens.max() < m["vocab_size"]
         total += len(starts)
-    assert m["val_docs"] >= 1 and m["val_docs"] + m["train_docs"] == total == 1189
+    assert m["val_docs"] >= 1 and m["val_docs"] + m["train_docs"] == total == len(sample_documents())
 
 
 def test_val_documents_decode_to_the_split_text(prepared_sample: Path):
@@ -313,3 +314,18 @@ def test_full_sample_at_default_vocab(tmp_path):
     assert len(ds.train_files(m)) == 1
     assert m["train_tokens"] > 500_000 and m["val_tokens"] > 10_000
     assert ds.verify_dataset(d) == []
+
+
+def test_sample_documents_are_short_passages_that_keep_every_verse():
+    """Chapters are cut into verse passages (short documents pack well at small T); no text is lost."""
+    import gzip as _gzip
+    from importlib import resources
+    docs = sample_documents()
+    chapters = [json.loads(l)["text"] for l in _gzip.decompress(
+        resources.files("trainer.sample").joinpath("kjv.jsonl.gz").read_bytes()).decode().splitlines()]
+    assert len(docs) > 5 * len(chapters)
+    # A passage only exceeds the cap when a single verse does (plus the chapter title).
+    longest_verse = max(len(v) for c in chapters for v in c.split("\n"))
+    assert max(len(d) for d in docs) <= max(SAMPLE_PASSAGE_CHARS, longest_verse) + 40
+    joined = "".join(docs).replace("\n", "")
+    assert joined == "".join(c.replace("\n", "") for c in chapters)
