@@ -15,6 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Run as a script, this file's directory comes first on sys.path, where benchmarks/trainer.py
+# would shadow the trainer package: put the repo root there instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
 from trainer.backend import openblas_path, trainer_env
 
 CHILD = r"""

@@ -20,6 +20,14 @@ import platform
 import time
 from pathlib import Path
 
+import sys
+import os
+# Run as a script, this file's directory comes first on sys.path, where benchmarks/trainer.py
+# would shadow the trainer package: put the repo root there instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
 import numpy as np
 
 from trainer.dataloader import BestFitPacker, DocChunk, TrainLoader, doc_lengths
