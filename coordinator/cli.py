@@ -1,19 +1,38 @@
 """``autoresearch-coord``: make a research repo, run the coordinator, talk to it.
 
     autoresearch-coord init DIR [--tag T] [--preset seed|tiny] [--budget S] ...
-    autoresearch-coord start DIR [--bind tcp://127.0.0.1:5555] [--insecure]
-    autoresearch-coord submit FILE|- -m "what changed" [--connect EP] [--json]
+    autoresearch-coord start DIR [--bind tcp://127.0.0.1:5555] [--data PATH] [--new-dataset]
+                                 [--insecure]
+    autoresearch-coord key [DIR]                       coordinator public key + fingerprint
+    autoresearch-coord trust KEY|FILE --name NAME --role worker|submitter|admin [--dir DIR]
+    autoresearch-coord revoke KEY|FINGERPRINT|NAME [--dir DIR]
+    autoresearch-coord keys [--dir DIR] [--json]       the trust list
+    autoresearch-coord invite [--dir DIR] [--role worker] [--name N] [--ttl S]
+    autoresearch-coord submit FILE|- -m "what changed" [--connect EP] [--server-key KEY] [--json]
     autoresearch-coord status [--json]
     autoresearch-coord log [-n N] [--json]
     autoresearch-coord export [PATH]
 
 Client commands find the coordinator through ``--connect``, else $AUTORESEARCH_COORD, else
-tcp://127.0.0.1:5555.
+tcp://127.0.0.1:5555, and its key through ``--server-key``, else $AUTORESEARCH_SERVER_KEY, else
+the pin for that endpoint (``start`` pins its own endpoints for the user who runs it), with this
+user's client keypair (``<key dir>/client``); ``--insecure`` talks plain TCP to a coordinator
+started with ``--insecure``.
+
+Security model: ``init`` makes the coordinator's keypair (``DIR/.autoresearch/keys``, secret
+0600; ``start`` makes one for older repos). ``start`` trusts the local user's client key as
+``admin`` -- the person who starts the coordinator on this machine administers it -- so local
+``submit/status`` just work. Everyone else is on the trust list via ``trust`` (an admin pastes a
+key) or ``invite`` (a one-time token a new machine enrols itself with). The trust commands work
+on the ledger of DIR directly (``--dir``, else $AUTORESEARCH_DIR, else the current directory),
+also while the coordinator runs: a ``revoke`` takes effect on that key's next message.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,12 +43,51 @@ from coordinator.client import ENDPOINT_ENV, Client, ClientError, default_endpoi
 from shared.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, REQUEST_TIMEOUT
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+DIR_ENV = "AUTORESEARCH_DIR"
+DANGER = ("WARNING: no encryption or authentication: anyone who can reach this port can "
+          "submit code that every worker runs. Use only on a network you trust.")
 
 
 def connect_option(f):
+    f = click.option("--insecure", is_flag=True,
+                     help="No keys, plain TCP (for a coordinator started with --insecure).")(f)
+    f = click.option("--server-key", default=None, metavar="KEY",
+                     help="The coordinator's public key (default: $AUTORESEARCH_SERVER_KEY, "
+                          "else the key pinned for the endpoint).")(f)
     return click.option(
         "--connect", "endpoint", default=None, metavar="ENDPOINT",
         help=f"Coordinator to talk to (default: ${ENDPOINT_ENV} or tcp://127.0.0.1:5555).")(f)
+
+
+def dir_option(f):
+    return click.option(
+        "--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+        default=None, envvar=DIR_ENV,
+        help=f"Research repo whose trust list to use (default: ${DIR_ENV}, else the current "
+             "directory).")(f)
+
+
+def _repo_dir(directory: Path | None) -> Path:
+    d = (directory or Path.cwd()).expanduser()
+    if not (d / ".autoresearch").is_dir():
+        raise click.ClickException(f"{d} is not a research repo (no .autoresearch/): pass "
+                                   f"--dir DIR or set ${DIR_ENV}")
+    return d
+
+
+def _trust_store(directory: Path | None):
+    from coordinator.trust import TrustStore
+
+    try:
+        return TrustStore.open(_repo_dir(directory))
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _coordinator_keypair(directory: Path):
+    from shared.keys import COORDINATOR_KEY_NAME, coordinator_key_dir, load_or_create_keypair
+
+    return load_or_create_keypair(coordinator_key_dir(directory), COORDINATOR_KEY_NAME)
 
 
 def timeout_option(f):
@@ -37,8 +95,21 @@ def timeout_option(f):
                         show_default=True, help="Seconds to wait for the coordinator.")(f)
 
 
-def _client(endpoint: str | None, timeout: float) -> Client:
-    return Client(endpoint or default_endpoint(), timeout=timeout)
+def _client(endpoint: str | None, timeout: float, server_key: str | None = None,
+            insecure: bool = False) -> Client:
+    from shared.keys import KeyFileError
+    from shared.pins import PinError, require_server_key
+
+    ep = endpoint or default_endpoint()
+    if insecure:
+        if server_key:
+            raise click.UsageError("--insecure takes no --server-key")
+        return Client(ep, timeout=timeout, insecure=True)
+    try:
+        key = require_server_key(ep, server_key)
+        return Client(ep, timeout=timeout, server_key=key)
+    except (PinError, KeyFileError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _call(fn, *args: Any, **kwargs: Any) -> Any:
@@ -90,6 +161,7 @@ def init(directory: Path, tag: str | None, preset: str, budget: int | None,
         raise click.ClickException(str(exc)) from None
     info = dataclasses.asdict(made) if dataclasses.is_dataclass(made) else dict(made or {})
     if as_json:
+        info["server_key"] = _coordinator_keypair(directory).public_str
         click.echo(json.dumps(info, indent=2, sort_keys=True, default=str))
         return
     click.echo(f"research repo {info.get('repo_dir', directory)}")
@@ -98,6 +170,9 @@ def init(directory: Path, tag: str | None, preset: str, budget: int | None,
     for key, value in (info.get("settings") or {}).items():
         click.echo(f"  {key:<12}{value}")
     click.echo("  ledger      .autoresearch/ (ignored by git)")
+    from shared.keys import fingerprint
+    kp = _coordinator_keypair(directory)
+    click.echo(f"  server key  {kp.public_str} (fingerprint {fingerprint(kp.public)})")
     click.echo(f"next: autoresearch-coord start {directory}")
 
 
@@ -108,23 +183,47 @@ def init(directory: Path, tag: str | None, preset: str, budget: int | None,
 @click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True,
               help="ZeroMQ endpoint to listen on (tcp://0.0.0.0:5555 for the whole network; "
                    "port 0 or * picks a free one).")
+@click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, metavar="PATH",
+              help="Prepared dataset to serve to workers (default: $AUTORESEARCH_DATA, else the "
+                   "CURRENT dataset of $AUTORESEARCH_CACHE).")
+@click.option("--new-dataset", is_flag=True,
+              help="Accept a dataset other than the one this run started with (results "
+                   "measured on different data are not comparable).")
 @click.option("--insecure", is_flag=True,
-              help="Allow binding a non-loopback address without encryption or authentication.")
+              help="No CURVE: plain TCP, no keys, everyone trusted. The only way to bind a "
+                   "non-loopback address without encryption.")
 @click.option("--heartbeat-interval", type=click.FloatRange(min=0.01), metavar="S",
               default=HEARTBEAT_INTERVAL, show_default=True,
               help="Seconds between heartbeats (workers adopt it).")
 @click.option("--liveness", type=click.IntRange(min=1), default=HEARTBEAT_LIVENESS,
               show_default=True, help="Missed heartbeats before a worker is declared lost.")
-def start(directory: Path, bind: str, insecure: bool, heartbeat_interval: float,
-          liveness: int) -> None:
-    """Run the coordinator for the research repo in DIRECTORY until Ctrl-C."""
+def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, insecure: bool,
+          heartbeat_interval: float, liveness: int) -> None:
+    """Run the coordinator for the research repo in DIRECTORY until Ctrl-C.
+
+    CURVE is on unless --insecure: the coordinator's key (made by init, or now) is printed
+    with the exact join command; this user's client key is trusted as admin and pinned, so
+    local submit/status need no flags. The prepared dataset is served to workers, which fetch
+    it on join; the first start records its hash and later starts refuse another dataset
+    unless --new-dataset.
+    """
     from coordinator.core import Coordinator
     from coordinator.server import is_loopback_endpoint, join_endpoint, serve, stamp
+    from shared.datasync import DatasetServer, DataSyncError
+    from trainer.dataset import DatasetError, resolve_dataset_dir
 
-    if not is_loopback_endpoint(bind) and not insecure:
-        raise click.ClickException(
-            f"{bind} is reachable from other machines and this release has no encryption: "
-            "pass --insecure to accept that (only on a network you trust)")
+    try:
+        dataset = DatasetServer(data if data is not None else resolve_dataset_dir())
+    except (DatasetError, DataSyncError) as exc:
+        raise click.ClickException(f"no dataset to serve: {exc} (run `autoresearch-prepare "
+                                   "--sample` first, or pass --data PATH)") from None
+    keypair = None
+    if not insecure:
+        try:
+            keypair = _coordinator_keypair(directory)
+        except Exception as exc:
+            raise click.ClickException(f"coordinator key: {exc}") from None
     try:
         core = Coordinator(directory)
     except Exception as exc:
@@ -132,24 +231,240 @@ def start(directory: Path, bind: str, insecure: bool, heartbeat_interval: float,
                                   "RuntimeError"):
             raise click.ClickException(str(exc)) from None
         raise
+    try:
+        manifest = dataset.manifest()
+        _check_dataset(core, manifest, new_dataset)
+        admin = _trust_local_admin(core) if keypair is not None else None
+    except click.ClickException:
+        core.close()
+        raise
 
     def banner(endpoint: str) -> None:
+        from shared.keys import fingerprint
+
         p = lambda s="": click.echo(s)  # noqa: E731
+        ep = join_endpoint(endpoint)
         p(f"{stamp()} coordinator for {directory.resolve()} listening on {endpoint}")
-        if not is_loopback_endpoint(bind):
-            p("WARNING: no encryption or authentication: anyone who can reach this port can "
-              "submit code that every worker runs. Use only on a network you trust.")
-        p(f"  workers join with:  autoresearch-worker join {join_endpoint(endpoint)}")
-        p(f"  submit with:        autoresearch-coord submit train.py -m 'what changed' "
-          f"--connect {join_endpoint(endpoint)}")
-        p(f"  watch with:         autoresearch-coord status --connect {join_endpoint(endpoint)}")
+        p(f"  dataset {manifest['name']} ({manifest['dataset_hash'][:12]}) from {dataset.dir}")
+        if keypair is None:
+            if not is_loopback_endpoint(bind):
+                p(DANGER)
+            p(f"  workers join with:  autoresearch-worker join {ep} --insecure")
+            p(f"  submit with:        autoresearch-coord submit train.py -m 'what changed' "
+              f"--connect {ep} --insecure")
+            p(f"  watch with:         autoresearch-coord status --connect {ep} --insecure")
+        else:
+            _pin_local(endpoint, ep, keypair.public)
+            with core.ledger.tx():
+                core.ledger.set_meta("endpoint", ep)
+            key = shlex.quote(keypair.public_str)   # Z85 holds shell characters: ( ) $ & ...
+            p(f"  server key {keypair.public_str} (fingerprint {fingerprint(keypair.public)})")
+            p(f"  workers join with:  autoresearch-worker join {ep} --server-key {key}")
+            p(f"  a new worker is told its key; trust it with: autoresearch-coord trust KEY "
+              f"--name NAME --role worker --dir {directory}")
+            p(f"  or let a machine enrol itself: autoresearch-coord invite --dir {directory}")
+            p(f"  submit with:        autoresearch-coord submit train.py -m 'what changed' "
+              f"--connect {ep} --server-key {key}")
+            p(f"  watch with:         autoresearch-coord status --connect {ep}")
+            if admin:
+                p(f"  (this user's client key {admin} is trusted as admin and pinned)")
         sys.stdout.flush()
 
     try:
         serve(core, bind, heartbeat_interval=heartbeat_interval, liveness=liveness,
-              banner=banner)
+              banner=banner, keypair=keypair, dataset=dataset)
+    except zmq_error() as exc:
+        raise click.ClickException(f"cannot listen on {bind}: {exc}") from None
     finally:
         core.close()
+
+
+def zmq_error():
+    import zmq
+    return zmq.ZMQError
+
+
+def _check_dataset(core, manifest: dict, new_dataset: bool) -> None:
+    """The first start records the dataset's hash; later starts must serve the same one."""
+    stored = core.ledger.get_meta("dataset")
+    now = {"name": manifest["name"], "dataset_hash": manifest["dataset_hash"]}
+    if stored and stored.get("dataset_hash") != now["dataset_hash"] and not new_dataset:
+        raise click.ClickException(
+            f"this run was measured on dataset {stored.get('name')} "
+            f"({str(stored.get('dataset_hash'))[:12]}) but {now['name']} "
+            f"({now['dataset_hash'][:12]}) was given: val_bpb on different data is not "
+            "comparable. Pass the original with --data, or --new-dataset to switch anyway")
+    if stored != now:
+        with core.ledger.tx():
+            core.ledger.set_meta("dataset", now)
+
+
+def _trust_local_admin(core) -> str | None:
+    """Trust this user's client key as admin (the person who starts the coordinator on this
+    machine administers it). Returns its fingerprint; leaves a revoked key revoked."""
+    import socket
+
+    from coordinator.trust import TrustError, TrustStore
+    from shared.keys import CLIENT_KEY_NAME, default_key_dir, load_or_create_keypair
+
+    kp = load_or_create_keypair(default_key_dir(), CLIENT_KEY_NAME)
+    with TrustStore.open(core.repo_dir) as store:
+        entry = store.lookup(kp.public)
+        if entry is not None and (not entry.active or entry.role == "admin"):
+            return entry.fingerprint if entry.active else None
+        base = f"{socket.gethostname().split('.')[0] or 'local'}-admin"
+        for name in (base, f"{base}-{kp.public_str[:4]}"):
+            try:
+                return store.trust(kp.public, name, "admin").fingerprint
+            except TrustError:
+                continue
+    return None
+
+
+def _pin_local(bound: str, join_ep: str, public: bytes) -> None:
+    """Pin our key for every spelling of our endpoint this user may type."""
+    from shared.pins import save_pin
+
+    scheme, _, rest = bound.partition("://")
+    eps = {bound, join_ep}
+    if scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        if host in ("0.0.0.0", "*", "127.0.0.1", "localhost", "[::]", "::"):
+            eps |= {f"tcp://127.0.0.1:{port}", f"tcp://localhost:{port}"}
+    for ep in eps:
+        try:
+            save_pin(ep, public)
+        except OSError:
+            pass
+
+
+# ---- keys and trust -----------------------------------------------------------------------
+
+@main.command("key")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+                required=False)
+def key_command(directory: Path | None) -> None:
+    """Print the coordinator's public key and fingerprint (DIRECTORY: the research repo,
+    default $AUTORESEARCH_DIR or the current directory)."""
+    from shared.keys import fingerprint
+
+    d = _repo_dir(directory or (Path(os.environ[DIR_ENV]) if os.environ.get(DIR_ENV) else None))
+    kp = _coordinator_keypair(d)
+    click.echo(kp.public_str)
+    click.echo(f"fingerprint {fingerprint(kp.public)}", err=True)
+
+
+@main.command()
+@click.argument("key")
+@click.option("--name", required=True, help="Who this is (e.g. the machine's short hostname).")
+@click.option("--role", type=click.Choice(["worker", "submitter", "admin"]), default="worker",
+              show_default=True,
+              help="worker: take work; submitter: submit and read results; admin: also manage "
+                   "keys.")
+@dir_option
+def trust(key: str, name: str, role: str, directory: Path | None) -> None:
+    """Trust a public KEY (Z85 text, or a .key file) as NAME with ROLE."""
+    from coordinator.trust import TrustError
+    from shared.keys import KeyFileError, public_key_from_arg
+
+    try:
+        public = public_key_from_arg(key)
+    except (ValueError, KeyFileError) as exc:
+        raise click.ClickException(str(exc)) from None
+    with _trust_store(directory) as store:
+        try:
+            entry = store.trust(public, name, role)
+        except TrustError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"trusted {entry.name} as {entry.role} ({entry.fingerprint})")
+
+
+@main.command()
+@click.argument("ident", metavar="KEY|FINGERPRINT|NAME")
+@dir_option
+def revoke(ident: str, directory: Path | None) -> None:
+    """Revoke a trusted key at once: its next message is refused and a worker using it is cut
+    off (its attempt requeued)."""
+    with _trust_store(directory) as store:
+        if not store.revoke(ident):
+            raise click.ClickException(f"no active trusted key matches {ident!r} "
+                                       "(see `autoresearch-coord keys`)")
+    click.echo(f"revoked {ident}")
+
+
+@main.command()
+@dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
+def keys(directory: Path | None, as_json: bool, include_revoked: bool) -> None:
+    """List the trusted keys (name, role, fingerprint) and open invites."""
+    with _trust_store(directory) as store:
+        entries = store.list(include_revoked=include_revoked)
+        invites = store.list_invites()
+    if as_json:
+        click.echo(json.dumps({"keys": [e.to_dict() for e in entries],
+                               "invites": [dataclasses.asdict(i) for i in invites]},
+                              indent=2, sort_keys=True))
+        return
+    click.echo(_table([[e.name, e.role, e.fingerprint, "revoked" if e.revoked else "active",
+                        e.source] for e in entries],
+                      ["name", "role", "fingerprint", "state", "source"])
+               if entries else "(no trusted keys)")
+    if invites:
+        click.echo(f"\nopen invites: {len(invites)} "
+                   + ", ".join(f"{i.invite_id} ({i.role})" for i in invites))
+
+
+@main.command()
+@dir_option
+@click.option("--role", type=click.Choice(["worker", "submitter", "admin"]), default="worker",
+              show_default=True, help="Role the enrolled key gets.")
+@click.option("--name", default=None, help="Name the enrolled key gets (default: its hostname).")
+@click.option("--ttl", type=click.FloatRange(min=1), default=86400.0, show_default=True,
+              metavar="S", help="Seconds the token stays valid.")
+@click.option("--connect", "endpoint", default=None, metavar="ENDPOINT",
+              help="Endpoint to print in the join command (default: the one `start` printed).")
+def invite(directory: Path | None, role: str, name: str | None, ttl: float,
+           endpoint: str | None) -> None:
+    """Print a one-time token (and the full command) that lets one new machine enrol itself."""
+    from coordinator.trust import TrustError
+
+    d = _repo_dir(directory)
+    with _trust_store(d) as store:
+        try:
+            token = store.create_invite(role, name, ttl)
+        except TrustError as exc:
+            raise click.ClickException(str(exc)) from None
+        row = store.conn.execute("SELECT value FROM meta WHERE key = 'endpoint'").fetchone()
+    ep = endpoint or (json.loads(row[0]) if row else default_endpoint())
+    key = shlex.quote(_coordinator_keypair(d).public_str)
+    click.echo(f"invite (one machine, once, valid {ttl:g}s): {token}")
+    if role == "worker":
+        click.echo(f"on the new machine run:\n  autoresearch-worker join {ep} --server-key {key} "
+                   f"--invite {token}")
+    else:
+        click.echo(f"on the new machine run:\n  autoresearch-coord enrol {token} --connect {ep} "
+                   f"--server-key {key}")
+
+
+@main.command()
+@click.argument("token")
+@connect_option
+@timeout_option
+@click.option("--name", default=None, help="Name to enrol as (default: this host's name).")
+def enrol(token: str, endpoint: str | None, server_key: str | None, insecure: bool,
+          timeout: float, name: str | None) -> None:
+    """Enrol this user's client key with an invite TOKEN (from `autoresearch-coord invite`)."""
+    import socket
+
+    from shared.pins import save_pin
+
+    with _client(endpoint, timeout, server_key, insecure) as c:
+        data = _call(c.enrol, token, name or socket.gethostname().split(".")[0] or "client")
+        if c.server_key is not None:
+            save_pin(c.endpoint, c.server_key)
+    click.echo(f"enrolled as {data.get('name')} (role {data.get('role')}, "
+               f"{data.get('fingerprint')})")
 
 
 # ---- client commands ----------------------------------------------------------------------
@@ -163,8 +478,8 @@ def start(directory: Path, bind: str, insecure: bool, heartbeat_interval: float,
 @connect_option
 @timeout_option
 @click.option("--json", "as_json", is_flag=True, help="Print the coordinator's answer as JSON.")
-def submit(file, description: str, base: str | None, endpoint: str | None, timeout: float,
-           as_json: bool) -> None:
+def submit(file, description: str, base: str | None, endpoint: str | None,
+           server_key: str | None, insecure: bool, timeout: float, as_json: bool) -> None:
     """Submit a train.py variant (FILE, or - for stdin) for training."""
     text = file.read()
     name = getattr(file, "name", "-")
@@ -172,7 +487,7 @@ def submit(file, description: str, base: str | None, endpoint: str | None, timeo
         compile(text, name if name != "<stdin>" else "train.py", "exec")
     except SyntaxError as exc:
         raise click.ClickException(f"{name} does not compile: {exc}") from None
-    with _client(endpoint, timeout) as c:
+    with _client(endpoint, timeout, server_key, insecure) as c:
         data = _call(c.submit, text, description, base)
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
@@ -198,9 +513,10 @@ def format_submission(data: Any) -> str:
 @connect_option
 @timeout_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
-def status(endpoint: str | None, timeout: float, as_json: bool) -> None:
-    """Workers, queue, running attempts and the head's val_bpb per hardware class."""
-    with _client(endpoint, timeout) as c:
+def status(endpoint: str | None, server_key: str | None, insecure: bool, timeout: float,
+           as_json: bool) -> None:
+    """Workers, queue, running attempts, the head's val_bpb per hardware class, trusted keys."""
+    with _client(endpoint, timeout, server_key, insecure) as c:
         data = _call(c.query, "status")
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
@@ -214,9 +530,10 @@ def status(endpoint: str | None, timeout: float, as_json: bool) -> None:
 @click.option("-n", "limit", type=click.IntRange(min=1), default=20, show_default=True,
               help="How many recent attempts/decisions to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw log as JSON.")
-def log(endpoint: str | None, timeout: float, limit: int, as_json: bool) -> None:
+def log(endpoint: str | None, server_key: str | None, insecure: bool, timeout: float,
+        limit: int, as_json: bool) -> None:
     """Recent attempts and decisions, newest first."""
-    with _client(endpoint, timeout) as c:
+    with _client(endpoint, timeout, server_key, insecure) as c:
         data = _call(c.query, "log", limit=limit)
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
@@ -228,9 +545,10 @@ def log(endpoint: str | None, timeout: float, limit: int, as_json: bool) -> None
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path), default="results.tsv")
 @connect_option
 @timeout_option
-def export(path: Path, endpoint: str | None, timeout: float) -> None:
+def export(path: Path, endpoint: str | None, server_key: str | None, insecure: bool,
+           timeout: float) -> None:
     """Write the results table (one row per attempt) to PATH (default results.tsv; - = stdout)."""
-    with _client(endpoint, timeout) as c:
+    with _client(endpoint, timeout, server_key, insecure) as c:
         tsv = _call(c.query, "export")
     if str(path) == "-":
         click.echo(tsv, nl=False)
@@ -297,6 +615,21 @@ def format_status(data: Any) -> str:
     counts = data.get("counts")
     if isinstance(counts, dict) and counts:
         out.append("\n" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    idle = data.get("not_working")
+    if isinstance(idle, dict) and idle:
+        out.append("\nworkers getting no work:")
+        out.extend(f"  {name}: mismatch: {why}" for name, why in sorted(idle.items()))
+    ds = data.get("dataset")
+    if isinstance(ds, dict):
+        out.append(f"\ndataset {ds.get('name')} ({str(ds.get('dataset_hash'))[:12]})")
+    if data.get("security") == "insecure":
+        out.append("\nsecurity: INSECURE (no keys)")
+    trusted = data.get("trusted")
+    if isinstance(trusted, list):
+        out.append("\ntrusted keys:")
+        out.append(_table([[t.get("name"), t.get("role"), t.get("fingerprint")]
+                           for t in trusted if isinstance(t, dict)],
+                          ["name", "role", "fingerprint"]) if trusted else "  (none)")
     return "\n".join(out)
 
 

@@ -10,6 +10,26 @@ socket), so the ``worker_id`` inside each message is the truth and the identity 
 replies go. A worker the server does not know (it restarted, or the worker's lease was lost)
 that sends anything but hello/result/bye is answered with ``error`` code ``hello_first``, and the
 worker says hello again, carrying the attempt it still holds.
+
+Security (``keypair`` given; the CLI always gives one unless ``start --insecure``): the ROUTER is
+a CURVE server; ``coordinator.trust.FleetAuthenticator`` (ZAP, in the server's own zmq.Context)
+lets every well-formed key finish the handshake and stamps each frame with the sender's public
+key, and every message is judged by ``TrustStore.check`` (roles, revocation) before it is
+handled. Unknown keys may only ``enrol`` (redeem an invite); anything else is answered with
+error ``untrusted`` carrying the peer's key and the admin command that trusts it. A worker_id is
+bound to the key that said hello with it, so one trusted worker cannot speak for another's
+lease; a key may own several worker_ids (several workers on one machine). Every heartbeat tick
+the keys of connected workers are looked up again (SQLite reads), so ``autoresearch-coord
+revoke`` -- which writes the same ledger from another process -- cuts a worker off within one
+interval: it is told ``revoked`` and its lease is lost (candidate requeued). Without a keypair
+the server speaks plain TCP and trusts everyone (``--insecure``; the Python API default, kept
+for scripts and benchmarks).
+
+Data and harness: with ``dataset`` (a ``shared.datasync.DatasetServer``) the server answers the
+workers' ``dataset_manifest``/``dataset_chunk`` queries and ``welcome`` names the dataset hash;
+``welcome`` always carries the coordinator's harness fingerprint and ``query harness`` gives the
+per-file hashes. A worker whose hello/ready states another harness fingerprint or dataset hash
+gets error ``mismatch`` (with the reason) instead of work, and ``status`` shows it.
 """
 from __future__ import annotations
 
@@ -25,6 +45,7 @@ import zmq
 
 from coordinator.core import SubmitRejected
 from shared import protocol
+from shared.keys import configure_server, fingerprint, peer_key
 from shared.codec import MAX_FRAME_BYTES, CodecError, decode, encode
 from shared.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, ProtocolError
 
@@ -36,7 +57,8 @@ HELLO_FIRST = protocol.ERROR_HELLO_FIRST
 
 WORKER_TYPES = ("hello", "ready", "heartbeat", "result", "bye")
 CLIENT_TYPES = ("submit", "query")
-QUERIES = ("status", "log", "export")
+QUERIES = ("status", "log", "export", "keys", "harness", "dataset_manifest", "dataset_chunk")
+ERROR_MISMATCH = "mismatch"
 
 
 def stamp() -> str:
@@ -63,18 +85,17 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return False  # an interface name or hostname: assume it is reachable from outside
 
 
-def make_router(ctx: zmq.Context, bind: str) -> zmq.Socket:
-    """Create and bind the coordinator's ROUTER socket.
-
-    The one place socket options live, so CURVE (server keypair, ZAP allow-list of workers'
-    public keys) can be added here without touching the loop.
-    """
+def make_router(ctx: zmq.Context, bind: str, keypair: Any = None) -> zmq.Socket:
+    """Create and bind the coordinator's ROUTER socket; a CURVE server when ``keypair`` is
+    given (a ZAP handler must already run in ``ctx``)."""
     if bind.startswith("tcp://") and bind.endswith(":0"):
         bind = bind[:-2] + ":*"   # libzmq spells "any free port" as *
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     # Frames above the codec's limit are dropped by libzmq before they reach Python.
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    if keypair is not None:
+        configure_server(sock, keypair)
     sock.bind(bind)
     return sock
 
@@ -99,6 +120,10 @@ class WorkerConn:
     last_seen: float
     attempt_id: str | None = None
     waiting: bool = False     # said ready and got nothing: offer it work when some appears
+    key: str | None = None    # its CURVE public key (None on an insecure server)
+    harness_fingerprint: str | None = None
+    dataset_hash: str | None = None
+    mismatch: str | None = None   # why it gets no work (harness/dataset differ), else None
 
 
 @dataclass
@@ -111,18 +136,50 @@ class Server:
     liveness: int = HEARTBEAT_LIVENESS
     event: Callable[[str], None] = default_event_sink
     clock: Callable[[], float] = time.monotonic
+    # Security and data (see the module docstring). keypair None = plain TCP, everyone trusted.
+    keypair: Any = None          # shared.keys.Keypair of the coordinator
+    trust: Any = None            # coordinator.trust.TrustStore; default: opened on core.repo_dir
+    dataset: Any = None          # shared.datasync.DatasetServer, or None (workers use their own)
 
     endpoint: str = ""                                   # what we actually bound (port resolved)
     workers: dict[str, WorkerConn] = field(default_factory=dict)
     by_identity: dict[bytes, str] = field(default_factory=dict)
     # Workers that held leases when we (re)started: they get one window to say hello again.
     awaiting: dict[str, float] = field(default_factory=dict)
+    worker_keys: dict[str, str] = field(default_factory=dict)   # worker_id -> key that owns it
     _stop: bool = False
 
     def __post_init__(self) -> None:
-        self.ctx = zmq.Context.instance()
-        self.sock = make_router(self.ctx, self.bind)
+        from shared.datasync import harness_file_hashes, harness_fingerprint
+
+        self.harness_files = harness_file_hashes()
+        self.harness_fingerprint = harness_fingerprint(self.harness_files)
+        self.dataset_hash = self.dataset.manifest()["dataset_hash"] if self.dataset else None
+        self.auth = None
+        self._own_trust = False
+        if self.keypair is not None:
+            from coordinator.trust import FleetAuthenticator, TrustStore
+
+            # Own context: only one ZAP handler may exist per context, and tests or scripts
+            # may run several servers (or clients) in one process.
+            self.ctx = zmq.Context()
+            self.auth = FleetAuthenticator(self.ctx)
+            self.auth.start()
+            if self.trust is None:
+                self.trust = TrustStore.open(self.core.repo_dir)
+                self._own_trust = True
+        else:
+            self.ctx = zmq.Context.instance()
+        try:
+            self.sock = make_router(self.ctx, self.bind, self.keypair)
+        except Exception:
+            self._close_security()
+            raise
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    @property
+    def secure(self) -> bool:
+        return self.keypair is not None
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -139,6 +196,16 @@ class Server:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        self._close_security()
+
+    def _close_security(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+            self.ctx.term()
+        if self._own_trust and self.trust is not None:
+            self.trust.close()
+            self._own_trust = False
 
     def run(self) -> None:
         now = self.clock()
@@ -160,23 +227,26 @@ class Server:
                 # Drain what is queued, but bounded, so heartbeats still go out under load.
                 for _ in range(100):
                     try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     self._on_frames(frames)
             now = self.clock()
             if now >= next_beat:
                 self._send_heartbeats()
+                self._check_keys()
                 self._expire(now)
                 next_beat = now + self.heartbeat_interval
 
     # ---- inbound ------------------------------------------------------------------------
 
-    def _on_frames(self, frames: list[bytes]) -> None:
-        identity = frames[0]
+    def _on_frames(self, frames: list) -> None:
+        identity = frames[0].bytes
+        # The ZAP user id (= sender's public key) rides on every frame of the connection.
+        key = peer_key(frames[-1]) if self.secure else None
         try:
             # DEALER peers send one frame; tolerate a REQ-style empty delimiter.
-            body = [f for f in frames[1:] if f]
+            body = [f.bytes for f in frames[1:] if len(f.bytes)]
             if len(body) != 1:
                 raise CodecError(f"expected one message frame, got {len(frames) - 1}")
             raw = decode(body[0])
@@ -189,8 +259,15 @@ class Server:
         except ProtocolError as exc:
             self._reject(identity, exc.code, str(exc), req_id)
             return
+        if self.trust is not None:
+            what = msg.get("what") if msg["type"] == "query" else None
+            verdict = self.trust.check(key, msg["type"], what,
+                                       server_public=self.keypair.public)
+            if not verdict.ok:
+                self._refuse(identity, key, verdict, msg, req_id)
+                return
         try:
-            self._dispatch(identity, msg)
+            self._dispatch(identity, msg, key)
         except ProtocolError as exc:
             self._reject(identity, exc.code, str(exc), req_id)
         except Exception as exc:  # a bug or a core refusal must not stop the fleet
@@ -199,13 +276,30 @@ class Server:
                 "error", code="internal", message=f"{type(exc).__name__}: {exc}",
                 **({"req_id": req_id} if req_id else {})))
 
+    def _refuse(self, identity: bytes, key: str | None, verdict: Any, msg: dict,
+                req_id: str | None) -> None:
+        """A message the trust list does not allow: tell the peer why, and if its key was
+        revoked, cut off every worker that key owns right away."""
+        extra = {"req_id": req_id} if req_id else {}
+        self._send(identity, protocol.make("error", code=verdict.code, message=verdict.message,
+                                           **extra))
+        who = verdict.entry.name if verdict.entry is not None else \
+            (f"key {fingerprint(key)}" if key else self._who(identity))
+        if msg["type"] != "heartbeat":   # an untrusted worker's heartbeats would flood the log
+            self.event(f"refused {msg['type']} from {who}: {verdict.code}")
+        if verdict.code == "revoked" and key:
+            self._cut_off_key(key, "key revoked")
+
     def _reject(self, identity: bytes, code: str, message: str, req_id: str | None) -> None:
         self.event(f"refused message from {self._who(identity)}: {message}")
         extra = {"req_id": req_id} if req_id else {}
         self._send(identity, protocol.make("error", code=code, message=message, **extra))
 
-    def _dispatch(self, identity: bytes, msg: dict) -> None:
+    def _dispatch(self, identity: bytes, msg: dict, key: str | None = None) -> None:
         t = msg["type"]
+        if t == "enrol":
+            self._on_enrol(identity, msg, key)
+            return
         if t in CLIENT_TYPES:
             self._on_client(identity, msg)
             return
@@ -216,10 +310,16 @@ class Server:
             self._send(identity, protocol.make(
                 "error", code="bad_field", message="heartbeat: worker_id required from workers"))
             return
+        owner = self.worker_keys.get(wid)
+        if key is not None and owner is not None and owner != key:
+            raise ProtocolError("forbidden", f"worker id {wid} belongs to another key "
+                                f"({fingerprint(owner)}); a worker speaks only for itself")
         now = self.clock()
         if t == "hello":
-            self._on_hello(identity, msg, now)
+            self._on_hello(identity, msg, now, key)
             return
+        if key is not None and owner is None:
+            self.worker_keys[wid] = key   # e.g. a result arriving before hello after our restart
         conn = self.workers.get(wid)
         if conn is not None:
             conn.last_seen = now
@@ -236,6 +336,17 @@ class Server:
                 "error", code=HELLO_FIRST, message=f"worker {wid} unknown here: send hello"))
         elif t == "ready":
             self.core.worker_seen(wid)
+            if "harness_fingerprint" in msg:
+                conn.harness_fingerprint = msg["harness_fingerprint"]
+            if "dataset_hash" in msg:
+                conn.dataset_hash = msg["dataset_hash"]
+            conn.mismatch = self._mismatch(conn.harness_fingerprint, conn.dataset_hash)
+            if conn.mismatch:
+                conn.waiting = False
+                self._send(identity, protocol.make(
+                    "error", code=ERROR_MISMATCH,
+                    message=f"no work for this worker: {conn.mismatch}"))
+                return
             # A worker sends ready only when it holds nothing; one still holding an attempt
             # here means this ready crossed our assign (it re-sends while waiting): no second.
             if conn.attempt_id is None:
@@ -243,19 +354,42 @@ class Server:
         elif t == "heartbeat":
             self.core.worker_seen(wid, msg.get("attempt_id"), msg.get("progress"))
 
-    def _on_hello(self, identity: bytes, msg: dict, now: float) -> None:
+    def _mismatch(self, harness_fp: str | None, data_hash: str | None) -> str | None:
+        """Why a worker with these must not train for us, or None. A worker that states no
+        harness fingerprint (an older release, a test peer) is not held to one; with a dataset
+        served, the worker must hold exactly it."""
+        if harness_fp is not None and harness_fp != self.harness_fingerprint:
+            return (f"harness: its trainer harness ({harness_fp[:12]}) differs from the "
+                    f"coordinator's ({self.harness_fingerprint[:12]}); install the same "
+                    "autoresearch-fleet release on both")
+        if self.dataset_hash is not None and data_hash != self.dataset_hash:
+            have = data_hash[:12] if data_hash else "none yet"
+            return (f"dataset: it holds {have}, the run uses {self.dataset_hash[:12]}; "
+                    "the worker fetches it from the coordinator on join")
+        return None
+
+    def _on_hello(self, identity: bytes, msg: dict, now: float, key: str | None = None) -> None:
         wid = msg["worker_id"]
         old = self.workers.get(wid)
         if old is not None:
             self.by_identity.pop(old.identity, None)
-        conn = WorkerConn(wid, identity, msg["name"], msg["hw_class"], now, msg["attempt_id"])
+        if key is not None:
+            self.worker_keys[wid] = key
+        conn = WorkerConn(wid, identity, msg["name"], msg["hw_class"], now, msg["attempt_id"],
+                          key=key, harness_fingerprint=msg.get("harness_fingerprint"),
+                          dataset_hash=msg.get("dataset_hash"))
         reply = self.core.worker_hello(wid, msg["name"], msg["profile"], msg["hw_class"],
                                        msg["attempt_id"])
         self.workers[wid] = conn
         self.by_identity[identity] = wid
         self.awaiting.pop(wid, None)
+        extra: dict[str, Any] = {"harness_fingerprint": self.harness_fingerprint}
+        if self.dataset is not None:
+            extra["dataset_hash"] = self.dataset_hash
+            extra["dataset_name"] = str(self.dataset.manifest()["name"])
         self._send(identity, protocol.make(
-            "welcome", heartbeat_interval=self.heartbeat_interval, liveness=self.liveness))
+            "welcome", heartbeat_interval=self.heartbeat_interval, liveness=self.liveness,
+            **extra))
         held = f", holding {msg['attempt_id']}" if msg["attempt_id"] else ""
         self.event(f"worker {msg['name']} ({wid}) joined [{msg['hw_class']}]{held}")
         cancel = getattr(reply, "cancel_attempt", None)
@@ -311,6 +445,27 @@ class Server:
         self.event(f"worker {who} left: {reason}{_requeued(requeued)}")
         self._offer_work()
 
+    def _on_enrol(self, identity: bytes, msg: dict, key: str | None) -> None:
+        req_id = msg["req_id"]
+        if self.trust is None or key is None:
+            self._send(identity, protocol.make(
+                "reply", req_id=req_id, ok=False,
+                data={"error": "this coordinator runs without keys (--insecure): "
+                               "there is nothing to enrol in"}))
+            return
+        from coordinator.trust import TrustError
+
+        try:
+            entry = self.trust.redeem_invite(msg["token"], key, msg["name"])
+        except TrustError as exc:
+            self.event(f"enrolment refused for key {fingerprint(key)}: {exc}")
+            self._send(identity, protocol.make("reply", req_id=req_id, ok=False,
+                                               data={"error": str(exc)}))
+            return
+        self.event(f"enrolled {entry.name} as {entry.role} ({entry.fingerprint})")
+        self._send(identity, protocol.make("reply", req_id=req_id, ok=True,
+                                           data=entry.to_dict()))
+
     def _on_client(self, identity: bytes, msg: dict) -> None:
         req_id = msg["req_id"]
         if msg["type"] == "submit":
@@ -328,7 +483,37 @@ class Server:
         what, args = msg["what"], msg["args"]
         if what == "status":
             data = self.core.status()
-            data = dict(data, connected=sorted(c.name for c in self.workers.values()))
+            data = dict(data, connected=sorted(c.name for c in self.workers.values()),
+                        not_working={c.name: c.mismatch for c in self.workers.values()
+                                     if c.mismatch},
+                        security="curve" if self.secure else "insecure",
+                        harness_fingerprint=self.harness_fingerprint)
+            if self.keypair is not None:
+                data["server_key"] = self.keypair.public_str
+            if self.trust is not None:
+                data["trusted"] = [{"name": e.name, "role": e.role,
+                                    "fingerprint": e.fingerprint}
+                                   for e in self.trust.list(include_revoked=False)]
+            if self.dataset is not None:
+                m = self.dataset.manifest()
+                data["dataset"] = {"name": m["name"], "dataset_hash": m["dataset_hash"]}
+        elif what in ("dataset_manifest", "dataset_chunk"):
+            if self.dataset is None:
+                self._send(identity, protocol.make(
+                    "reply", req_id=req_id, ok=False,
+                    data={"error": "this coordinator serves no dataset"}))
+                return
+            from shared.datasync import DataSyncError
+            try:
+                data = self.dataset.handle(what, args)
+            except DataSyncError as exc:
+                self._send(identity, protocol.make("reply", req_id=req_id, ok=False,
+                                                   data={"error": str(exc)}))
+                return
+        elif what == "harness":
+            data = {"fingerprint": self.harness_fingerprint, "files": dict(self.harness_files)}
+        elif what == "keys" and self.trust is not None:
+            data = [e.to_dict() for e in self.trust.list()]
         elif what == "log":
             limit = args.get("limit", 50)
             if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
@@ -349,6 +534,37 @@ class Server:
         beat = encode(protocol.make("heartbeat"))
         for conn in self.workers.values():
             self._send_raw(conn.identity, beat)
+
+    def _check_keys(self) -> None:
+        """Cut off connected workers whose key was revoked (or removed) since they joined:
+        ``autoresearch-coord revoke`` writes the ledger from another process."""
+        if self.trust is None:
+            return
+        for key in {c.key for c in self.workers.values() if c.key}:
+            entry = self.trust.lookup(key)
+            if entry is None or not entry.active or entry.role != "worker":
+                self._cut_off_key(key, "key revoked" if entry is not None and not entry.active
+                                  else "key no longer trusted as a worker")
+
+    def _cut_off_key(self, key: str, reason: str) -> None:
+        lost = [wid for wid, conn in self.workers.items() if conn.key == key]
+        for wid in lost:
+            conn = self.workers[wid]
+            entry = self.trust.lookup(key) if self.trust is not None else None
+            verdict = self.trust.check(key, "ready", server_public=self.keypair.public) \
+                if self.trust is not None else None
+            message = verdict.message if verdict is not None and verdict.message else reason
+            code = verdict.code if verdict is not None and verdict.code else "revoked"
+            self._send(conn.identity, protocol.make("error", code=code, message=message))
+            requeued = self.core.worker_lost(wid, reason)
+            self._forget(wid)
+            name = entry.name if entry is not None else fingerprint(key)
+            self.event(f"worker {conn.name} ({wid}) cut off: {reason} ({name})"
+                       f"{_requeued(requeued)}")
+        for wid in [w for w, k in self.worker_keys.items() if k == key]:
+            self.worker_keys.pop(wid, None)
+        if lost:
+            self._offer_work()
 
     def _expire(self, now: float) -> None:
         before = len(self.workers) + len(self.awaiting)
@@ -435,9 +651,12 @@ def describe_submission(data: Any, description: str) -> str:
 
 
 def serve(core: Any, bind: str, heartbeat_interval: float = HEARTBEAT_INTERVAL,
-          liveness: int = HEARTBEAT_LIVENESS, banner: Callable[[str], None] | None = None) -> None:
-    """Run the server until SIGINT/SIGTERM; the caller closes the core afterwards."""
-    server = Server(core, bind=bind, heartbeat_interval=heartbeat_interval, liveness=liveness)
+          liveness: int = HEARTBEAT_LIVENESS, banner: Callable[[str], None] | None = None,
+          keypair: Any = None, dataset: Any = None) -> None:
+    """Run the server until SIGINT/SIGTERM; the caller closes the core afterwards.
+    ``keypair`` None = plain TCP (insecure); ``dataset`` = a DatasetServer to serve."""
+    server = Server(core, bind=bind, heartbeat_interval=heartbeat_interval, liveness=liveness,
+                    keypair=keypair, dataset=dataset)
     server.install_signal_handlers()
     try:
         if banner:

@@ -118,7 +118,9 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
 
 def trust_command(public_key: str, role: str = "worker") -> str:
     """The exact admin command that trusts ``public_key`` (what an untrusted peer is told)."""
-    return f"autoresearch-coord trust {public_key} --name NAME --role {role}"
+    import shlex  # Z85 keys contain shell characters ( ) $ & ...: paste-safe quoting
+
+    return f"autoresearch-coord trust {shlex.quote(public_key)} --name NAME --role {role}"
 
 
 def _fmt(t: float | None) -> str:

@@ -76,11 +76,26 @@ OPTIONAL: dict[str, dict[str, tuple]] = {
     "heartbeat": {"worker_id": (str,), "attempt_id": OPT_STR, "progress": OPT_MAP},
     "error": {"req_id": (str,)},
     "assign": {"purpose": (str,)},   # "head" (measure the head on this class) | "candidate"
+    # What the worker will train with; the coordinator gives no work on a mismatch (error
+    # "mismatch"). dataset_hash null = it holds none of the coordinator's yet.
+    "hello": {"harness_fingerprint": (str,), "dataset_hash": OPT_STR},
+    "ready": {"harness_fingerprint": (str,), "dataset_hash": OPT_STR},
+    # What the coordinator runs: its harness fingerprint (shared.datasync) and, when it serves a
+    # dataset, that dataset's hash and name (workers fetch it with query dataset_manifest/chunk).
+    "welcome": {"harness_fingerprint": (str,), "dataset_hash": (str,), "dataset_name": (str,)},
 }
 
 # ``error`` code a coordinator sends to a worker it does not know (it restarted, or the worker's
 # lease was lost): the worker answers with ``hello`` carrying the attempt it holds.
 ERROR_HELLO_FIRST = "hello_first"
+
+# ``error`` codes of the security and data layer (coordinator.trust, coordinator.server):
+# untrusted (key not on the trust list: message carries the key and the admin command),
+# revoked, forbidden (role may not send this), mismatch (harness or dataset differs: no work).
+ERROR_UNTRUSTED = "untrusted"
+ERROR_REVOKED = "revoked"
+ERROR_FORBIDDEN = "forbidden"
+ERROR_MISMATCH = "mismatch"
 
 # Result outcome statuses (the harness's, plus the worker's own classifications).
 OUTCOME_STATUSES = ("ok", "crash", "nan", "oom", "timeout", "cancelled")
