@@ -6,6 +6,11 @@ stand-in from conftest (``fleet_train_py``): it sleeps, then writes a result wit
 written in its own text, so a variant is a different constant and a run takes a moment.
 Waits are bounded by generous deadlines that only turn a hang into a failure; nothing asserts a
 time.
+
+Keys are on, as a person runs it: each test has its own key directory (AUTORESEARCH_KEYS), the
+coordinator serves the session's prepared sample dataset (the workers fetch it into their cache),
+``start`` trusts and pins this user's client key, and the workers' key is trusted once with
+``TrustStore`` before they join (test_security_fleet.py covers enrolment itself).
 """
 from __future__ import annotations
 
@@ -101,24 +106,42 @@ class Proc:
                 self.p.wait()
 
 
+@pytest.fixture(autouse=True)
+def _own_keys(tmp_path, monkeypatch):
+    """Never read or write the real ~/.config key directory."""
+    monkeypatch.setenv("AUTORESEARCH_KEYS", str(tmp_path / "keys"))
+    monkeypatch.delenv("AUTORESEARCH_SERVER_KEY", raising=False)
+
+
 @pytest.fixture
-def fleet(fleet_repo, tmp_path):
+def fleet(fleet_repo, tmp_path, prepared_sample, monkeypatch):
     """Start/stop helpers for one test's coordinator and workers; everything dies at teardown."""
+    from coordinator.trust import TrustStore
+    from shared.keys import load_or_create_keypair
+
     procs: list[Proc] = []
+    keys = tmp_path / "keys"
+    monkeypatch.setenv("AUTORESEARCH_KEYS", str(keys))
+    monkeypatch.delenv("AUTORESEARCH_SERVER_KEY", raising=False)
+    monkeypatch.setenv("AUTORESEARCH_DATA", str(prepared_sample))   # what the coordinator serves
+    worker_key = load_or_create_keypair(keys, "worker")
+    with TrustStore.open(fleet_repo) as store:
+        store.trust(worker_key.public, "local-workers", "worker")
 
     class Fleet:
         repo = fleet_repo
         cache = tmp_path / "cache"
 
-        def coord(self, bind: str = "tcp://127.0.0.1:0") -> Proc:
+        def coord(self, bind: str = "tcp://127.0.0.1:0", *extra: str) -> Proc:
             p = Proc([sys.executable, "-m", "coordinator.cli", "start", str(self.repo),
-                      "--bind", bind, *HB], "coordinator")
+                      "--bind", bind, *HB, *extra], "coordinator")
             procs.append(p)
             return p
 
         def started_coord(self, bind: str = "tcp://127.0.0.1:0") -> tuple[Proc, str]:
             p = self.coord(bind)
             endpoint = p.wait_for(r"listening on (tcp://\S+)").group(1)
+            p.wait_for(r"watch with:")   # the banner (and the local pin) is complete
             return p, endpoint
 
         def worker(self, endpoint: str, name: str, **kw) -> Proc:
@@ -168,7 +191,8 @@ def wait_head_measured(coord: Proc) -> None:
 
 def test_two_workers_keep_discard_fail(fleet, fleet_variant):
     coord, ep = fleet.started_coord()
-    coord.wait_for(rf"workers join with: +autoresearch-worker join {re.escape(ep)}$")
+    coord.wait_for(rf"workers join with: +autoresearch-worker join {re.escape(ep)} "
+                   r"--server-key '\S{40}'$")
     coord.wait_for(r"submit with: +autoresearch-coord submit ")
     fleet.worker(ep, "w1")
     fleet.worker(ep, "w2")
@@ -226,6 +250,9 @@ def test_submit_refusals(fleet, fleet_variant, tmp_path):
 def test_no_coordinator_message():
     r = cli("status", "--connect", "tcp://127.0.0.1:9", "--timeout", "0.3")
     assert r.returncode == 1
+    assert "no key pinned for tcp://127.0.0.1:9 -- pass --server-key KEY" in r.stderr
+    r = cli("status", "--connect", "tcp://127.0.0.1:9", "--timeout", "0.3", "--insecure")
+    assert r.returncode == 1
     assert "no coordinator answering at tcp://127.0.0.1:9" in r.stderr
     assert "autoresearch-coord start" in r.stderr
 
@@ -238,9 +265,16 @@ def test_second_coordinator_refused(fleet):
     assert first.p.poll() is None
 
 
-def test_non_loopback_bind_needs_insecure(fleet):
-    refused = fleet.coord(bind="tcp://0.0.0.0:0")
-    assert refused.wait() == 1 and "--insecure" in refused.text
+def test_non_loopback_bind(fleet):
+    """With CURVE (the default) any address may be bound; --insecure on one that other
+    machines reach is allowed but prints the danger warning."""
+    keyed = fleet.coord("tcp://0.0.0.0:0")
+    keyed.wait_for(r"workers join with: .*--server-key")
+    assert "WARNING" not in keyed.text
+    keyed.stop()
+    open_ = fleet.coord("tcp://0.0.0.0:0", "--insecure")
+    open_.wait_for(r"WARNING: no encryption or authentication")
+    open_.wait_for(r"workers join with: .*--insecure")
 
 
 # ---- failures -----------------------------------------------------------------------------

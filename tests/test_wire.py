@@ -3,6 +3,10 @@
 The server runs in a thread of the test process over a real ``Coordinator`` (real git, real
 SQLite) on a stand-in research repo; peers are bare DEALER sockets speaking msgpack, so every
 frame is exactly what the test says. Heartbeats are fast (0.1 s x 3).
+
+``Server`` without a keypair is the plain-TCP (``--insecure``) server, which is what these raw
+peers speak; the keyed wire is covered at the end of this file and in test_security_fleet.py.
+Every test gets its own key directory (AUTORESEARCH_KEYS): nothing touches ~/.config.
 """
 from __future__ import annotations
 
@@ -85,6 +89,12 @@ class Running:
         self.thread.join(DEADLINE)
         self.server.close()
         self.core.close()
+
+
+@pytest.fixture(autouse=True)
+def _own_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_KEYS", str(tmp_path / "keys"))
+    monkeypatch.delenv("AUTORESEARCH_SERVER_KEY", raising=False)
 
 
 @pytest.fixture
@@ -342,8 +352,9 @@ def test_every_command_has_help():
         for name in group.commands:
             result = runner.invoke(group, [name, "--help"])
             assert result.exit_code == 0 and "Usage:" in result.output, (name, result.output)
-    assert {"init", "start", "submit", "status", "log", "export"} <= set(coord.commands)
-    assert {"join", "profile"} <= set(worker.commands)
+    assert {"init", "start", "submit", "status", "log", "export", "key", "trust", "revoke",
+            "keys", "invite", "enrol"} <= set(coord.commands)
+    assert {"join", "profile", "key"} <= set(worker.commands)
 
 
 def test_init_and_profile_commands(tmp_path, fleet_train_py):
@@ -359,9 +370,57 @@ def test_init_and_profile_commands(tmp_path, fleet_train_py):
                                  "--budget", "7", "--train-py", str(base)])
     assert made.exit_code == 0, made.output
     assert "autoresearch/t1" in made.output and "time_budget" in made.output
+    # init made the coordinator's keypair, secret readable by the owner only
+    secret = tmp_path / "r" / ".autoresearch" / "keys" / "coordinator.key_secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert "server key" in made.output
     # Same directory, different settings: refused with the reason, exit 1.
     again = runner.invoke(coord, ["init", str(tmp_path / "r"), "--tag", "t1", "--preset", "tiny",
                                   "--budget", "8", "--train-py", str(base)])
     assert again.exit_code == 1 and "time_budget" in again.output
     prof = runner.invoke(worker, ["profile", "--threads", "1"])
     assert prof.exit_code == 0 and "hardware class:" in prof.output
+
+
+# ---- keyed wire (CURVE + trust list) in process ---------------------------------------------
+
+def test_keyed_server_checks_every_message(fleet_repo, tmp_path):
+    """A CURVE server: an untrusted client is told its key and the trust command; once
+    trusted as submitter it may query status but not say hello; a pinned client to the
+    wrong key gets the 'does not have the pinned key' error."""
+    from coordinator.core import Coordinator
+    from coordinator.trust import TrustStore
+    from shared.keys import coordinator_key_dir, load_or_create_keypair
+
+    server_kp = load_or_create_keypair(coordinator_key_dir(fleet_repo), "coordinator")
+    client_kp = load_or_create_keypair(tmp_path / "k", "client")
+    core = Coordinator(fleet_repo)
+    events = Events()
+    server = Server(core, bind="tcp://127.0.0.1:*", heartbeat_interval=INTERVAL,
+                    liveness=LIVENESS, event=events.append, keypair=server_kp)
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        with Client(server.endpoint, timeout=5, server_key=server_kp.public,
+                    keypair=client_kp) as c:
+            with pytest.raises(ClientError, match="does not trust your key") as err:
+                c.query("status")
+            assert client_kp.public_str in str(err.value)
+            assert "autoresearch-coord trust" in str(err.value)
+            with TrustStore.open(fleet_repo) as store:
+                store.trust(client_kp.public, "alice", "submitter")
+            data = c.query("status")
+            assert data["security"] == "curve"
+            assert {"name": "alice", "role": "submitter"}.items() <= data["trusted"][0].items()
+            with pytest.raises(ClientError, match="forbidden"):
+                c._request("hello", worker_id="x-1", name="x", profile={}, hw_class="c",
+                           attempt_id=None)
+        wrong = load_or_create_keypair(tmp_path / "k", "other").public
+        with pytest.raises(NoCoordinator, match="does not have the pinned key"):
+            Client(server.endpoint, timeout=1.0, server_key=wrong, keypair=client_kp) \
+                .query("status")
+    finally:
+        server.stop()
+        t.join(DEADLINE)
+        server.close()
+        core.close()
