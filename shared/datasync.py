@@ -30,8 +30,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,7 @@ from filelock import FileLock, Timeout
 from shared.codec import MAX_FRAME_BYTES
 from trainer.dataset import (
     LOCK_FILE, MANIFEST_FILE, DatasetError, dataset_hash, datasets_root, file_sha256,
-    read_manifest,
+    install_dir, read_manifest,
 )
 
 # 1 MiB per request: a reply (chunk + envelope) stays well below the codec's frame limit.
@@ -212,13 +210,7 @@ def fetch_dataset(ask: Ask, cache_dir: Path, progress: Progress | None = None,
         tmp_manifest = incoming / (MANIFEST_FILE + ".tmp")
         tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(tmp_manifest, incoming / MANIFEST_FILE)
-        if final.exists():   # a damaged earlier copy: swap it out, never leave a gap
-            old = root / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-            os.rename(incoming, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(incoming, final)
+        install_dir(incoming, final)   # a damaged earlier copy is swapped out, never a gap
         log(f"dataset {manifest['name']} ({manifest['dataset_hash'][:8]}) installed at {final}")
         return final
     finally:

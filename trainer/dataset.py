@@ -338,13 +338,7 @@ def prepare_dataset(
             fields = dict(build(tmp))
             manifest = _finish_manifest(tmp, name, source, recipe, fields)
             status = "replaced" if final.exists() else "prepared"
-            if final.exists():
-                old = root / f".old-{name}-{uuid.uuid4().hex[:8]}"
-                os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
+            install_dir(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -376,6 +370,18 @@ def _finish_manifest(tmp: Path, name: str, source: str, recipe: Mapping, fields:
     tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     os.replace(tmp_manifest, tmp / MANIFEST_FILE)
     return manifest
+
+
+def install_dir(src: Path, final: Path) -> None:
+    """Rename a fully written directory into place; an existing one is swapped out, never
+    leaving a moment without a complete dataset at ``final``. Call under the datasets lock."""
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+        os.rename(src, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(src, final)
 
 
 def _check_name(name: str) -> None:
