@@ -378,6 +378,7 @@ class Server:
         conn = WorkerConn(wid, identity, msg["name"], msg["hw_class"], now, msg["attempt_id"],
                           key=key, harness_fingerprint=msg.get("harness_fingerprint"),
                           dataset_hash=msg.get("dataset_hash"))
+        conn.mismatch = self._mismatch(conn.harness_fingerprint, conn.dataset_hash)
         reply = self.core.worker_hello(wid, msg["name"], msg["profile"], msg["hw_class"],
                                        msg["attempt_id"])
         self.workers[wid] = conn
