@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
@@ -17,82 +16,17 @@ from worker.runner import (
     AttemptProcess, AttemptSpec, Outcome, default_run_root, prune_runs, prune_stale_run_roots,
 )
 
-SETTINGS = {"seq_len": 64, "eval_tokens": 1024, "time_budget": 2, "seed": 7, "eval_batch": 4}
-HANG = 20.0  # upper bound for waits that only guard against a hung test, never asserted
-
-# Prepended to every stand-in: what the harness does, in a few lines.
-PRELUDE = textwrap.dedent("""\
-    import json, os, sys, time
-    def write_result(status, **figures):
-        path = os.environ["AUTORESEARCH_RESULT"]
-        with open(path + ".tmp", "w") as f:
-            json.dump({"schema": 1, "status": status, **figures}, f)
-        os.replace(path + ".tmp", path)
-    def progress(**line):
-        with open(os.environ["AUTORESEARCH_PROGRESS"], "a") as f:
-            f.write(json.dumps(line) + "\\n")
-    def wait_for(name):
-        deadline = time.time() + 20
-        while not os.path.exists(name) and time.time() < deadline:
-            time.sleep(0.01)
-""")
+from runner_standins import (  # noqa: E402  (shared with test_hostile_trainpy.py)
+    PRELUDE, SETTINGS, alive, finish, read_pids, start, wait_until,
+)
 
 
 def new_id() -> str:
     return str(uuid.uuid4())
 
 
-def start(tmp_path, body: str, *, timeout: float = 30.0, attempt_id: str | None = None,
-          **kw) -> AttemptProcess:
-    spec = AttemptSpec(attempt_id=attempt_id or new_id(), train_py=PRELUDE + textwrap.dedent(body),
-                       settings=dict(SETTINGS), timeout=timeout)
-    return AttemptProcess.start(spec, tmp_path / "runs", dict(os.environ), **kw)
-
-
-def finish(proc: AttemptProcess) -> Outcome:
-    outcome = proc.wait(timeout=HANG)
-    assert outcome is not None, "attempt did not finish"
-    return outcome
-
-
-def wait_until(predicate, what: str):
-    deadline = time.monotonic() + HANG
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def alive(pid: int) -> bool:
-    """True if pid runs; zombies count as dead (PID 1 in a container may never reap them)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.exists():
-        try:
-            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return False
-    out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True)
-    return bool(out.stdout.strip()) and not out.stdout.strip().startswith("Z")
-
-
 def read_pid(proc: AttemptProcess, name: str) -> int:
-    """The pid a stand-in wrote to run_dir/name; fails fast (with the log) if it died first."""
-    path = proc.run_dir / name
-
-    def ready():
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        early = proc.poll()
-        assert early is None, f"stand-in ended before writing {name}: {early.log_tail}"
-        return None
-
-    return int(wait_until(ready, name))
+    return read_pids(proc, name)[0]
 
 
 # ---- results -------------------------------------------------------------------------------

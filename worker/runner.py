@@ -720,13 +720,17 @@ class AttemptProcess:
             if self._proc.returncode is not None:
                 self._sweep(sig, tree=False)  # token holders can't be someone else's
                 return
+            # Snapshot the tree first: once the group signal lands, the trainer may die and its
+            # escaped children are re-parented at once, out of reach of the parent-link walk.
+            table = _process_table()
+            before = _descendants(self.pid, table) if self.pid in table else set()
             try:
                 os.killpg(self.pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass  # group already gone (macOS answers EPERM for a group of zombies)
-            self._sweep(sig, tree=True)
+            self._sweep(sig, tree=True, known=before)
 
-    def _sweep(self, sig: int, tree: bool) -> None:
+    def _sweep(self, sig: int, tree: bool, known: set[int] = frozenset()) -> None:
         """Signal the trainer's processes that left its group (setsid): its descendants by
         parent links (``tree``: only while the leader is unreaped, so its pid is still ours)
         and, on Linux, every process started with this attempt's token. For SIGKILL, repeat
@@ -736,9 +740,11 @@ class AttemptProcess:
             return
         me = os.getpid()
         done: set[int] = set()
-        for _ in range(SWEEP_ROUNDS if sig == signal.SIGKILL else 1):
+        for round_ in range(SWEEP_ROUNDS if sig == signal.SIGKILL else 1):
             table = _process_table()
             targets = _descendants(self.pid, table) if tree and self.pid in table else set()
+            if round_ == 0:
+                targets |= set(known)  # taken before the leader was signalled
             if self._token and have_proc:
                 targets |= _token_holders(self._token, table)
             targets -= {me, self.pid}
