@@ -354,7 +354,11 @@ def key_command(directory: Path | None) -> None:
     click.echo(f"fingerprint {fingerprint(kp.public)}", err=True)
 
 
-@main.command()
+# A Z85 key may begin with "-" (even "-h"): let such a token through as the KEY argument.
+KEY_ARG_CONTEXT = {"ignore_unknown_options": True, "help_option_names": ["--help"]}
+
+
+@main.command(context_settings=KEY_ARG_CONTEXT)
 @click.argument("key")
 @click.option("--name", required=True, help="Who this is (e.g. the machine's short hostname).")
 @click.option("--role", type=click.Choice(["worker", "submitter", "admin"]), default="worker",
@@ -379,7 +383,7 @@ def trust(key: str, name: str, role: str, directory: Path | None) -> None:
     click.echo(f"trusted {entry.name} as {entry.role} ({entry.fingerprint})")
 
 
-@main.command()
+@main.command(context_settings=KEY_ARG_CONTEXT)
 @click.argument("ident", metavar="KEY|FINGERPRINT|NAME")
 @dir_option
 def revoke(ident: str, directory: Path | None) -> None:
@@ -663,10 +667,6 @@ def format_log(data: Any) -> str:
                   ["time", "cand", "what", "val_bpb", "class", "description"])
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _register_demo() -> None:
     # demo lives in its own module: it orchestrates processes and is not needed by the others.
     from coordinator.demo import demo_command
@@ -674,3 +674,7 @@ def _register_demo() -> None:
 
 
 _register_demo()
+
+
+if __name__ == "__main__":
+    main()

@@ -122,7 +122,9 @@ def lab(tmp_path, prepared_sample, monkeypatch):
             return load_or_create_keypair(tmp_path / keys, "worker").public_str
 
         def admin(self, *args: str):
-            return cli(*args, "--dir", str(repo))
+            r = cli(*args, "--dir", str(repo))
+            assert r.returncode == 0, r
+            return r
 
         def submit(self, bpb: float, sleep: float, description: str) -> int:
             with Client(self.ep, timeout=15) as c:
@@ -200,6 +202,18 @@ def test_wrong_server_key_worker_refuses_to_run_anything(lab):
     assert w.wait() == 4
     assert "does not have the pinned key" in w.text and "refusing to run anything" in w.text
     assert "assigned" not in w.text and coord.count(r"assign ") == 0
+
+
+def test_keys_that_look_like_options_are_accepted(lab):
+    """Z85 keys may start with '-' (even '-h'); trust and revoke still take them."""
+    from coordinator.trust import TrustStore
+
+    for key in ("-h" + "0" * 38, "-" + "a" * 39):
+        r = lab.admin("trust", key, "--name", f"k{len(key)}{key[1]}", "--role", "worker")
+        assert "trusted" in r.stdout
+        lab.admin("revoke", key)
+    with TrustStore.open(lab.repo) as store:
+        assert all(not e.active for e in store.list() if e.public_key.startswith("-"))
 
 
 def test_roles_are_enforced(lab, tmp_path):
@@ -454,3 +468,20 @@ def test_low_disk_reports_cancelled_and_backs_off(fleet_repo, tmp_path):
         st.join(20)
         server.close()
         core.close()
+
+
+def test_insecure_mode_still_works_end_to_end(lab):
+    """--insecure on both sides: plain TCP, no trust list; the dataset is still served."""
+    coord = lab.start("--insecure")
+    coord.wait_for(r"workers join with: .*--insecure")
+    argv = [sys.executable, "-m", "worker.cli", "join", lab.ep, "--insecure", "--name", "open",
+            "--threads", "1", *HB, "--cache-dir", str(lab.tmp / "cache-open")]
+    w = Proc(argv, "open", env={"AUTORESEARCH_KEYS": str(lab.tmp / "open"),
+                                "AUTORESEARCH_DATA": ""})
+    try:
+        head_measured(coord)
+        st = cli("status", "--connect", lab.ep, "--insecure")
+        assert st.returncode == 0 and "INSECURE" in st.stdout, st
+    finally:
+        w.stop()
+    assert "insecure: no keys" in w.text and not (lab.tmp / "open").exists()
