@@ -28,6 +28,14 @@ Conversation of one worker:
 
 Clients (``autoresearch-coord submit/status/log/export``) send a request carrying ``req_id``
 and wait for the reply carrying the same ``req_id``.
+
+With keys (the default), every message is judged by the coordinator's trust list
+(coordinator.trust): an unknown key may only ``enrol`` (redeem an invite; answered with
+``reply``), and other refusals are ``error`` codes untrusted / revoked / forbidden. ``hello`` and
+``ready`` may carry the worker's harness_fingerprint and dataset_hash, ``welcome`` the
+coordinator's (plus dataset_name); a mismatch is answered with ``error`` code ``mismatch`` instead
+of work. Workers fetch the dataset with ``query`` what=dataset_manifest / dataset_chunk
+(shared.datasync) and ask what=harness for per-file harness hashes.
 """
 from __future__ import annotations
 
