@@ -111,6 +111,10 @@ def run_demo(workdir: Path, cache_dir: Path, workers: int = 2, keep: bool = True
              budget: int | None = None) -> int:
     from coordinator.client import Client
     from coordinator.repo import init_repo
+    from coordinator.trust import TrustStore
+    from shared.keys import (
+        COORDINATOR_KEY_NAME, coordinator_key_dir, fingerprint, load_or_create_keypair,
+    )
     from trainer.prepare import prepare_sample
 
     bindir = Path(sys.executable).parent
@@ -130,6 +134,12 @@ def run_demo(workdir: Path, cache_dir: Path, workers: int = 2, keep: bool = True
     overrides = {"time_budget": budget} if budget else {}
     init_repo(repo, tag="demo", preset="tiny", **overrides)
     click.echo(f"[demo] research repo: {repo} (branch autoresearch/demo, preset tiny)")
+    # Keys, as in a real lab: the coordinator's keypair pins it for the workers and the client,
+    # and the workers enrol themselves with a one-time invite (they share this user's key).
+    server_key = load_or_create_keypair(coordinator_key_dir(repo), COORDINATOR_KEY_NAME).public_str
+    with TrustStore.open(repo) as store:
+        invite = store.create_invite("worker", ttl_s=3600)
+    click.echo(f"[demo] coordinator key {fingerprint(server_key)}; workers enrol with invite {invite[:8]}...")
 
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
     env = dict(os.environ, AUTORESEARCH_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
@@ -139,13 +149,14 @@ def run_demo(workdir: Path, cache_dir: Path, workers: int = 2, keep: bool = True
         coord = _spawn(coord_cmd + ["start", str(repo), "--bind", endpoint], env)
         procs.append(coord)
         _relay(coord, "[coord] ", coord_lines)
-        client = Client(endpoint, timeout=30.0)
+        client = Client(endpoint, timeout=30.0, server_key=server_key)
         client.query("status")  # waits until the coordinator answers
         # Split the cores between the workers: OpenBLAS starts one thread per core otherwise,
         # and two workers would fight over them.
         threads = max(1, (os.cpu_count() or 2) // workers)
         for i in range(workers):
             w = _spawn(worker_cmd + ["join", endpoint, "--name", f"demo-w{i + 1}",
+                                     "--server-key", server_key, "--invite", invite,
                                      "--cache-dir", str(cache_dir), "--threads", str(threads)], env)
             procs.append(w)
             _relay(w, f"[w{i + 1}]   ")
