@@ -7,9 +7,10 @@ Cases (Linux CPU backend; on macOS the OpenBLAS cases are skipped, the rest run 
   tiny           the tiny preset (T=128), OpenBLAS at 1 thread (what a demo worker gets)
   default        DEPTH 4 / d_model 256 at T=256, batch 16x256 with no accumulation, OpenBLAS
   default-1t     the same at OPENBLAS_NUM_THREADS=1
-  default-malloc the same with glibc told to keep freed memory (MALLOC_MMAP_MAX_=0): MLX's CPU
-                 allocator hands big buffers back to the OS, so every [tokens x vocab]
-                 temporary otherwise page-faults fresh zeroed pages
+  default-mmap   the same with glibc's default malloc tunables instead of the trainer's
+                 (trainer.backend.GLIBC_MALLOC_ENV keeps big blocks on the heap): MLX's CPU
+                 allocator hands big buffers back to glibc, which by default returns them to
+                 the OS, so every [tokens x vocab] temporary page-faults fresh zeroed pages
   default-noblas the same without OpenBLAS (MLX's bundled reference BLAS; very slow)
 
     python benchmarks/trainer.py                  # all cases
@@ -41,7 +42,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "trainer.json"
 UNTIMED_STEPS = 2  # train.py does not time its first steps (compile); skip them here too
 
 DEFAULT_T256 = {"TOTAL_BATCH_SIZE": 16 * 256, "DEVICE_BATCH_SIZE": 16}
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+# None = unset: glibc's own (dynamic) defaults, to measure what GLIBC_MALLOC_ENV buys. Setting
+# the defaults explicitly would not do: any of these variables turns glibc's adaptation off.
+GLIBC_DEFAULT_MALLOC = {var: None for var in backend.GLIBC_MALLOC_ENV}
 
 
 def cases(budget: int) -> dict:
@@ -53,8 +56,8 @@ def cases(budget: int) -> dict:
                         blas=True, threads=None, env={}),
         "default-1t": dict(preset="seed", overrides=DEFAULT_T256, seq_len=256, budget=budget,
                            blas=True, threads=1, env={}),
-        "default-malloc": dict(preset="seed", overrides=DEFAULT_T256, seq_len=256, budget=budget,
-                               blas=True, threads=None, env=MALLOC_ENV),
+        "default-mmap": dict(preset="seed", overrides=DEFAULT_T256, seq_len=256, budget=budget,
+                             blas=True, threads=None, env=GLIBC_DEFAULT_MALLOC),
         # Steps take tens of seconds without OpenBLAS: a short budget still measures 1-2 steps.
         "default-noblas": dict(preset="seed", overrides=DEFAULT_T256, seq_len=256,
                                budget=min(budget, 20), blas=False, threads=None, env={}),
@@ -88,7 +91,11 @@ def run_case(name: str, case: dict, dataset: Path, workdir: Path) -> dict:
         env = backend.trainer_env(env, case["threads"])
     elif case["threads"]:
         env["OPENBLAS_NUM_THREADS"] = str(case["threads"])
-    env.update(case["env"])
+    for var, value in case["env"].items():
+        if value is None:
+            env.pop(var, None)
+        else:
+            env[var] = value
     load_before = load_average()
     t0 = time.time()
     proc = subprocess.run([sys.executable, "train.py", "--time-budget", str(case["budget"])],
