@@ -351,11 +351,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+# Set in the environment of a trainer that restarted itself under trainer_env (never twice).
+REEXEC_MARK = "AUTORESEARCH_TRAINER_ENV"
+
+
+def _restart_under_trainer_env() -> None:
+    """A manual `python train.py` on Linux: restart once with the trainer environment.
+
+    LD_PRELOAD only works from process start, and without the system OpenBLAS MLX's CPU backend
+    is ~20x slower (115 vs 2,129 tok/s for the default model at T=256, benchmarks/trainer.py).
+    The worker and `python -m trainer.launch` already start trainers this way, so for them the
+    environment is complete and nothing happens; the same pid goes on (exec, not a child).
+    """
+    if not sys.platform.startswith("linux") or os.environ.get(REEXEC_MARK):
+        return
+    if not sys.argv or not os.path.isfile(sys.argv[0]):
+        return  # python -c / interactive: no script to restart
+    from trainer.backend import trainer_env
+    env = trainer_env(os.environ)
+    if env == dict(os.environ):
+        return
+    env[REEXEC_MARK] = "1"
+    print("harness: restarting under the trainer environment (system OpenBLAS preloaded, "
+          "malloc tuned); AUTORESEARCH_OPENBLAS= disables the preload", flush=True)
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def start(argv=None, environ: Mapping[str, str] | None = None) -> Run:
     """Parse the command line, read settings, locate the dataset, seed, print the settings."""
     global _current_run
     t_start = time.time()
     args = parse_args(argv)
+    if argv is None and environ is None:
+        _restart_under_trainer_env()
     env = os.environ if environ is None else environ
     settings = RunSettings.from_env(env)
     if args.time_budget is not None:
