@@ -253,3 +253,26 @@ def test_summary_block_format():
         "total_seconds:    325.9", "peak_vram_mb:     45060.2", "mfu_percent:      39.80",
         "total_tokens_M:   499.6", "num_steps:        953", "num_params_M:     50.3",
         "depth:            8"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD restart is Linux-only")
+def test_manual_run_restarts_once_with_openblas_preloaded(tmp_path, prepared_sample):
+    from trainer.backend import openblas_path
+    if not openblas_path():
+        pytest.skip("no system OpenBLAS installed")
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os\n"
+        "from trainer import harness\n"
+        "harness.start()\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print('BLAS', 'openblas' in maps, os.environ.get('AUTORESEARCH_TRAINER_ENV'),"
+        " os.environ.get('MALLOC_MMAP_MAX_'))\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "AUTORESEARCH_TRAINER_ENV") and not k.startswith("MALLOC_")}
+    env.update(AUTORESEARCH_DATA=str(prepared_sample), AUTORESEARCH_RESULT=str(tmp_path / "r.json"))
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("harness: restarting") == 1
+    assert "BLAS True 1 0" in out.stdout
