@@ -175,6 +175,36 @@ def test_adamw_step_matches_formula():
             assert mx.allclose(after[n], expected, atol=1e-6).item(), n
 
 
+def test_bf16_weights_keep_float32_masters_so_small_steps_accumulate():
+    """On Metal weights are bf16: steps below bf16's spacing (0.004 near 1.0) must not be lost."""
+    config = tiny_config(n_layer=2)
+    model = tiny_model(config)
+    model.set_dtype(mx.bfloat16)
+    opt = train.AdamW(model, train.param_groups(model))
+    assert set(opt.state["master"]) == {n for n, _ in train.tree_flatten(model.trainable_parameters())}
+
+    @partial(mx.compile, inputs=[model.state, opt.state], outputs=[model.state, opt.state])
+    def step(grads, lr_mult):
+        opt.update(model, grads, lr_mult, mx.array(0.0))
+
+    grads = train.tree_map(lambda p: mx.full(p.shape, 0.5, dtype=p.dtype), model.parameters())
+    lr_mult = 0.1  # each Adam step moves resid_lambdas by RESID_LR * 0.1 = 0.0005
+    for _ in range(20):
+        step(grads, mx.array(lr_mult))
+    master = opt.state["master"]["resid_lambdas"]
+    assert mx.allclose(master, mx.full(master.shape, 1.0 - 20 * train.RESID_LR * lr_mult),
+                       atol=1e-5).item()
+    weight = model.resid_lambdas
+    assert weight.dtype == mx.bfloat16
+    assert mx.array_equal(weight, master.astype(mx.bfloat16)).item()
+    assert (weight < 1.0).all().item()  # without masters each 0.0005 step rounds back to 1.0
+
+
+def test_float32_model_has_no_master_copies():
+    model = tiny_model(tiny_config(n_layer=2))
+    assert train.AdamW(model, train.param_groups(model)).state["master"] == {}
+
+
 def test_compiled_training_reduces_loss_on_repeated_sequences():
     config = tiny_config(n_layer=2, T=16, vocab=32, d=32)
     model = tiny_model(config)

@@ -307,20 +307,28 @@ def param_groups(model: GPT) -> list[ParamGroup]:
 class AdamW:
     """Adam moments in float32 whatever the weights' dtype; decoupled weight decay
     p <- p * (1 - lr * wd); bias-corrected. LR and WD multipliers arrive as mx.arrays so a
-    compiled update never retraces when the schedule moves."""
+    compiled update never retraces when the schedule moves.
+
+    Master weights: when the model runs in bf16 (Metal), the optimizer keeps a float32 copy of
+    every weight and writes bf16 copies into the model. Updating bf16 weights in place would lose
+    every step smaller than bf16's spacing (0.004 near 1.0): the residual scalars would stall and
+    the late, small weight-decay steps of WD * (1 - progress) would vanish."""
 
     def __init__(self, model: GPT, groups: list[ParamGroup]):
         self.groups = groups
         params = dict(tree_flatten(model.trainable_parameters()))
         zeros = lambda n: mx.zeros(params[n].shape, dtype=mx.float32)
+        names = [n for g in groups for n in g.params]
         self.state = {"step": mx.array(0.0),
-                      "m": {n: zeros(n) for g in groups for n in g.params},
-                      "v": {n: zeros(n) for g in groups for n in g.params}}
+                      "m": {n: zeros(n) for n in names},
+                      "v": {n: zeros(n) for n in names},
+                      "master": {n: params[n].astype(mx.float32) for n in names
+                                 if params[n].dtype != mx.float32}}
 
     def update(self, model: GPT, grads, lr_mult: mx.array, wd_mult: mx.array):
         params = dict(tree_flatten(model.trainable_parameters()))
         grads = dict(tree_flatten(grads))
-        m, v = self.state["m"], self.state["v"]
+        m, v, master = self.state["m"], self.state["v"], self.state["master"]
         step = self.state["step"] + 1
         new = []
         for g in self.groups:
@@ -331,10 +339,12 @@ class AdamW:
                 grad = grads[n].astype(mx.float32)
                 m[n] = b1 * m[n] + (1 - b1) * grad
                 v[n] = b2 * v[n] + (1 - b2) * mx.square(grad)
-                p = params[n].astype(mx.float32)
+                p = master[n] if n in master else params[n]
                 if g.weight_decay:
                     p = p * (1 - lr * g.weight_decay * wd_mult)
                 p = p - lr * (m[n] / bias1) / (mx.sqrt(v[n] / bias2) + ADAM_EPS)
+                if n in master:
+                    master[n] = p
                 new.append((n, p.astype(params[n].dtype)))
         self.state["step"] = step
         model.update(tree_unflatten(new))
