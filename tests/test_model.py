@@ -158,6 +158,13 @@ def test_softcap_cross_entropy_matches_autodiff_reference():
     assert mx.allclose(g1, g2, atol=1e-5).item()
 
 
+def test_forward_only_eval_loss_matches_the_training_loss():
+    logits = 40.0 * mx.random.normal((3, 5, 50))
+    targets = mx.random.randint(0, 50, (3, 5))
+    assert mx.allclose(train.softcap_nll(logits, targets),
+                       train.softcap_cross_entropy(logits, targets), atol=1e-4).item()
+
+
 def test_adamw_step_matches_formula():
     config = tiny_config(n_layer=2)
     model = tiny_model(config)
