@@ -40,7 +40,7 @@ from typing import Any
 import click
 
 from coordinator.client import ENDPOINT_ENV, Client, ClientError, default_endpoint
-from shared.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, REQUEST_TIMEOUT
+from shared.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, RECONNECT_MAX, REQUEST_TIMEOUT
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DIR_ENV = "AUTORESEARCH_DIR"
@@ -198,8 +198,12 @@ def init(directory: Path, tag: str | None, preset: str, budget: int | None,
               help="Seconds between heartbeats (workers adopt it).")
 @click.option("--liveness", type=click.IntRange(min=1), default=HEARTBEAT_LIVENESS,
               show_default=True, help="Missed heartbeats before a worker is declared lost.")
+@click.option("--restart-grace", type=click.FloatRange(min=0.0), default=RECONNECT_MAX,
+              show_default=True, metavar="S",
+              help="After a restart, extra seconds (beyond the liveness window) for workers that "
+                   "held leases to reconnect before their candidates are requeued.")
 def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, insecure: bool,
-          heartbeat_interval: float, liveness: int) -> None:
+          heartbeat_interval: float, liveness: int, restart_grace: float) -> None:
     """Run the coordinator for the research repo in DIRECTORY until Ctrl-C.
 
     CURVE is on unless --insecure: the coordinator's key (made by init, or now) is printed
@@ -272,7 +276,7 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
 
     try:
         serve(core, bind, heartbeat_interval=heartbeat_interval, liveness=liveness,
-              banner=banner, keypair=keypair, dataset=dataset)
+              banner=banner, keypair=keypair, dataset=dataset, restart_grace=restart_grace)
     except zmq_error() as exc:
         raise click.ClickException(f"cannot listen on {bind}: {exc}") from None
     finally:

@@ -47,7 +47,7 @@ from coordinator.core import SubmitRejected
 from shared import protocol
 from shared.keys import configure_server, fingerprint, peer_key
 from shared.codec import MAX_FRAME_BYTES, CodecError, decode, encode
-from shared.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, ProtocolError
+from shared.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, RECONNECT_MAX, ProtocolError
 
 # Longest the poll loop sleeps, so a signal-requested shutdown is noticed promptly.
 MAX_POLL_SECONDS = 0.25
@@ -124,6 +124,7 @@ class WorkerConn:
     harness_fingerprint: str | None = None
     dataset_hash: str | None = None
     mismatch: str | None = None   # why it gets no work (harness/dataset differ), else None
+    assign_msg: dict | None = None  # the last assign sent, re-sent if the worker never got it
 
 
 @dataclass
@@ -135,6 +136,9 @@ class Server:
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     liveness: int = HEARTBEAT_LIVENESS
     event: Callable[[str], None] = default_event_sink
+    # Extra seconds, after a restart, for workers that held leases to come back (their
+    # reconnect backoff tops out at RECONNECT_MAX).
+    restart_grace: float = RECONNECT_MAX
     clock: Callable[[], float] = time.monotonic
     # Security and data (see the module docstring). keypair None = plain TCP, everyone trusted.
     keypair: Any = None          # shared.keys.Keypair of the coordinator
@@ -210,8 +214,11 @@ class Server:
     def run(self) -> None:
         now = self.clock()
         for wid in sorted(self.core.leased_workers()):
-            self.awaiting[wid] = now + self.window
-            self.event(f"waiting {self.window:.1f}s for worker {wid} (held a lease before restart)")
+            # One liveness window is not enough: a worker that saw us go silent is in its
+            # reconnect backoff (up to RECONNECT_MAX) with its socket closed, still training.
+            wait = self.window + self.restart_grace
+            self.awaiting[wid] = now + wait
+            self.event(f"waiting {wait:.1f}s for worker {wid} (held a lease before restart)")
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         next_beat = now + self.heartbeat_interval
@@ -347,10 +354,17 @@ class Server:
                     "error", code=ERROR_MISMATCH,
                     message=f"no work for this worker: {conn.mismatch}"))
                 return
-            # A worker sends ready only when it holds nothing; one still holding an attempt
-            # here means this ready crossed our assign (it re-sends while waiting): no second.
+            # A worker sends ready only when it holds nothing. If we think it holds an attempt,
+            # either this ready crossed our assign, or the assign was lost (a connection that
+            # dropped and came back inside the liveness window: ZeroMQ reconnects silently and
+            # drops what was queued for the old one). Re-send the same assign: a worker that
+            # already has it ignores a duplicate, one that lost it starts it. Never a second.
             if conn.attempt_id is None:
                 conn.waiting = not self._assign(conn)
+            elif conn.assign_msg is not None and conn.assign_msg["attempt_id"] == conn.attempt_id:
+                self._send(identity, conn.assign_msg)
+                self.event(f"re-sent assign {conn.attempt_id} to {conn.name}: it says it holds "
+                           "nothing (lost on a reconnect, or crossed its ready)")
         elif t == "heartbeat":
             self.core.worker_seen(wid, msg.get("attempt_id"), msg.get("progress"))
 
@@ -408,7 +422,8 @@ class Server:
         fields = dict(attempt_id=a.attempt_id, candidate_id=a.candidate_id, commit=a.commit,
                       train_py=a.train_py, settings=dict(a.settings), timeout=float(a.timeout))
         purpose = getattr(a, "purpose", "candidate")
-        self._send(conn.identity, protocol.make("assign", purpose=purpose, **fields))
+        conn.assign_msg = protocol.make("assign", purpose=purpose, **fields)
+        self._send(conn.identity, conn.assign_msg)
         what = "head" if purpose == "head" else "candidate"
         self.event(f"assign {a.attempt_id} {what} #{a.candidate_id} ({a.commit[:8]}) "
                    f"-> {conn.name} [{conn.hw_class}]")
@@ -579,7 +594,8 @@ class Server:
         for wid, deadline in list(self.awaiting.items()):
             if now >= deadline:
                 del self.awaiting[wid]
-                requeued = self.core.worker_lost(wid, "did not return after coordinator restart")
+                # Our restart, not the candidate's fault: cancelled, no strike toward LOST_LIMIT.
+                requeued = self.core.worker_bye(wid, "did not return after coordinator restart")
                 self.event(f"worker {wid} lost: did not return after restart{_requeued(requeued)}")
         if len(self.workers) + len(self.awaiting) != before:
             self._offer_work()
@@ -653,11 +669,12 @@ def describe_submission(data: Any, description: str) -> str:
 
 def serve(core: Any, bind: str, heartbeat_interval: float = HEARTBEAT_INTERVAL,
           liveness: int = HEARTBEAT_LIVENESS, banner: Callable[[str], None] | None = None,
-          keypair: Any = None, dataset: Any = None) -> None:
+          keypair: Any = None, dataset: Any = None,
+          restart_grace: float = RECONNECT_MAX) -> None:
     """Run the server until SIGINT/SIGTERM; the caller closes the core afterwards.
     ``keypair`` None = plain TCP (insecure); ``dataset`` = a DatasetServer to serve."""
     server = Server(core, bind=bind, heartbeat_interval=heartbeat_interval, liveness=liveness,
-                    keypair=keypair, dataset=dataset)
+                    keypair=keypair, dataset=dataset, restart_grace=restart_grace)
     server.install_signal_handlers()
     try:
         if banner:

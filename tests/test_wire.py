@@ -66,13 +66,14 @@ class Events(list):
 
 
 class Running:
-    def __init__(self, repo, bind: str = "tcp://127.0.0.1:*"):
+    def __init__(self, repo, bind: str = "tcp://127.0.0.1:*", restart_grace: float = 0.5):
         from coordinator.core import Coordinator
 
         self.core = Coordinator(repo)
         self.events = Events()
         self.server = Server(self.core, bind=bind, heartbeat_interval=INTERVAL,
-                             liveness=LIVENESS, event=self.events.append)
+                             liveness=LIVENESS, event=self.events.append,
+                             restart_grace=restart_grace)
         self.endpoint = self.server.endpoint
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -221,8 +222,10 @@ def test_hello_ready_assign_result_ack(running, fleet_train_py):
     peer.send(protocol.make("heartbeat", worker_id="w1-aaaa", attempt_id=head["attempt_id"],
                             progress={"step": 1, "progress": 0.5, "loss": 3.0}))
     assert peer.recv(skip=())["type"] == "heartbeat"
-    # A second ready while the attempt is out does not hand out a second one.
+    # A second ready while the attempt is out gets the same assign again, never a second one.
     peer.send(protocol.make("ready", worker_id="w1-aaaa"))
+    resent = peer.recv()
+    assert resent["type"] == "assign" and resent["attempt_id"] == head["attempt_id"]
     peer.send(protocol.make("result", worker_id="w1-aaaa", attempt_id=head["attempt_id"],
                             outcome=outcome(1.5)))
     ack = peer.recv()
@@ -299,6 +302,20 @@ def test_hello_with_an_attempt_it_no_longer_holds_is_cancelled(running):
     assert msgs[1]["type"] == "cancel" and msgs[1]["attempt_id"] == "0123456789abcdef"
 
 
+def test_lost_assign_is_resent_when_the_worker_says_ready(running):
+    # ZeroMQ re-makes a dropped TCP connection silently and drops what was queued on the old
+    # one: the worker never sees its assign and keeps saying ready. It must get the same
+    # assign again, not a second lease and not silence.
+    peer = join(running, "w1-lost")
+    first = take_assignment(peer, "w1-lost")       # "lost": the peer acts as if it never came
+    again = take_assignment(peer, "w1-lost")
+    assert again["attempt_id"] == first["attempt_id"] and again["train_py"] == first["train_py"]
+    running.events.wait_for(f"re-sent assign {first['attempt_id']}")
+    peer.send(protocol.make("result", worker_id="w1-lost", attempt_id=first["attempt_id"],
+                            outcome=outcome(1.5)))
+    assert peer.recv()["accepted"] is True
+
+
 def test_restart_gives_leased_workers_one_window(fleet_repo):
     first = Running(fleet_repo)
     try:
@@ -334,6 +351,10 @@ def test_restart_loses_workers_that_do_not_return(fleet_repo, fleet_variant):
     try:
         line = second.events.wait_for("w9-ffff lost: did not return after restart")
         assert f"requeued #{cand}" in line
+        # Our restart is not the candidate's fault: the lease is cancelled, not lost (no strike).
+        states = [r[0] for r in second.core.ledger.all(
+            "SELECT state FROM attempts WHERE candidate_id = ?", cand)]
+        assert states == ["cancelled"]
     finally:
         second.stop()
 

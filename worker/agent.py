@@ -290,6 +290,7 @@ class Agent:
         self.proc: Any = None              # the running AttemptProcess
         self.attempt_id: str | None = None
         self.pending: dict | None = None   # {"attempt_id", "outcome"} awaiting ack
+        self.next_result = float("inf")    # when to send the unacked result again
         self.cancel_at: float | None = None  # when to kill the attempt the coordinator cancelled
         self.cancel_reason = ""
         self.interrupts = 0
@@ -365,6 +366,13 @@ class Agent:
             self.sock.send(encode(protocol.make(type_, **fields)), zmq.NOBLOCK)
         except zmq.Again:
             pass
+
+    def _send_pending(self) -> None:
+        """Send the finished result; again every ready_resend seconds until it is acked. A
+        result (or its ack) lost on a connection ZeroMQ silently re-made would otherwise leave
+        this worker waiting forever; the coordinator acks duplicates without counting them."""
+        self._send("result", worker_id=self.worker_id, **self.pending)
+        self.next_result = self.clock() + self.cfg.ready_resend
 
     def _held_attempt(self) -> str | None:
         if self.proc is not None:
@@ -452,6 +460,8 @@ class Agent:
             self._send("heartbeat", worker_id=self.worker_id, attempt_id=self.attempt_id,
                        progress=progress if isinstance(progress, dict) else None)
             self.next_beat = now + self.interval
+        if self.welcomed and self.pending is not None and now >= self.next_result:
+            self._send_pending()
         if self.interrupts and self.proc is None and self.pending is None:
             self._send("bye", worker_id=self.worker_id, reason="worker stopped by its operator")
             self.event("leaving: bye sent")
@@ -568,7 +578,7 @@ class Agent:
             self.event(f"connected to {self.cfg.endpoint} (heartbeat {self.interval:g}s, "
                        f"liveness {self.liveness})")
             if self.pending is not None:
-                self._send("result", worker_id=self.worker_id, **self.pending)
+                self._send_pending()
             self._on_welcome_info(msg)
         elif t == "assign":
             self._on_assign(msg)
@@ -680,7 +690,7 @@ class Agent:
             note = f"worker could not start the trainer: {type(exc).__name__}: {exc}"
             self.event(f"could not start {attempt_id}: {note}")
             self.pending = {"attempt_id": attempt_id, "outcome": Outcome.refused(note).to_wire()}
-            self._send("result", worker_id=self.worker_id, **self.pending)
+            self._send_pending()
             return
         self.attempt_id = attempt_id
 
@@ -691,7 +701,7 @@ class Agent:
         self.event(f"not running {attempt_id}: {note}")
         self.pending = {"attempt_id": attempt_id,
                         "outcome": Outcome("cancelled", None, {}, "", None, 0.0, note).to_wire()}
-        self._send("result", worker_id=self.worker_id, **self.pending)
+        self._send_pending()
 
     def _on_cancel(self, attempt_id: str, reason: str) -> None:
         if self.proc is None or self.attempt_id != attempt_id:
@@ -720,7 +730,7 @@ class Agent:
         bpb_s = f" val_bpb {bpb:.4f}" if isinstance(bpb, (int, float)) else ""
         self.event(f"finished {self.pending['attempt_id']}: {wire.get('status')}{bpb_s} "
                    f"in {float(wire.get('wall_seconds') or 0):.1f}s")
-        self._send("result", worker_id=self.worker_id, **self.pending)
+        self._send_pending()
 
     def _handle_interrupts(self) -> None:
         if self.interrupts == 1 and not getattr(self, "_said_finishing", False):
