@@ -10,6 +10,13 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _own_keys(tmp_path, monkeypatch):
+    """No test reads or writes the real ~/.config key directory or a pinned server key."""
+    monkeypatch.setenv("AUTORESEARCH_KEYS", str(tmp_path / "keys"))
+    monkeypatch.delenv("AUTORESEARCH_SERVER_KEY", raising=False)
+
+
 @pytest.fixture(scope="session")
 def prepare_cache_dir(tmp_path_factory) -> Path:
     """A cache root (AUTORESEARCH_CACHE layout) private to this test session."""

@@ -106,13 +106,6 @@ class Proc:
                 self.p.wait()
 
 
-@pytest.fixture(autouse=True)
-def _own_keys(tmp_path, monkeypatch):
-    """Never read or write the real ~/.config key directory."""
-    monkeypatch.setenv("AUTORESEARCH_KEYS", str(tmp_path / "keys"))
-    monkeypatch.delenv("AUTORESEARCH_SERVER_KEY", raising=False)
-
-
 @pytest.fixture
 def fleet(fleet_repo, tmp_path, prepared_sample, monkeypatch):
     """Start/stop helpers for one test's coordinator and workers; everything dies at teardown."""

@@ -12,6 +12,7 @@ import zmq.auth
 
 from shared import keys
 from shared.keys import KeyFileError, Keypair
+from handshake import wait_for_handshake  # noqa: E402  (tests/handshake.py)
 
 
 def test_create_then_load_same_keypair(tmp_path):
@@ -157,12 +158,7 @@ def test_curve_roundtrip_and_wrong_pin_is_named(tmp_path):
         wrong = Keypair(*zmq.curve_keypair())
         srv, cli, mon = _pair(ctx, server_kp, client_kp, wrong.public)
         cli.send(b"hi")
-        state = "connecting"
-        for _ in range(50):
-            state = mon.poll(100)
-            if state == "server_key":
-                break
-        assert state == "server_key"
+        assert wait_for_handshake(mon, "server_key") == "server_key"
         assert not srv.poll(200)   # nothing got through
         mon.close()
         for s in (srv, cli):

@@ -12,6 +12,7 @@ from coordinator.trust import (
 )
 from shared import keys
 from shared.keys import Keypair
+from handshake import wait_for_handshake  # noqa: E402  (tests/handshake.py)
 
 
 class Clock:
@@ -269,12 +270,7 @@ def test_wrong_server_key_never_connects(curve_server):
     me = Keypair(*zmq.curve_keypair())
     cli, mon = connect(me, zmq.curve_keypair()[0])   # pinned to a key the server lacks
     cli.send(b"hello")
-    state = "connecting"
-    for _ in range(50):
-        state = mon.poll(100)
-        if state == "server_key":
-            break
-    assert state == "server_key"
+    assert wait_for_handshake(mon, "server_key") == "server_key"
     assert not srv.poll(300)
 
 
@@ -295,12 +291,7 @@ def test_deny_predicate_refuses_at_handshake(tmp_path):
         mon = keys.HandshakeMonitor(cli)
         cli.connect(f"tcp://127.0.0.1:{port}")
         cli.send(b"hello")
-        state = "connecting"
-        for _ in range(50):
-            state = mon.poll(100)
-            if state == "refused":
-                break
-        assert state == "refused"
+        assert wait_for_handshake(mon, "refused") == "refused"
         assert not srv.poll(300)
         mon.close()
         cli.close()

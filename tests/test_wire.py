@@ -92,12 +92,6 @@ class Running:
         self.core.close()
 
 
-@pytest.fixture(autouse=True)
-def _own_keys(tmp_path, monkeypatch):
-    monkeypatch.setenv("AUTORESEARCH_KEYS", str(tmp_path / "keys"))
-    monkeypatch.delenv("AUTORESEARCH_SERVER_KEY", raising=False)
-
-
 @pytest.fixture
 def running(fleet_repo):
     r = Running(fleet_repo)
