@@ -12,7 +12,7 @@ import zmq.auth
 
 from shared import keys
 from shared.keys import KeyFileError, Keypair
-from handshake import wait_for_handshake  # noqa: E402  (tests/handshake.py)
+from handshake import curve_pair, wait_for_handshake  # noqa: E402  (tests/handshake.py)
 
 
 def test_create_then_load_same_keypair(tmp_path):
@@ -127,25 +127,12 @@ def test_fingerprint_is_short_stable_and_distinct():
     assert len(fa) == 19 and fa.count("-") == 3
 
 
-def _pair(ctx, server_kp, client_kp, pin):
-    srv = ctx.socket(zmq.ROUTER)
-    srv.linger = 0
-    keys.configure_server(srv, server_kp)
-    port = srv.bind_to_random_port("tcp://127.0.0.1")
-    cli = ctx.socket(zmq.DEALER)
-    cli.linger = 0
-    keys.configure_client(cli, client_kp, pin)
-    mon = keys.HandshakeMonitor(cli)
-    cli.connect(f"tcp://127.0.0.1:{port}")
-    return srv, cli, mon
-
-
 def test_curve_roundtrip_and_wrong_pin_is_named(tmp_path):
     ctx = zmq.Context()
     try:
         server_kp = keys.load_or_create_keypair(tmp_path / "s", "coordinator")
         client_kp = keys.load_or_create_keypair(tmp_path / "c", "client")
-        srv, cli, mon = _pair(ctx, server_kp, client_kp, server_kp.public)
+        srv, cli, mon = curve_pair(ctx, server_kp, client_kp, server_kp.public)
         cli.send(b"hi")
         assert srv.poll(5000)
         frames = srv.recv_multipart(copy=False)
@@ -156,7 +143,7 @@ def test_curve_roundtrip_and_wrong_pin_is_named(tmp_path):
             s.close()
 
         wrong = Keypair(*zmq.curve_keypair())
-        srv, cli, mon = _pair(ctx, server_kp, client_kp, wrong.public)
+        srv, cli, mon = curve_pair(ctx, server_kp, client_kp, wrong.public)
         cli.send(b"hi")
         assert wait_for_handshake(mon, "server_key") == "server_key"
         assert not srv.poll(200)   # nothing got through

@@ -12,7 +12,7 @@ from coordinator.trust import (
 )
 from shared import keys
 from shared.keys import Keypair
-from handshake import wait_for_handshake  # noqa: E402  (tests/handshake.py)
+from handshake import curve_pair, wait_for_handshake  # noqa: E402  (tests/handshake.py)
 
 
 class Clock:
@@ -281,15 +281,7 @@ def test_deny_predicate_refuses_at_handshake(tmp_path):
     auth.start()
     try:
         server_kp = Keypair(*zmq.curve_keypair())
-        srv = ctx.socket(zmq.ROUTER)
-        srv.linger = 0
-        keys.configure_server(srv, server_kp)
-        port = srv.bind_to_random_port("tcp://127.0.0.1")
-        cli = ctx.socket(zmq.DEALER)
-        cli.linger = 0
-        keys.configure_client(cli, banned, server_kp.public)
-        mon = keys.HandshakeMonitor(cli)
-        cli.connect(f"tcp://127.0.0.1:{port}")
+        srv, cli, mon = curve_pair(ctx, server_kp, banned, server_kp.public)
         cli.send(b"hello")
         assert wait_for_handshake(mon, "refused") == "refused"
         assert not srv.poll(300)
