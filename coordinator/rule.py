@@ -34,7 +34,7 @@ false-keep rate that results (README, *Deciding*).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from coordinator.noise import Noise
