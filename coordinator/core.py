@@ -56,14 +56,13 @@ from coordinator.repo import (
     candidate_ref, clear_stale_ref_locks, commit_object, commit_tree_of, is_ancestor, list_refs,
     load_run, make_tree, rev_parse, state_dir, sync_worktree, update_ref, write_results_tsv,
 )
+from shared.outcome import CANCELLED, OK, Outcome, last_line, plain
 
 __all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "HelloReply", "Assignment",
            "Decision", "ResultAck", "clean_description"]
 
 MAX_DESCRIPTION = 200                 # characters kept of a submission's description
 MAX_TRAIN_PY_BYTES = 1_000_000        # a train.py is a few hundred lines; refuse a megabyte
-MAX_LOG_TAIL = 16_384                 # characters of log tail stored per attempt
-MAX_JSON_DEPTH = 32                   # nesting kept of a worker's profile / result map
 MAX_BASE = 256                        # characters of a submission's base (a ref or sha)
 # Kept by clean_description although they are format characters: they join emoji and
 # shape scripts (Persian, Indic). Every other Cf -- bidi overrides/isolates (U+202A-E,
@@ -137,41 +136,9 @@ def clean_description(text: Any) -> str:
     return clean or "(no description)"
 
 
-def _plain(obj: Any, depth: int = 0) -> Any:
-    """What a worker sent (msgpack: bytes, bytes keys, any nesting, any int), made safe for
-    ``json.dumps``: str keys, bytes as text, nesting capped at MAX_JSON_DEPTH (deeper -> None)."""
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return bytes(obj).decode("utf-8", "replace")
-    if isinstance(obj, (dict, list, tuple)) and depth >= MAX_JSON_DEPTH:
-        return None
-    if isinstance(obj, dict):
-        return {(k.decode("utf-8", "replace") if isinstance(k, (bytes, bytearray))
-                 else str(k)): _plain(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v, depth + 1) for v in obj]
-    if obj is None or isinstance(obj, (str, int, float)):
-        return obj
-    return str(obj)
-
-
 def _json(obj: Any) -> str:
-    return json.dumps(_plain(obj), sort_keys=True)
-
-
-def _db_int(value: Any) -> int | None:
-    """An int SQLite can store (64-bit signed), else None."""
-    if isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63:
-        return value
-    return None
-
-
-def _db_float(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        return float(value)
-    except OverflowError:
-        return None
+    """What a worker sent (msgpack: bytes, bytes keys, any nesting, any int) as JSON text."""
+    return json.dumps(plain(obj), sort_keys=True)
 
 
 def _fmt_time(t: float | None) -> str | None:
@@ -321,12 +288,12 @@ class Coordinator:
         rows = self.ledger.all(
             "SELECT attempt_id, purpose, state, status, val_bpb FROM attempts "
             "WHERE candidate_id = ? AND hw_class = ?", head_cid, hw_class)
-        ok = [r for r in rows if r["state"] == st.DONE and r["status"] == "ok"]
+        ok = [r for r in rows if r["state"] == st.DONE and r["status"] == OK]
         return {
             "values": [r["val_bpb"] for r in ok],
             "attempt_ids": [r["attempt_id"] for r in ok],
             "live": sum(1 for r in rows if r["state"] == st.LEASED and r["purpose"] == "head"),
-            "failed": sum(1 for r in rows if r["state"] == st.DONE and r["status"] != "ok"
+            "failed": sum(1 for r in rows if r["state"] == st.DONE and r["status"] != OK
                           and r["purpose"] == "head"),
         }
 
@@ -494,8 +461,10 @@ class Coordinator:
 
     # ---- results and decisions ----------------------------------------------------------
 
-    def record_result(self, worker_id: str, attempt_id: str, outcome: dict) -> ResultAck:
-        """Count a worker's result if it is for that worker's live lease (see module doc)."""
+    def record_result(self, worker_id: str, attempt_id: str,
+                      outcome: Outcome | dict) -> ResultAck:
+        """Count a worker's result if it is for that worker's live lease (see module doc).
+        ``outcome`` is an Outcome, or a wire map (untrusted: read with Outcome.from_wire)."""
         with self._mutex:
             att = self.ledger.attempt(attempt_id)
             if att is None:
@@ -507,13 +476,11 @@ class Coordinator:
                 return ResultAck(True, "duplicate result: already counted")
             if att["state"] == st.STALE:
                 return ResultAck(False, "duplicate of a stale result: not counted")
-            outcome = outcome if isinstance(outcome, dict) else {}
-            status, bpb, problem = decide.normalise_outcome(outcome)
-            if status == "ok" and bpb <= 0:  # bits per byte of real text are always > 0
-                status, bpb, problem = "crash", None, f"status ok but val_bpb is {bpb}"
+            oc = outcome if isinstance(outcome, Outcome) else Outcome.from_wire(outcome)
+            status = oc.status
             if att["state"] in (st.LOST, st.CANCELLED):
                 with self.ledger.tx():
-                    self._store_outcome(att, status, bpb, outcome, problem)
+                    self._store_outcome(att, oc)
                     st.check_attempt(att["state"], st.STALE)
                     self.ledger.db.execute(
                         "UPDATE attempts SET state = 'stale', prior_state = ?, finished_at = ? "
@@ -525,25 +492,19 @@ class Coordinator:
             old_head = self.ledger.head()["commit_sha"]
             note = ""
             with self.ledger.tx():
-                self._store_outcome(att, status, bpb, outcome, problem)
-                if status == "cancelled":
-                    cid, dec = self._lose(att, st.CANCELLED, "cancelled by the worker")
+                self._store_outcome(att, oc)
+                if status == CANCELLED:
+                    cid, dec = self._lose(att, st.CANCELLED, oc.note or "cancelled by the worker")
                     note = f"cancelled: candidate #{cid} requeued" if cid is not None else \
                         "cancelled"
                     decisions += [dec] if dec else []
                 else:
                     self._set_attempt(attempt_id, st.DONE)
                     if att["purpose"] == st.PURPOSE_CANDIDATE:
-                        if status == "ok":
+                        if status == OK:
                             self._set_candidate(att["candidate_id"], st.MEASURED)
                         else:
-                            result = outcome.get("result")
-                            error = result.get("error") if isinstance(result, dict) else None
-                            tail = outcome.get("log_tail")
-                            reason = decide.failure_reason(
-                                status, att["hw_class"], tail if isinstance(tail, str) else None,
-                                problem or (error if isinstance(error, str) else None),
-                                _db_int(outcome.get("exit_code")))
+                            reason = decide.failure_reason(oc, att["hw_class"])
                             decisions.append(self._fail_candidate(
                                 att["candidate_id"], att["hw_class"], reason, [attempt_id]))
                     decisions += self._decide_waiting(att["hw_class"])
@@ -553,7 +514,7 @@ class Coordinator:
             self._after_change(wrote_decision=True, head_moved=new_head != old_head)
             if not note:
                 note = "; ".join(f"#{d.candidate_id} {d.verdict}" for d in decisions)
-                if not note and status == "ok":
+                if not note and status == OK:
                     note = ("measured: waiting for the head's number on this class"
                             if att["purpose"] == st.PURPOSE_CANDIDATE else
                             f"head #{att['candidate_id']} measured on {att['hw_class']}")
@@ -561,19 +522,13 @@ class Coordinator:
                     note = f"head #{att['candidate_id']} measurement failed: {status}"
             return ResultAck(True, note, decisions)
 
-    def _store_outcome(self, att, status: str, bpb: float | None, outcome: dict,
-                       problem: str | None) -> None:
-        result = outcome.get("result")
-        tail = outcome.get("log_tail")
-        tail = tail[-MAX_LOG_TAIL:] if isinstance(tail, str) else None
-        code = outcome.get("exit_code")
-        wall = outcome.get("wall_seconds")
+    def _store_outcome(self, att, oc: Outcome) -> None:
+        """The outcome as the worker classified it, note included (it says why the status)."""
         self.ledger.db.execute(
             "UPDATE attempts SET status = ?, val_bpb = ?, summary = ?, log_tail = ?, "
             "exit_code = ?, wall_seconds = ?, note = COALESCE(?, note) WHERE attempt_id = ?",
-            (status, bpb, _json(result if isinstance(result, dict) else {}),
-             tail, _db_int(code),
-             _db_float(wall), problem, att["attempt_id"]))
+            (oc.status, oc.val_bpb, _json(oc.result), oc.log_tail or None, oc.exit_code,
+             oc.wall_seconds, oc.note or None, att["attempt_id"]))
 
     def _decide_waiting(self, hw: str) -> list[Decision]:
         """Decide measured candidates on class ``hw``, oldest first, while the head has a
@@ -797,7 +752,7 @@ class Coordinator:
                     "exit_code": r["exit_code"], "wall_seconds": r["wall_seconds"],
                     "peak_vram_mb": summary.get("peak_vram_mb"),
                     "num_steps": summary.get("num_steps"), "note": r["note"],
-                    "log_tail": decide.last_line(r["log_tail"]) if r["status"] != "ok" else None,
+                    "log_tail": last_line(r["log_tail"]) if r["status"] != OK else None,
                     "description": f"{r['purpose']} run of #{r['candidate_id']} "
                                    f"({r['description']}) on {r['worker_name'] or r['worker_id']}",
                 })

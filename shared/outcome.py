@@ -117,7 +117,7 @@ class Outcome:
     result: dict = field(default_factory=dict)  # the harness's result JSON ({} if none)
     log_tail: str = ""             # last lines of the trainer's combined stdout+stderr
     exit_code: int | None = None   # Popen convention: -N = killed by signal N; None = not started
-    wall_seconds: float = 0.0
+    wall_seconds: float | None = 0.0   # None: the sender did not say
     note: str = ""                 # one line: why this status (e.g. "log limit exceeded")
 
     def to_wire(self) -> dict:
@@ -128,7 +128,8 @@ class Outcome:
             "result": plain(self.result) if isinstance(self.result, dict) else {},
             "log_tail": self.log_tail,
             "exit_code": self.exit_code,
-            "wall_seconds": round(float(self.wall_seconds), 3),
+            "wall_seconds": (None if self.wall_seconds is None
+                             else round(float(self.wall_seconds), 3)),
             "note": self.note,
         }
 
@@ -169,7 +170,7 @@ class Outcome:
                    result=plain(result) if isinstance(result, dict) else {},
                    log_tail=plain(tail)[-MAX_LOG_TAIL:] if isinstance(tail, str) else "",
                    exit_code=_db_int(m.get("exit_code")),
-                   wall_seconds=wall if wall is not None else 0.0, note=note[:MAX_NOTE])
+                   wall_seconds=wall, note=note[:MAX_NOTE])
 
     @classmethod
     def refused(cls, note: str) -> "Outcome":
