@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from coordinator.states import DISCARDED, FAILED, KEPT
 from shared.outcome import FAILURE_STATUSES, Outcome, last_line
 
-# Failed head measurements on one class after which we stop re-measuring the head there.
-HEAD_FAILURES_LIMIT = 2
 # Lost leases after which a candidate is failed (it may be what takes the machines down).
 LOST_LIMIT = 3
 
@@ -64,5 +62,5 @@ def lost_reason(times: int) -> str:
 
 
 __all__ = ["Verdict", "head_value", "judge", "failure_reason", "lost_reason",
-           "HEAD_FAILURES_LIMIT", "LOST_LIMIT", "FAILURE_STATUSES",
+           "LOST_LIMIT", "FAILURE_STATUSES",
            "KEPT", "DISCARDED", "FAILED"]

@@ -37,8 +37,9 @@ from typing import Callable, Mapping
 import numpy as np
 
 # The boundary's vocabulary (env names, exit codes, result schema and figures, OOM words) is
-# shared.trainer_contract's, so the worker reads exactly what this module writes.
-from shared.trainer_contract import (
+# shared.trainer_contract's, so the worker reads exactly what this module writes. The exit
+# codes are re-exported: a train.py or a test reads them as harness.EXIT_*.
+from shared.trainer_contract import (  # noqa: F401 (EXIT_NAN, EXIT_OOM: re-exported)
     ENV_RESULT, EXIT_CRASH, EXIT_FOR_STATUS, EXIT_NAN, EXIT_OK, EXIT_OOM, RESULT_FIGURES,
     RESULT_SCHEMA, mentions_oom,
 )

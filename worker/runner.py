@@ -100,7 +100,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.outcome import MAX_DEPTH, Outcome, depth, last_line, plain
