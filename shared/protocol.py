@@ -62,6 +62,7 @@ MESSAGES: dict[str, dict[str, tuple]] = {
               "attempt_id": OPT_STR},
     "ready": {"worker_id": (str,)},
     "heartbeat": {},  # workers add worker_id, attempt_id, progress (see WORKER_HEARTBEAT)
+    # outcome: shared.outcome.Outcome.to_wire() (read back with Outcome.from_wire, untrusted)
     "result": {"worker_id": (str,), "attempt_id": (str,), "outcome": (dict,)},
     "bye": {"worker_id": (str,), "reason": (str,)},
     # coordinator -> worker
@@ -104,9 +105,6 @@ ERROR_UNTRUSTED = "untrusted"
 ERROR_REVOKED = "revoked"
 ERROR_FORBIDDEN = "forbidden"
 ERROR_MISMATCH = "mismatch"
-
-# Result outcome statuses (the harness's, plus the worker's own classifications).
-OUTCOME_STATUSES = ("ok", "crash", "nan", "oom", "timeout", "cancelled")
 
 
 class ProtocolError(ValueError):

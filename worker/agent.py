@@ -61,8 +61,10 @@ import zmq
 
 from shared import protocol
 from shared.codec import MAX_FRAME_BYTES, CodecError, decode, encode
+from shared.outcome import Outcome
 from shared.protocol import (HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, RECONNECT_INITIAL,
                              RECONNECT_MAX, ProtocolError)
+from worker.runner import AttemptProcess, AttemptSpec, LowDiskSpace, default_run_root
 
 READY_RESEND = 3.0        # seconds between ``ready`` re-sends while idle and unassigned
 MAX_POLL_SECONDS = 0.25   # poll slice: how quickly signals and the subprocess are noticed
@@ -266,11 +268,9 @@ class Agent:
         self.event = event
         self.clock = clock
         if start_attempt is None:
-            from worker.runner import AttemptProcess
             start_attempt = AttemptProcess.start
         self.start_attempt = start_attempt
         if run_root is None:
-            from worker.runner import default_run_root
             run_root = Path(default_run_root(config.cache_dir, config.name))
         self.run_root = run_root
         self.env = env if env is not None else trainer_environment(config.cache_dir, config.threads)
@@ -665,13 +665,11 @@ class Agent:
             # The coordinator only assigns on ``ready``; this is a duplicate or a race.
             self.event(f"ignoring assign {attempt_id}: busy with {self._held_attempt()}")
             return
-        from worker.runner import AttemptSpec
         spec = AttemptSpec(attempt_id=attempt_id, train_py=msg["train_py"],
                            settings=dict(msg["settings"]), timeout=float(msg["timeout"]))
         purpose = msg.get("purpose", "candidate")
         self.event(f"assigned {attempt_id}: {purpose} #{msg['candidate_id']} "
                    f"({msg['commit'][:8]}), timeout {float(msg['timeout']):.0f}s")
-        from worker.runner import LowDiskSpace, Outcome
         problem = self._preflight()
         if problem is not None:
             self._refuse_attempt(attempt_id, f"worker will not run it: {problem}")
@@ -697,10 +695,9 @@ class Agent:
     def _refuse_attempt(self, attempt_id: str, note: str) -> None:
         """Report an assignment as ``cancelled``: the worker's problem, not the candidate's
         (the coordinator requeues it without a strike)."""
-        from worker.runner import Outcome
         self.event(f"not running {attempt_id}: {note}")
         self.pending = {"attempt_id": attempt_id,
-                        "outcome": Outcome("cancelled", None, {}, "", None, 0.0, note).to_wire()}
+                        "outcome": Outcome.cancelled(note).to_wire()}
         self._send_pending()
 
     def _on_cancel(self, attempt_id: str, reason: str) -> None:
