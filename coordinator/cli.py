@@ -634,10 +634,24 @@ def format_status(data: Any) -> str:
     if branch or head:
         out.append(f"branch {branch or '-'} at {str(head or '-')[:10]}")
     heads = _rows(_pick(data, "heads", "head_bpb"))
-    out.append("\nhead val_bpb per hardware class:")
-    out.append(_table([[_pick(h, "hw_class", "key"), _num(_pick(h, "val_bpb", "value")),
-                        str(_pick(h, "commit") or "")[:10]] for h in heads],
-                      ["class", "val_bpb", "commit"]) if heads else "  (none measured yet)")
+    out.append("\nhead val_bpb per hardware class (mean ± sem (runs); σ: one run's noise):")
+    out.append(_table([[_pick(h, "hw_class", "key"),
+                        _pick(h, "text") or _num(_pick(h, "val_bpb", "value")),
+                        _pick(h, "state"), _sigma(h), str(_pick(h, "commit") or "")[:10]]
+                       for h in heads],
+                      ["class", "val_bpb", "state", "σ", "commit"])
+               if heads else "  (none measured yet)")
+    for h in heads:
+        if h.get("drift"):
+            out.append(f"  DRIFT on {_pick(h, 'hw_class', 'key')}: {h['drift']}")
+    progress = _rows(data.get("in_progress"))
+    if progress:
+        out.append("\nin progress (runs so far / runs the rule asked for):")
+        out.append(_table([[f"#{_pick(c, 'candidate_id')}", _pick(c, "state"),
+                            _pick(c, "hw_class"), _num(_pick(c, "val_bpb")),
+                            f"{c.get('runs')}/{c.get('runs_wanted') or '-'}",
+                            _pick(c, "description")] for c in progress],
+                          ["cand", "state", "class", "mean", "runs", "description"]))
     workers = _rows(data.get("workers"))
     out.append("\nworkers:")
     out.append(_table([[_pick(w, "name", "key"), _pick(w, "state", "status"),
@@ -674,6 +688,18 @@ def format_status(data: Any) -> str:
     return "\n".join(out)
 
 
+def _sigma(h: dict) -> str:
+    """``0.0210 pooled (12 df)`` or ``0.0300 prior (pooled 0.0180, 2 df)``."""
+    sigma = h.get("sigma")
+    if not isinstance(sigma, (int, float)):
+        return "-"
+    if h.get("sigma_source") == "pooled":
+        return f"{sigma:.4f} pooled ({h.get('pooled_df')} df)"
+    pooled = h.get("pooled_sigma")
+    return (f"{sigma:.4f} prior" + (f" (pooled {pooled:.4f}, {h.get('pooled_df')} df)"
+                                    if isinstance(pooled, (int, float)) else ""))
+
+
 def _progress(p: Any) -> str:
     if not isinstance(p, dict):
         return "-"
@@ -699,7 +725,7 @@ def format_log(data: Any) -> str:
                     f"#{_pick(r, 'candidate_id')}",
                     _pick(r, "verdict") or " ".join(
                         str(x) for x in (r.get("state"), r.get("status")) if x),
-                    _num(_pick(r, "val_bpb")), _pick(r, "hw_class"),
+                    _pick(r, "runs") or _num(_pick(r, "val_bpb")), _pick(r, "hw_class"),
                     _what_happened(r)] for r in rows],
                   ["time", "cand", "what", "val_bpb", "class", "description"])
 

@@ -64,6 +64,11 @@ DECISION_DEFAULTS: dict[str, Any] = {
     "noise_prior": DEFAULT_PRIOR_SIGMA,         # σ used until a class's pool has enough df
 }
 SETTING_FIELDS = RUN_FIELDS + ("timeout", "margin") + tuple(DECISION_DEFAULTS)
+# The rule before repeats existed: the head measured once per class, never re-measured, a
+# candidate kept on one run below it. What a schema-1 run decides with; tests of the ledger's
+# mechanics (leases, keeps, crashes) use it so one result is one decision.
+SINGLE_RUN: dict[str, Any] = {"policy": "greedy", "head_runs": 1, "remeasure_every": 0,
+                              "remeasure_seconds": 0.0}
 
 # An identity that works on machines with no git config at all.
 GIT_IDENTITY = {
@@ -230,10 +235,10 @@ def preset_settings(preset: str) -> dict[str, Any]:
 
 def decision_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """A run's decision settings, defaults filled in; a run stored before they existed (no
-    ``policy`` key) was decided greedily and stays greedy."""
+    ``policy`` key) was decided on single runs and stays so (SINGLE_RUN)."""
     out = dict(DECISION_DEFAULTS, margin=settings.get("margin", 0.0))
     if "policy" not in settings:
-        out["policy"] = "greedy"
+        out.update(SINGLE_RUN)
     out.update({k: settings[k] for k in DECISION_DEFAULTS if k in settings})
     return out
 

@@ -1,4 +1,4 @@
-"""The two state machines of the coordinator: candidates and attempts.
+r"""The two state machines of the coordinator: candidates and attempts.
 
 A *candidate* is one submitted train.py. It waits in the queue, is screened by one run on one
 worker, may be repeated (more runs on the same hardware class, paired by seed with the head's,
