@@ -7,7 +7,7 @@ decisions, what is queued / running / measured and waiting, the last failures wi
 tails, the noise per class, the run settings and the candidate counts. The server adds
 ``workers`` (connected workers that can take work): only it knows who is connected.
 
-Noise per class is the pooled standard deviation of repeated ok runs of the same candidate on
+Noise per class is ``coordinator.noise.pooled`` over the repeated ok runs of each candidate on
 that class (head re-measurements and candidate repeats alike); a class without repeats is left
 out and the brief says so.
 """
@@ -17,7 +17,9 @@ import math
 from collections import defaultdict
 from typing import Any
 
+from coordinator.noise import pooled
 from coordinator.repo import GitError, read_blob
+from coordinator.stats import mean, sum_sq_dev
 
 DEFAULT_DECISIONS = 20
 DEFAULT_FAILURES = 5
@@ -25,28 +27,13 @@ TAIL_CHARS = 4000          # characters of a failure's log sent to proposers
 
 
 def mean_sem(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and standard error of the mean (None with fewer than 2 values)."""
+    """Mean and standard error of the mean (sem None with fewer than 2 values)."""
     vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if not vals:
         return None, None
-    m = sum(vals) / len(vals)
     if len(vals) < 2:
-        return m, None
-    var = sum((v - m) ** 2 for v in vals) / (len(vals) - 1)
-    return m, math.sqrt(var / len(vals))
-
-
-def pooled_noise(groups: dict[Any, list[float]]) -> tuple[float | None, int]:
-    """Pooled sample standard deviation over groups of repeated runs; (sigma, runs used)."""
-    ss, dof, runs = 0.0, 0, 0
-    for vals in groups.values():
-        if len(vals) < 2:
-            continue
-        m = sum(vals) / len(vals)
-        ss += sum((v - m) ** 2 for v in vals)
-        dof += len(vals) - 1
-        runs += len(vals)
-    return (math.sqrt(ss / dof), runs) if dof else (None, 0)
+        return mean(vals), None
+    return mean(vals), math.sqrt(sum_sq_dev(vals) / (len(vals) - 1) / len(vals))
 
 
 def proposer_snapshot(core: Any, decisions: int = DEFAULT_DECISIONS,
@@ -80,9 +67,11 @@ def proposer_snapshot(core: Any, decisions: int = DEFAULT_DECISIONS,
 
     noise = []
     for hw in sorted({k[1] for k in by_cand_class}):
-        sigma, runs = pooled_noise({k: v for k, v in by_cand_class.items() if k[1] == hw})
+        groups = [v for k, v in by_cand_class.items() if k[1] == hw]
+        sigma, df, _used = pooled(groups)
         if sigma is not None:
-            noise.append({"hw_class": hw, "sigma": sigma, "runs": runs})
+            runs = sum(len(v) for v in groups if len(v) >= 2)
+            noise.append({"hw_class": hw, "sigma": sigma, "runs": runs, "df": df})
 
     decided = []
     for d in log["decisions"][:decisions]:
@@ -128,4 +117,4 @@ def proposer_snapshot(core: Any, decisions: int = DEFAULT_DECISIONS,
     }
 
 
-__all__ = ["proposer_snapshot", "mean_sem", "pooled_noise"]
+__all__ = ["proposer_snapshot", "mean_sem"]

@@ -22,7 +22,7 @@ from coordinator.core import Coordinator, SubmitRejected
 from coordinator.proposers import (
     AgentRunner, Refused, SourceUnavailable, SweepRunner, judge_proposal, parse_command,
 )
-from coordinator.snapshot import mean_sem, pooled_noise, proposer_snapshot
+from coordinator.snapshot import mean_sem, proposer_snapshot
 from coordinator import sweep as S
 
 HW = "cpu/test/1GB"
@@ -371,10 +371,7 @@ def test_snapshot_from_a_real_core(core, fleet_repo, fleet_variant):
     assert snap["counts"]["queued"] == 1
 
 
-def test_mean_sem_and_pooled_noise():
+def test_mean_sem():
     m, s = mean_sem([1.0, 1.2, 1.1])
     assert abs(m - 1.1) < 1e-12 and abs(s - 0.0577350) < 1e-6
     assert mean_sem([1.0]) == (1.0, None) and mean_sem([]) == (None, None)
-    sigma, runs = pooled_noise({"a": [1.0, 1.2], "b": [2.0, 2.2, 2.1], "c": [5.0]})
-    # ss = 0.02 + 0.02 over dof 1 + 2
-    assert abs(sigma - (0.04 / 3) ** 0.5) < 1e-9 and runs == 5
