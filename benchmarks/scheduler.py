@@ -60,17 +60,18 @@ Measured on the 2-core Linux box (2026-11-25, quiet machine, load average 0.4):
                    the coordinator is saturated (~75 results/s; 200 workers x 1 run/s asked for 200)
 
 N=200 x 1 s runs is a stress test: at the real 300 s budget the same capacity serves thousands
-of workers. What grows: ``Coordinator.record_result`` rewrites results.tsv after every result
-via ``export_tsv()``, which re-reads every decision (a query and a JSON parse of the attempt
-summary per row): ~16 us x decisions per result (9.6 ms of an 11.2 ms result at 600 decisions),
-so a run's total is quadratic in its decisions. A submission runs ~7 git commands in the loop
-(~20-40 ms wall), during which no worker is served.
+of workers. What grew, in the run measured above: ``Coordinator.record_result`` rewrites
+results.tsv after every result, and ``export_tsv()`` then re-read every decision (a query and a
+JSON parse of the attempt summary per row): ~16 us x decisions per result (9.6 ms of an 11.2 ms
+result at 600 decisions), quadratic over a run. Since then each decision's line is rendered once
+and kept (``coordinator.reports.export_tsv``'s cache), so a result costs one query over the
+decision rows plus the new line (not re-measured here). A submission runs ~7 git commands in the
+loop (~20-40 ms wall), during which no worker is served.
 """
 from __future__ import annotations
 
 import argparse
 import heapq
-import inspect
 import json
 import os
 import platform
@@ -97,10 +98,9 @@ from shared import protocol  # noqa: E402
 from shared.codec import decode, encode  # noqa: E402
 from shared.protocol import HEARTBEAT_INTERVAL  # noqa: E402
 
-try:
-    from worker.agent import READY_RESEND
-except Exception:  # the constant moved or the agent is being edited: same default
-    READY_RESEND = 3.0
+from coordinator.core import Coordinator  # noqa: E402
+from coordinator.server import Server  # noqa: E402
+from worker.agent import READY_RESEND  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "scheduler.json"
@@ -114,26 +114,11 @@ LOG_TAIL = ("step 00042 | loss 3.141593 | lrm 1.00 | dt 312ms | tok/sec 26,214 |
 
 # ---- the coordinator process ----------------------------------------------------------------
 
-def make_server(core, bind: str):
-    """``coordinator.server.Server`` without authentication, whatever its keyword for that is
-    (CURVE is being added as the default; an insecure/no-auth mode stays)."""
-    from coordinator.server import Server
-
-    params = inspect.signature(Server).parameters
-    kwargs = {"bind": bind}
-    for name, value in (("keypair", None), ("insecure", True), ("no_auth", True),
-                        ("curve", False)):
-        if name in params and name not in kwargs:
-            kwargs[name] = value
-    return Server(core, **kwargs)
-
-
 def serve_child(repo: str, endpoint_file: str) -> None:
-    """Run the real coordinator on ``repo`` until SIGTERM; publish the bound endpoint."""
-    from coordinator.core import Coordinator
-
+    """Run the real coordinator on ``repo`` until SIGTERM; publish the bound endpoint. Plain
+    TCP (no keypair): the simulated workers are raw DEALERs, and CURVE is not what is measured."""
     core = Coordinator(Path(repo))
-    server = make_server(core, "tcp://127.0.0.1:*")
+    server = Server(core, bind="tcp://127.0.0.1:*")
     server.install_signal_handlers()
     tmp = endpoint_file + ".tmp"
     Path(tmp).write_text(server.endpoint)
