@@ -47,9 +47,7 @@ class HeadOnClass:
             return MEASURED
         if self.live:
             return MEASURING
-        if self.failed >= HEAD_FAILURES_LIMIT:
-            return BLOCKED
-        return UNMEASURED
+        return BLOCKED if self.failed >= HEAD_FAILURES_LIMIT else UNMEASURED
 
 
 def head_on_class(rows: Iterable[Mapping]) -> HeadOnClass:
