@@ -12,6 +12,7 @@
     autoresearch-coord status [--json]
     autoresearch-coord log [-n N] [--json]
     autoresearch-coord export [PATH]
+    autoresearch-coord report DIR [-o OUTDIR] [--no-plot] [--json]
 
 Client commands find the coordinator through ``--connect``, else $AUTORESEARCH_COORD, else
 tcp://127.0.0.1:5555, and its key through ``--server-key``, else $AUTORESEARCH_SERVER_KEY, else
@@ -564,6 +565,40 @@ def export(path: Path, endpoint: str | None, server_key: str | None, insecure: b
     path.write_text(tsv, encoding="utf-8")
     rows = max(0, len(tsv.strip().splitlines()) - 1)
     click.echo(f"wrote {path} ({rows} rows)")
+
+
+# ---- the morning after --------------------------------------------------------------------
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, metavar="OUTDIR",
+              help="Where to write report.html and progress.png "
+                   "(default: DIR/.autoresearch/report).")
+@click.option("--no-plot", is_flag=True, help="Skip the progress plot (no matplotlib needed).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def report(directory: Path, out_dir: Path | None, no_plot: bool, as_json: bool) -> None:
+    """Write the night's report for the research repo DIRECTORY: one self-contained HTML page
+    (progress plot per hardware class, kept changes with their diffs, failures, workers, noise)
+    plus the plot as a PNG. Reads the ledger read-only: works while the coordinator runs and
+    after it stopped. Without matplotlib the page is written without the plot (and says so)."""
+    from coordinator.ledger import LedgerError
+    from coordinator.report import write_report
+
+    progress = None if as_json else (lambda line: click.echo(line, err=True))
+    try:
+        made = write_report(_repo_dir(directory), out_dir, plot=not no_plot, log=progress)
+    except (FileNotFoundError, LedgerError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(made.to_dict(), indent=2, sort_keys=True))
+        return
+    if made.plot_error and not no_plot:
+        click.echo(f"warning: {made.plot_error}; the report has every table but no plot",
+                   err=True)
+    click.echo(f"wrote {made.html_path}" + (f" and {made.png_path.name}" if made.png_path else "")
+               + f" ({made.decided} decisions, {len(made.kept)} kept)")
+    click.echo(f"open {made.html_path.resolve().as_uri()}")
 
 
 # ---- formatting ---------------------------------------------------------------------------
