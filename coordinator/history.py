@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from coordinator import states as st
 from coordinator.ledger import ReadOnlyLedger, ledger_path, loads
@@ -43,6 +44,18 @@ def open_run(repo_dir: Path) -> ReadOnlyLedger:
     from coordinator.repo import state_dir
 
     return ReadOnlyLedger(ledger_path(state_dir(Path(repo_dir))))
+
+
+@contextmanager
+def read_run(repo_dir: Path) -> Iterator[ReadOnlyLedger]:
+    """``with read_run(DIR) as L:`` -- the ledger read-only, every read inside one committed
+    state, closed afterwards."""
+    L = open_run(repo_dir)
+    try:
+        with L.reading():
+            yield L
+    finally:
+        L.close()
 
 
 # ---- small statistics ------------------------------------------------------------------------

@@ -60,12 +60,8 @@ def write_report(repo_dir: Path, out_dir: Path | None = None, plot: bool = True,
     repo_dir = Path(repo_dir)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(repo_dir)
     say(f"reading the ledger of {repo_dir} (read-only)")
-    L = history.open_run(repo_dir)
-    try:
-        with L.reading():
-            night = history.night(L, repo_dir)
-    finally:
-        L.close()
+    with history.read_run(repo_dir) as L:
+        night = history.night(L, repo_dir)
     png, plot_error = None, None
     if plot:
         from coordinator.plot import PlotUnavailable, progress_png
