@@ -197,8 +197,17 @@ def progress(L: Any) -> list[dict]:
             if d["verdict"] == st.KEPT and s["mean"] is not None:
                 step(x, s["mean"], "kept", f"#{d['candidate_id']} {d['description']}")
                 level = s["mean"]
+        # The current head measured here since this class's last decision (kept elsewhere).
+        head = L.head()
+        now_runs = _ok_runs(L, head["candidate_id"], hw)
+        now_mean = mean_sem(now_runs)[0]
+        if elsewhere and now_mean is not None and (level is None or
+                                                    abs(now_mean - level) > 1e-12):
+            step(len(points) + 0.5 if level is not None else 0, now_mean, "elsewhere",
+                 "; ".join(elsewhere))
+            level = now_mean
         if level is not None:
-            step(len(points) + 0.5, level, "end")   # carry the last level to the edge
+            step(len(points) + 1, level, "end")     # carry the last level to the edge
         pending = []
         for r in L.all("SELECT c.id, c.description, c.state FROM candidates c WHERE c.id > 0 "
                        "AND c.state IN ('running', 'measured', 'queued') AND NOT EXISTS "

@@ -137,6 +137,6 @@ def _panel(ax: Any, s: dict) -> None:
     ax.set_ylabel("val_bpb (lower is better)")
     ax.grid(True, alpha=0.25)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlim(left=-0.3, right=max([p["x"] for p in pts] + [1]) + len(pending) + 0.8)
+    ax.set_xlim(left=-0.3, right=max([p["x"] for p in pts] + [1]) + len(pending) + 1.1)
     if pts or pending or stairs:
         ax.legend(loc="upper right", fontsize=8, framealpha=0.85)
