@@ -9,7 +9,7 @@
     autoresearch-coord keys [--dir DIR] [--json]       the trust list
     autoresearch-coord invite [--dir DIR] [--role worker] [--name N] [--ttl S]
     autoresearch-coord submit FILE|- -m "what changed" [--connect EP] [--server-key KEY] [--json]
-    autoresearch-coord status [--json]
+    autoresearch-coord status [--json] [--watch [--every S]]
     autoresearch-coord log [-n N] [--json]
     autoresearch-coord export [PATH]
     autoresearch-coord report DIR [-o OUTDIR] [--no-plot] [--json]
@@ -522,15 +522,44 @@ def format_submission(data: Any) -> str:
 @connect_option
 @timeout_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+@click.option("--watch", is_flag=True,
+              help="Redraw the view every --every seconds until Ctrl-C (keeps trying while the "
+                   "coordinator does not answer).")
+@click.option("--every", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              metavar="S", help="Seconds between redraws with --watch.")
 def status(endpoint: str | None, server_key: str | None, insecure: bool, timeout: float,
-           as_json: bool) -> None:
+           as_json: bool, watch: bool, every: float) -> None:
     """Workers, queue, running attempts, the head's val_bpb per hardware class, trusted keys."""
+    if watch and as_json:
+        raise click.UsageError("--watch redraws for a person; --json is for scripts: pick one")
     with _client(endpoint, timeout, server_key, insecure) as c:
+        if watch:
+            _watch(lambda: format_status(_call(c.query, "status")), every)
+            return
         data = _call(c.query, "status")
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
         return
     click.echo(format_status(data))
+
+
+def _watch(view, every: float) -> None:
+    """Redraw ``view()`` every ``every`` seconds until Ctrl-C (then exit 0, no traceback). A
+    failing view (coordinator restarting) is shown as one line, and the next draw tries again."""
+    import time
+
+    try:
+        while True:
+            try:
+                text = view()
+            except click.ClickException as exc:
+                text = f"(no answer: {exc.format_message()})"
+            click.clear()       # no-op when stdout is not a terminal: then frames just follow
+            click.echo(f"---- {time.strftime('%H:%M:%S')} · every {every:g}s · Ctrl-C to stop")
+            click.echo(text)
+            time.sleep(every)
+    except KeyboardInterrupt:
+        click.echo("")
 
 
 @main.command()

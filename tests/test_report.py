@@ -13,6 +13,7 @@ import hashlib
 import html
 import json
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -222,7 +223,7 @@ def test_report_of_an_empty_run(fleet_repo, tmp_path):
 
 @pytest.mark.slow
 def test_report_from_a_real_fleet_running_then_stopped(fleet, fleet_variant, tmp_path):
-    from test_fleet import submit, wait_head_measured
+    from test_fleet import Proc, submit, wait_head_measured
 
     coord, ep = fleet.started_coord()
     fleet.worker(ep, "w1")
@@ -245,6 +246,20 @@ def test_report_from_a_real_fleet_running_then_stopped(fleet, fleet_variant, tmp
     assert "stand-in crash" in text                       # the failure's reason, from its log
     assert _embedded_png(text).startswith(PNG_MAGIC)
     assert coord.p.poll() is None                         # undisturbed
+
+    # status --watch: the same view, redrawn; Ctrl-C ends it cleanly.
+    watch = Proc([sys.executable, "-m", "coordinator.cli", "status", "--watch", "--every", "0.2",
+                  "--connect", ep], "watch")
+    try:
+        watch.wait_for(r"^---- \d\d:\d\d:\d\d · every 0.2s")
+        first = watch.mark()
+        watch.wait_for(r"^---- ", since=first)             # a second frame
+        assert watch.count(r"head val_bpb per hardware class") >= 2
+        assert watch.count(r"w1") >= 2
+        watch.signal(signal.SIGINT)
+        assert watch.wait() == 0 and "Traceback" not in watch.text
+    finally:
+        watch.stop()
 
     coord.stop()
     out2 = tmp_path / "offline"

@@ -229,7 +229,9 @@ function plot(s) {
       const label = v.label.length > 40 ? v.label.slice(0, 39) + "…" : v.label;
       svg.appendChild(sv("text", { class: "klabel", x: X(v.x) + 8, y: Y(v.val_bpb) + 14 }, label));
     } else if ((v.kind === "elsewhere" || v.kind === "start") && v.label) {
-      svg.appendChild(sv("text", { class: "olabel", x: X(v.x) + 5, y: Y(v.val_bpb) - 5 }, v.label));
+      const right = X(v.x) > 0.6 * W;      // near the right edge: end the text at the step
+      svg.appendChild(sv("text", { class: "olabel", x: X(v.x) + (right ? -5 : 5), y: Y(v.val_bpb) - 5,
+        "text-anchor": right ? "end" : "start" }, v.label));
     }
   }
   const head = st.length ? st[st.length - 1].val_bpb : null;
