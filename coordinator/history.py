@@ -32,6 +32,8 @@ from typing import Any, Iterator
 
 from coordinator import states as st
 from coordinator.ledger import ReadOnlyLedger, ledger_path, loads
+from coordinator.noise import pooled
+from coordinator.snapshot import mean_sem
 
 STAT_FIELDS = ("n", "mean", "sem", "head_n", "head_sem", "gain", "gain_sem", "sigma",
                "confidence")
@@ -59,18 +61,6 @@ def read_run(repo_dir: Path) -> Iterator[ReadOnlyLedger]:
 
 
 # ---- small statistics ------------------------------------------------------------------------
-
-def mean_sem(values: list[float]) -> tuple[float | None, float | None]:
-    """(mean, standard error of the mean); sem None below two values."""
-    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not vals:
-        return None, None
-    m = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return m, None
-    var = sum((v - m) ** 2 for v in vals) / (len(vals) - 1)
-    return m, math.sqrt(var / len(vals))
-
 
 def _row_stats(row: Any) -> dict:
     """The decision rule's own statistics on a decision row, whatever of them exist."""
@@ -397,17 +387,11 @@ def noise(L: Any) -> list[dict]:
         for r in L.all("SELECT candidate_id, val_bpb FROM attempts WHERE hw_class = ? AND "
                        "state = 'done' AND status = 'ok' AND val_bpb IS NOT NULL", hw):
             groups.setdefault(r["candidate_id"], []).append(r["val_bpb"])
-        ss, dof, repeated = 0.0, 0, 0
-        for vals in groups.values():
-            if len(vals) > 1:
-                m = sum(vals) / len(vals)
-                ss += sum((v - m) ** 2 for v in vals)
-                dof += len(vals) - 1
-                repeated += 1
+        sigma, dof, repeated = pooled(groups.values())
         rule = stored.get(hw) if isinstance(stored, dict) else None
         if isinstance(rule, dict):
             rule = rule.get("sigma")
-        out.append({"hw_class": hw, "sigma": math.sqrt(ss / dof) if dof else None, "dof": dof,
+        out.append({"hw_class": hw, "sigma": sigma, "dof": dof,
                     "repeated": repeated, "runs": sum(len(v) for v in groups.values()),
                     "rule_sigma": rule if isinstance(rule, (int, float)) else None})
     return out

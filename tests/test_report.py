@@ -138,9 +138,6 @@ def test_history_of_a_simulated_night(night_repo):
 
 def test_stats_from_repeats_and_from_the_rule(fleet_repo, fleet_variant):
     """Repeats give mean +- sem; statistics the decision rule stores on its row win."""
-    assert history.mean_sem([1.0]) == (1.0, None)
-    m, s = history.mean_sem([1.0, 1.2, 1.1])
-    assert m == pytest.approx(1.1) and s == pytest.approx(0.1 / 3 ** 0.5)
     n = simulate(fleet_repo, fleet_variant)
     core = n.core
     # A rule that records its own numbers (issue 14): extra columns on the decision row.
@@ -251,9 +248,8 @@ def test_report_from_a_real_fleet_running_then_stopped(fleet, fleet_variant, tmp
     watch = Proc([sys.executable, "-m", "coordinator.cli", "status", "--watch", "--every", "0.2",
                   "--connect", ep], "watch")
     try:
-        watch.wait_for(r"^---- \d\d:\d\d:\d\d · every 0.2s")
-        first = watch.mark()
-        watch.wait_for(r"^---- ", since=first)             # a second frame
+        for _ in range(3):                                 # three frames: two complete
+            watch.wait_for(r"^---- \d\d:\d\d:\d\d · every 0.2s", since=watch.mark())
         assert watch.count(r"head val_bpb per hardware class") >= 2
         assert watch.count(r"w1") >= 2
         watch.signal(signal.SIGINT)
