@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.awake import KeepAwake, keep_awake_argv
+from shared.awake import KeepAwake, keep_awake_argv
 from worker.conditions import describe_conditions, read_conditions
 from worker.idle import parse_hid_idle, probe_idle_seconds
 from worker.power import (AC, BATTERY, NOMINAL, THROTTLED, UNKNOWN, UPS, WARNING,

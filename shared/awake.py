@@ -1,7 +1,8 @@
-"""Keep the machine awake while a trainer runs (macOS ``caffeinate`` tied to its pid).
+"""Keep the machine awake while a process runs (macOS ``caffeinate`` tied to its pid).
 
-A Mac that idle-sleeps mid-run goes silent, loses its lease after the liveness window, and the
-run is wasted. ``caffeinate -i -s -w PID`` holds two power assertions until process PID exits:
+Used by the worker for each trainer and by the coordinator for itself. A Mac that idle-sleeps
+mid-run goes silent, loses its lease after the liveness window, and the run is wasted; a
+coordinator Mac that sleeps stalls the whole fleet. ``caffeinate -i -s -w PID`` holds two power assertions until process PID exits:
 ``-i`` prevents idle sleep, ``-s`` prevents system sleep while on AC power (macOS ignores it on
 battery). Because ``-w`` ties it to the trainer's pid, the assertion ends with the run even if
 the worker itself is killed -- nothing is left holding the machine awake. The display may still
