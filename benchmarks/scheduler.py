@@ -9,7 +9,7 @@ For each fleet size N (default 2, 50, 200):
      commands it ran and waited for). Its event lines go to a log file, as a real one's go to a
      terminal;
   3. ``max(rounds * N, min_candidates)`` distinct train.py variants (the baseline train.py with a
-     varying constant) are submitted up front through ``coordinator.client.Client``;
+     varying constant) are submitted up front through ``shared.client.Client``;
   4. N simulated workers -- one DEALER socket each, all driven by one poll loop in this process --
      speak the real protocol with the real codec: hello -> welcome -> ready -> assign -> heartbeats
      every interval (the coordinator's default, carrying a progress line) -> result -> ack ->
@@ -530,7 +530,7 @@ def submit_in_background(endpoint: str, base: str, first: int, count: int,
                          spent: list[float]) -> threading.Thread:
     """Submit ``count`` more variants while the fleet runs, as agents do; each submission's
     round trip goes into ``spent`` (seconds). Its own socket, so no sharing with the fleet."""
-    from coordinator.client import Client
+    from shared.client import Client
 
     def go() -> None:
         with Client(endpoint, timeout=60) as client:
@@ -546,7 +546,7 @@ def submit_in_background(endpoint: str, base: str, first: int, count: int,
 
 def bench(n: int, train_s: float, rounds: int, min_candidates: int, max_run_s: float,
           idle_s: float, profile_dir: Path | None = None, live_submits: int = 0) -> dict:
-    from coordinator.client import Client
+    from shared.client import Client
     from coordinator.repo import init_repo
 
     k = max(rounds * n, min_candidates)

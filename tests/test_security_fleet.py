@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from coordinator.client import Client, ClientError
+from shared.client import Client, ClientError
 from shared import datasync, protocol
 from shared.codec import decode, encode
 from shared.keys import configure_client, coordinator_key_dir, load_or_create_keypair
