@@ -228,8 +228,8 @@ def test_roles_are_enforced(lab, tmp_path):
     with Client(lab.ep, timeout=10, server_key=lab.server_key, keypair=sub_kp) as c:
         assert c.query("status")["security"] == "curve"
         with pytest.raises(ClientError, match=r"forbidden.*role submitter.*hello needs role"):
-            c._request("hello", worker_id="rs-1", name="rs", profile={}, hw_class="x",
-                       attempt_id=None)
+            c.requester.request("hello", worker_id="rs-1", name="rs", profile={},
+                                hw_class="x", attempt_id=None)
         with pytest.raises(ClientError, match=r"forbidden"):
             c.query("dataset_manifest")
 
@@ -342,7 +342,7 @@ def keyed_server(lab, prepared_sample, monkeypatch):
 
 
 class FaultyAsk:
-    """The worker's Requester.ask, counting chunks; drops the link or flips a byte."""
+    """The worker's fetch (shared.dealer.Requester.ask), counting chunks; drops the link or flips a byte."""
 
     def __init__(self, requester, fail_after: int | None = None, flip: set | None = None):
         self.req, self.fail_after, self.flip = requester, fail_after, set(flip or ())
@@ -363,11 +363,10 @@ class FaultyAsk:
 
 def test_wire_fetch_resumes_after_interruption_and_refetches_a_corrupted_chunk(keyed_server,
                                                                               tmp_path):
-    from worker.agent import Requester
+    from shared.dealer import Requester
 
-    ctx = zmq.Context.instance()
-    req = Requester(ctx, keyed_server.server.endpoint, keyed_server.worker_kp,
-                    keyed_server.kp.public, timeout=10)
+    req = Requester(keyed_server.server.endpoint, keypair=keyed_server.worker_kp,
+                    server_key=keyed_server.kp.public, timeout=10)
     try:
         manifest = req.ask(datasync.QUERY_MANIFEST, {})
         files = manifest["files"]
