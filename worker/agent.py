@@ -74,7 +74,7 @@ from shared.protocol import (HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, RECONNECT_I
                              RECONNECT_MAX, ProtocolError)
 from trainer.backend import trainer_env
 from trainer.dataset import DatasetError, read_manifest
-from worker import states
+from worker import kernel_cache, states
 from worker.runner import AttemptProcess, AttemptSpec, LowDiskSpace, Outcome, default_run_root
 from worker.states import (BLOCKED, CONNECTING, ENROLLING, FETCHING, HOLDING, IDLE, REPORTING,
                            RUNNING, STOPPED)
@@ -207,7 +207,11 @@ class Agent:
         self.clock = clock
         self.start_attempt = start_attempt or AttemptProcess.start
         self.run_root = run_root or Path(default_run_root(config.cache_dir, config.name))
-        self.env = env if env is not None else trainer_environment(config.cache_dir, config.threads)
+        self.env = dict(env if env is not None else
+                        trainer_environment(config.cache_dir, config.threads))
+        # one warm MLX kernel cache per worker, across runs
+        self.env.setdefault(kernel_cache.ENV,
+                            str(kernel_cache.default_dir(config.cache_dir, config.name)))
         self.interval = config.heartbeat_interval
         self.liveness = config.liveness
         self.state = CONNECTING
