@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from serving import served
 from worker import states as ws
 
 LEGAL = {(s, t) for s, ts in ws.TRANSITIONS.items() for t in ts}
@@ -50,8 +51,6 @@ def test_python_m_worker_states_prints_every_transition():
 
 
 def test_a_real_agent_walks_the_table(fleet_repo, tmp_path):
-    from coordinator.core import Coordinator
-    from coordinator.server import Server
     from worker.agent import EXIT_OK, Agent, AgentConfig
     from worker.runner import LowDiskSpace
 
@@ -61,36 +60,27 @@ def test_a_real_agent_walks_the_table(fleet_repo, tmp_path):
             if not walked or walked[-1] != new:
                 walked.append(new)
 
-    walked: list[str] = []
-    core = Coordinator(fleet_repo)
-    server = Server(core, bind="tcp://127.0.0.1:*", heartbeat_interval=0.1, liveness=5,
-                    event=lambda line: None)
-    st = threading.Thread(target=server.run, daemon=True)
-    st.start()
-
     def start(spec, run_root, env):
         raise LowDiskSpace("only 1 MiB free: free some disk space")
 
-    agent = Recording(AgentConfig(server.endpoint, "walk", tmp_path / "c",
-                                  heartbeat_interval=0.1, ready_resend=0.2),
-                      {"hw_class": "Test/8GB/cpu"}, event=lambda line: None,
-                      start_attempt=start, run_root=tmp_path / "runs", env={})
+    walked: list[str] = []
     codes: list[int] = []
-    at = threading.Thread(target=lambda: codes.append(agent.run()), daemon=True)
-    at.start()
-    try:
+    with served(fleet_repo, heartbeat_interval=0.1, liveness=5,
+                event=lambda line: None) as (core, server):
+        agent = Recording(AgentConfig(server.endpoint, "walk", tmp_path / "c",
+                                      heartbeat_interval=0.1, ready_resend=0.2),
+                          {"hw_class": "Test/8GB/cpu"}, event=lambda line: None,
+                          start_attempt=start, run_root=tmp_path / "runs", env={})
+        at = threading.Thread(target=lambda: codes.append(agent.run()), daemon=True)
+        at.start()
         end = time.monotonic() + 30
         while time.monotonic() < end and ws.HOLDING not in walked:
             time.sleep(0.05)
         assert agent.state == ws.HOLDING and agent.hold_until > agent.clock()
         agent.interrupts = 1   # Ctrl-C once, holding nothing: leave now
         at.join(20)
-    finally:
-        agent.interrupts = 2
-        at.join(20)
-        server.stop()
-        st.join(20)
-        server.close()
-        core.close()
+        if at.is_alive():
+            agent.interrupts = 2
+            at.join(20)
     assert walked == [ws.IDLE, ws.REPORTING, ws.HOLDING, ws.STOPPED]
     assert codes == [EXIT_OK]

@@ -23,6 +23,9 @@ machines do (``coordinator.states``). ``python -m worker.states`` prints the tab
 """
 from __future__ import annotations
 
+from shared import machine
+from shared.machine import IllegalTransition  # noqa: F401  (raised by check)
+
 CONNECTING, ENROLLING, IDLE, FETCHING, BLOCKED, HOLDING, RUNNING, REPORTING, STOPPED = (
     "connecting", "enrolling", "idle", "fetching", "blocked", "holding", "running",
     "reporting", "stopped")
@@ -56,32 +59,17 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 TRANSITIONS = {s: frozenset(t - {s}) for s, t in TRANSITIONS.items()}   # staying is implicit
 
 
-class IllegalTransition(ValueError):
-    """A state change the worker's machine does not allow (a bug, never peer input)."""
-
-
 def check(old: str, new: str) -> str:
     """Return ``new`` if the worker may go from ``old`` to ``new``; else IllegalTransition.
     Staying in a state is always allowed (a waiting worker re-settling, say)."""
-    if old not in TRANSITIONS:
-        raise IllegalTransition(f"worker: unknown state {old!r}")
-    if new not in TRANSITIONS:
-        raise IllegalTransition(f"worker: unknown state {new!r}")
-    if new != old and new not in TRANSITIONS[old]:
-        allowed = ", ".join(sorted(TRANSITIONS[old], key=STATES.index)) or "nothing (final)"
-        raise IllegalTransition(f"worker: {old} -> {new} is not allowed ({old} -> {allowed})")
-    return new
+    if new == old and old in TRANSITIONS:
+        return new
+    return machine.check("worker", TRANSITIONS, old, new)
 
 
 def describe() -> str:
     """The machine as text, one transition per line."""
-    lines = ["worker states:"]
-    for s in STATES:
-        if not TRANSITIONS[s]:
-            lines.append(f"  {s:<10} (final)")
-        for t in sorted(TRANSITIONS[s], key=STATES.index):
-            lines.append(f"  {s:<10} -> {t}")
-    return "\n".join(lines)
+    return "\n".join(["worker states:", *machine.describe(STATES, TRANSITIONS)])
 
 
 if __name__ == "__main__":
