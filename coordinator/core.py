@@ -42,6 +42,7 @@ Timestamps come from ``clock`` (default ``time.time``), used only for the record
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -162,7 +163,7 @@ def _compile_error(text: str) -> str | None:
     return None
 
 
-class Coordinator:
+class Coordinator(contextlib.AbstractContextManager):
     """The research run's state: open it on a research repo made by ``init_repo``."""
 
     def __init__(self, repo_dir: Path, clock: Callable[[], float] = time.time):
@@ -202,10 +203,7 @@ class Coordinator:
             self._file_lock.release()
         self._file_lock = None
 
-    def __enter__(self) -> "Coordinator":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: Any) -> None:   # __enter__ (returns self): AbstractContextManager
         self.close()
 
     @property

@@ -100,13 +100,11 @@ class HeadOnClass:
 
     @property
     def state(self) -> str:
-        if self.values:
-            return MEASURED
-        if self.live:
-            return MEASURING
-        if self.failed >= HEAD_FAILURES_LIMIT:
-            return BLOCKED
-        return UNMEASURED
+        """measured (has a number) | measuring (no number, a head run in flight) | blocked
+        (no number, failed HEAD_FAILURES_LIMIT times) | unmeasured (measure it next)."""
+        if self.values or self.live:
+            return MEASURED if self.values else MEASURING
+        return BLOCKED if self.failed >= HEAD_FAILURES_LIMIT else UNMEASURED
 
     def can_run(self) -> bool:
         """May the head be leased on this class again? Not after HEAD_FAILURES_LIMIT failures
