@@ -78,9 +78,11 @@ def _repo_dir(directory: Path | None) -> Path:
 def _trust_store(directory: Path | None):
     from coordinator.trust import TrustStore
 
+    from coordinator.ledger import LedgerRefused
+
     try:
         return TrustStore.open(_repo_dir(directory))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, LedgerRefused) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -231,8 +233,9 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
     try:
         core = Coordinator(directory)
     except Exception as exc:
-        if type(exc).__name__ in ("CoordinatorBusy", "FileNotFoundError", "ValueError",
-                                  "RuntimeError"):
+        # LedgerError (a RuntimeError) covers a refused ledger: one line, file and remedy.
+        if type(exc).__name__ in ("CoordinatorBusy", "FileNotFoundError", "ValueError") \
+                or isinstance(exc, RuntimeError):
             raise click.ClickException(str(exc)) from None
         raise
     try:

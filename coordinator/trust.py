@@ -196,12 +196,13 @@ class TrustStore:
     @classmethod
     def open(cls, repo_dir: Path, clock: Callable[[], float] = time.time) -> "TrustStore":
         """Open the trust list of research repo ``repo_dir`` with a private connection."""
-        from coordinator.ledger import ledger_path
+        from coordinator.ledger import check_ledger, ledger_path
         from coordinator.repo import state_dir
 
         path = ledger_path(state_dir(Path(repo_dir).expanduser()))
         if not path.exists():
             raise FileNotFoundError(f"no ledger at {path}: run `autoresearch-coord init` first")
+        check_ledger(path)   # a damaged/empty/locked ledger is refused before sqlite writes
         conn = sqlite3.connect(str(path), isolation_level=None, timeout=10.0,
                                check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
