@@ -252,6 +252,12 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
         p = lambda s="": click.echo(s)  # noqa: E731
         ep = join_endpoint(endpoint)
         p(f"{stamp()} coordinator for {directory.resolve()} listening on {endpoint}")
+        # What reconcile() repaired in git at this start (the ledger is the truth): said here,
+        # in the coordinator's own log, not only in `status`.
+        for fix in core.fixed:
+            p(f"{stamp()} reconciled git with the ledger: {fix}")
+        for problem in core.problems:
+            p(f"{stamp()} problem: {problem}")
         p(f"  dataset {manifest['name']} ({manifest['dataset_hash'][:12]}) from {dataset.dir}")
         if keypair is None:
             if not is_loopback_endpoint(bind):
