@@ -8,7 +8,10 @@ turn a hang into a failure; nothing asserts a time.
 """
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -45,3 +48,63 @@ def test_start_logs_what_reconcile_fixed(fleet, fleet_variant):  # noqa: F811
     coord.stop()
     again, _ = fleet.started_coord()
     assert again.count(r"reconciled git with the ledger") == 0
+
+
+# ---- a SIGKILLed worker takes its trainer with it (issue 9, item 5) -------------------------
+
+LONG_TRAIN_PY = '''"""Stand-in that trains 'forever': forks a helper into its own group, records both pids."""
+import os
+import time
+
+child = os.fork()
+if child == 0:
+    while True:
+        time.sleep(0.1)
+with open("pids.txt.tmp", "w") as f:
+    f.write(f"{os.getpid()} {child}\\n")
+os.replace("pids.txt.tmp", "pids.txt")
+while True:   # never writes a result: only a kill ends it
+    time.sleep(0.1)
+'''
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie is dead: PID 1 in a container may not reap orphans)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True,
+                           text=True).stdout.strip()
+    return bool(state) and not state.startswith("Z")
+
+
+def test_sigkilled_worker_takes_its_trainer_group_with_it(fleet):  # noqa: F811
+    from test_fleet import submit, wait_file, wait_head_measured
+
+    coord, ep = fleet.started_coord()
+    worker = fleet.worker(ep, "w1")
+    wait_head_measured(coord)
+    cand = submit(ep, LONG_TRAIN_PY, "never finishes")["candidate_id"]
+    attempt = coord.wait_for(rf"assign (\S+) candidate #{cand}\b").group(1)
+    pids_file = wait_file(fleet.cache, f"runs/*/{attempt}/pids.txt")
+    trainer, helper = (int(x) for x in pids_file.read_text().split())
+    assert _alive(trainer) and _alive(helper)
+    assert os.getpgid(helper) == os.getpgid(trainer) == trainer   # the trainer's own group
+
+    worker.signal(signal.SIGKILL)
+    worker.wait()
+    deadline = time.monotonic() + 30.0    # only for a hang: the kill is prompt
+    while (_alive(trainer) or _alive(helper)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(trainer), "the trainer outlived its SIGKILLed worker"
+    assert not _alive(helper), "the trainer's group outlived its SIGKILLed worker"
