@@ -1,6 +1,6 @@
 """``autoresearch-coord``: make a research repo, run the coordinator, talk to it.
 
-    autoresearch-coord init DIR [--tag T] [--preset seed|tiny] [--budget S] ...
+    autoresearch-coord init DIR [--tag T] [--preset seed|upstream-h100|tiny] [--budget S] ...
     autoresearch-coord start DIR [--bind tcp://127.0.0.1:5555] [--data PATH] [--new-dataset]
                                  [--insecure]
     autoresearch-coord key [DIR]                       coordinator public key + fingerprint
@@ -134,8 +134,10 @@ def main() -> None:
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tag", default=None, help="Research run name: the branch is autoresearch/<tag>.")
-@click.option("--preset", type=click.Choice(["seed", "tiny"]), default="seed", show_default=True,
-              help="Model size and run settings: seed = the real run, tiny = a 2-core CPU.")
+@click.option("--preset", type=click.Choice(["seed", "upstream-h100", "tiny"]), default="seed",
+              show_default=True,
+              help="Model size and run settings: seed = the seed article's Mac run, "
+                   "upstream-h100 = the same with upstream's 13x larger eval, tiny = a 2-core CPU.")
 @click.option("--budget", type=click.IntRange(min=1), default=None, metavar="S",
               help="Training seconds per attempt (overrides the preset).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, metavar="T",

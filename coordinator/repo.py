@@ -49,7 +49,7 @@ SETTING_FIELDS = RUN_FIELDS + ("timeout", "margin")
 # Used only while trainer.presets is unavailable (it is written separately); same numbers as
 # the seed defaults in the contracts, and a CPU-sized tiny run.
 FALLBACK_PRESETS: dict[str, dict[str, Any]] = {
-    "seed": dict(seq_len=2048, eval_tokens=40 * 524288, time_budget=300, seed=42, eval_batch=16,
+    "seed": dict(seq_len=2048, eval_tokens=3 * 524288, time_budget=300, seed=42, eval_batch=16,
                  timeout=900.0),
     "tiny": dict(seq_len=256, eval_tokens=65536, time_budget=15, seed=42, eval_batch=8,
                  timeout=180.0),

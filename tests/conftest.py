@@ -5,9 +5,17 @@ prepare_* fixtures and ``prepared_sample`` belong to the data-preparation area
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# CI explores the same examples on every run (a red CI must be reproducible, not a new random
+# draw); locally hypothesis keeps exploring and remembers failures in .hypothesis/.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)

@@ -118,6 +118,34 @@ def test_param_groups_membership_and_hyperparameters():
     assert groups["x0_lambdas"].lr == 0.5
 
 
+def test_unknown_parameters_get_a_group_by_rule_or_fail_with_their_name():
+    config = tiny_config(n_layer=2, d=32)
+    model = train.GPT(config)
+    # Rule: a 2-D weight an edit adds inside a block is a matrix (lr, weight decay of matrices).
+    model.blocks[0].mlp.c_gate = nn.Linear(32, 32, bias=False)
+    groups = {g.name: g for g in train.param_groups(model)}
+    assert "blocks.0.mlp.c_gate.weight" in groups["matrices"].params
+    # Anything else has no group: a loud error naming the parameter, never a silent guess.
+    model.blocks[1].mlp.c_fc = nn.Linear(32, 128, bias=True)
+    with pytest.raises(ValueError, match=r"'blocks\.1\.mlp\.c_fc\.bias' \(1-D\) has no optimizer"):
+        train.param_groups(model)
+    model = train.GPT(config)
+    model.out_gain = mx.ones((32,))
+    with pytest.raises(ValueError, match="'out_gain'"):
+        train.param_counts(model)
+
+
+@pytest.mark.parametrize("depth", [1, 3, 5, 7])
+def test_any_depth_rounds_d_model_up_to_whole_heads(monkeypatch, depth):
+    monkeypatch.setattr(train, "DEPTH", depth)
+    config = train.build_config(vocab_size=64, sequence_len=16)
+    assert config.n_embd % train.HEAD_DIM == 0
+    assert depth * train.ASPECT_RATIO <= config.n_embd < depth * train.ASPECT_RATIO + train.HEAD_DIM
+    assert config.n_head == config.n_embd // train.HEAD_DIM and config.n_layer == depth
+    assert train.model_dim(3, 64, 128) == 256 and train.model_dim(4, 64, 128) == 256
+    assert train.model_dim(5, 64, 128) == 384 and train.model_dim(2, 64, 64) == 128
+
+
 def test_lr_and_weight_decay_schedules():
     # No warmup; flat for the first half; linear warmdown to FINAL_LR_FRAC (0) at the end.
     lr = [train.lr_multiplier(p) for p in (0.0, 0.25, 0.5, 0.75, 1.0)]
@@ -243,13 +271,18 @@ def test_compiled_training_reduces_loss_on_repeated_sequences():
 
 # -- presets ---------------------------------------------------------------------------------
 
-def test_seed_preset_is_train_py_unchanged():
+def test_seed_preset_is_the_seed_articles_setup():
     text = presets.TRAIN_PY.read_text()
     assert presets.baseline_train_py("seed") == text
-    assert presets.PRESETS["seed"].settings() == {"seq_len": 2048, "eval_tokens": 40 * 524288,
+    # The seed's MLX port evaluates 3 * 524288 tokens ("reduced for Apple Silicon").
+    assert presets.PRESETS["seed"].settings() == {"seq_len": 2048, "eval_tokens": 3 * 524288,
                                                    "time_budget": 300, "seed": 42,
                                                    "eval_batch": 16}
     assert presets.PRESETS["seed"].timeout > 300
+    # Upstream's H100 eval stays available under its own name, otherwise the same run.
+    h100 = presets.PRESETS["upstream-h100"]
+    assert h100.settings() == {**presets.PRESETS["seed"].settings(), "eval_tokens": 40 * 524288}
+    assert presets.baseline_train_py("upstream-h100") == text
 
 
 def test_tiny_preset_rewrites_constants_and_keeps_comments():

@@ -12,7 +12,7 @@ from trainer.settings import RESEARCH_ENV, RunSettings
 def test_defaults_match_the_seed():
     s = RunSettings.from_env({})
     assert (s.seq_len, s.eval_tokens, s.time_budget, s.seed, s.eval_batch) == \
-        (2048, 40 * 524288, 300, 42, 16)
+        (2048, 3 * 524288, 300, 42, 16)
     assert s.cache == Path("~/.cache/autoresearch").expanduser()
     assert s.data is None and s.progress_path is None
     assert s.result_path == Path("result.json")

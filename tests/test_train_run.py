@@ -64,3 +64,14 @@ def test_nan_fails_fast_with_exit_code_3(tmp_path, prepared_sample):
     assert doc["status"] == "nan"
     assert "loss is nan" in doc["error"]
     assert doc["num_steps"] is None or doc["num_steps"] <= 3  # failed at once, not after 60 s
+
+
+def test_depth_edit_that_is_not_whole_heads_trains(tmp_path, prepared_sample):
+    """DEPTH 3 x ASPECT_RATIO 40 = 120 channels: rounded up to 128 (two 64-channel heads)."""
+    text = presets.apply_overrides(presets.baseline_train_py("tiny"),
+                                   {"DEPTH": 3, "ASPECT_RATIO": 40})
+    proc, doc, progress = run_train(text, tmp_path, prepared_sample)
+    assert proc.returncode == harness.EXIT_OK, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert doc["depth"] == 3 and doc["config"]["n_embd"] == 128 and doc["config"]["n_head"] == 2
+    assert math.isfinite(doc["val_bpb"])
+    assert progress[-1]["loss"] < progress[0]["loss"], [p["loss"] for p in progress]

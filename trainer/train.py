@@ -32,7 +32,7 @@ from trainer import harness
 
 # Model shape
 DEPTH = 4                  # number of transformer blocks
-ASPECT_RATIO = 64          # d_model = DEPTH * ASPECT_RATIO (256 at depth 4)
+ASPECT_RATIO = 64          # d_model = DEPTH * ASPECT_RATIO rounded up to a multiple of HEAD_DIM
 HEAD_DIM = 128             # channels per attention head; n_head = d_model // HEAD_DIM
 WINDOW_PATTERN = "SSSL"    # per-layer attention window, tiled over depth: S = T/2, L = T (last layer always L)
 
@@ -79,10 +79,13 @@ class GPTConfig:
     window_pattern: str
 
 
+def model_dim(depth: int, aspect_ratio: int, head_dim: int) -> int:
+    """depth * aspect_ratio rounded up to whole heads (DEPTH 3 -> 192 -> 256 at HEAD_DIM 128)."""
+    return -(-depth * aspect_ratio // head_dim) * head_dim
+
+
 def build_config(vocab_size: int, sequence_len: int) -> GPTConfig:
-    d_model = DEPTH * ASPECT_RATIO
-    if d_model % HEAD_DIM:
-        raise ValueError(f"d_model {d_model} (DEPTH*ASPECT_RATIO) is not a multiple of HEAD_DIM {HEAD_DIM}")
+    d_model = model_dim(DEPTH, ASPECT_RATIO, HEAD_DIM)
     n_head = d_model // HEAD_DIM
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=DEPTH,
                      n_head=n_head, n_kv_head=n_head, n_embd=d_model,
@@ -259,18 +262,24 @@ def softcap_nll(logits, targets):
     return mx.logsumexp(capped, axis=-1) - target
 
 
-def param_category(name: str) -> str:
-    """wte | value_embeds | lm_head | resid_lambdas | x0_lambdas | matrices."""
+def param_category(name: str, ndim: int) -> str:
+    """The optimizer group of a parameter: the five named tensors by name; every 2-D weight
+    inside the blocks is a "matrices" weight. Anything else (a bias, a gain, a new top-level
+    tensor) has no group until you give it one here: a ValueError names it, so a parameter an
+    edit adds is never trained with hyperparameters nobody chose."""
     for prefix in ("wte", "value_embeds", "lm_head", "resid_lambdas", "x0_lambdas"):
         if name == prefix or name.startswith(prefix + "."):
             return prefix
-    return "matrices"
+    if name.startswith("blocks.") and ndim == 2:
+        return "matrices"
+    raise ValueError(f"parameter {name!r} ({ndim}-D) has no optimizer group: only 2-D weights "
+                     f"inside blocks are matrices; add a rule for it in param_category()")
 
 
 def param_counts(model: GPT) -> dict:
     counts = {"wte": 0, "value_embeds": 0, "lm_head": 0, "matrices": 0, "scalars": 0}
     for name, p in tree_flatten(model.parameters()):
-        cat = param_category(name)
+        cat = param_category(name, p.ndim)
         counts["scalars" if cat.endswith("_lambdas") else cat] += p.size
     counts["total"] = sum(counts.values())
     return counts
@@ -307,8 +316,8 @@ def param_groups(model: GPT) -> list[ParamGroup]:
               ParamGroup("resid_lambdas", RESID_LR, ADAM_BETAS, 0.0, []),
               ParamGroup("x0_lambdas", X0_LR, X0_BETAS, 0.0, [])]
     by_name = {g.name: g for g in groups}
-    for name, _ in tree_flatten(model.trainable_parameters()):
-        by_name[param_category(name)].params.append(name)
+    for name, p in tree_flatten(model.trainable_parameters()):
+        by_name[param_category(name, p.ndim)].params.append(name)
     return groups
 
 

@@ -1,0 +1,321 @@
+"""Decision quality: how often does the real coordinator keep a change that does nothing, and
+where does the branch end up? Greedy (one run against the head's mean) vs the sequential rule.
+Reported only, never asserted.
+
+The REAL ``coordinator.core.Coordinator`` (real git, real SQLite ledger; no sockets: this script
+calls its methods as the server would) is fed by simulated workers on two hardware classes:
+
+  * every candidate is the current head's train.py with one more *idea* switched on (one line
+    ``IDEA_0042 = 1``; each idea has its own line, so git merges them cleanly). An idea has a
+    true effect in units of the class's σ: half harmful (exponential, mean +1 σ: mostly
+    slight), 40 % neutral (exactly 0), 10 % helpful (-0.5..-3 σ, uniform). The same stream of ideas, in the same order, for every policy;
+  * a run's val_bpb = the class's base + the sum of its text's effects + a seed effect shared by
+    every text run with that seed index (σ_seed) + fresh run noise (σ_run) + a slow drift of the
+    class over the night. Total σ = sqrt(σ_seed² + σ_run²); the defaults are this machine's tiny
+    preset (0.025 across seeds, 0.021 at one seed: README, *Deciding*);
+  * runs take one time unit (±10 %) on ``--workers`` machines per class; agents keep
+    ``--queue`` candidates waiting, each written on the head of the moment.
+
+Every policy gets the same compute: ``--runs`` runs in total. Figures per policy (mean over
+``--seeds`` repetitions of the whole night, each from a fresh repo):
+
+  false_keep_rate  keeps of candidates whose true effect is >= 0, over decided such candidates
+  power            keeps of helpful candidates, over decided helpful ones
+  runs_per_candidate  counted runs of candidates (not of the head) per decided candidate
+  head_true        the final head's TRUE improvement over the baseline, in σ (negative: better),
+                   per class and on average; also in bpb
+  decided, kept, head_runs, undecided at the end
+
+    python benchmarks/decisions.py                       # 3 nights x 2 policies, 450 runs each
+    python benchmarks/decisions.py --quick               # 1 night, 150 runs
+    python benchmarks/decisions.py --policy greedy --runs 900 --seeds 5
+
+Writes benchmarks/results/decisions.json (git-ignored) with the settings, the load average
+before and after, and every figure.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from coordinator import repo as R  # noqa: E402
+from coordinator.core import Coordinator  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "decisions.json"
+N_IDEAS = 1200          # slots in the simulated train.py (more than any night uses)
+BASE_SEED = 42          # the run's seed setting (the sequence is 42, 43, ...)
+# The mix of ideas: most do nothing or a little harm; one in ten helps by 0.5-3 σ.
+HARMFUL, HELPFUL = 0.50, 0.10
+
+
+@dataclass(frozen=True)
+class HwClass:
+    name: str
+    base: float         # true val_bpb of the baseline
+    sigma_run: float    # fresh noise of every run
+    sigma_seed: float   # shared by every run with the same seed index
+    drift: float        # total drift of every true value over the night, in σ
+
+    @property
+    def sigma(self) -> float:
+        return math.hypot(self.sigma_run, self.sigma_seed)
+
+
+CLASSES = (HwClass("sim-m1/16GB/metal", 2.25, 0.021, 0.0136, -1.0),
+           HwClass("sim-m4/64GB/metal", 1.95, 0.025, 0.0160, +0.5))
+
+
+def baseline_text() -> str:
+    lines = ['"""Simulated train.py: one line per idea; 1 switches it on."""']
+    for i in range(N_IDEAS):
+        lines += [f"IDEA_{i:04d} = 0", "#"]   # a separator line keeps neighbours' merges clean
+    return "\n".join(lines) + "\n"
+
+
+def ideas_of(text: str) -> set[int]:
+    return {int(line[5:9]) for line in text.splitlines()
+            if line.startswith("IDEA_") and line.endswith("= 1")}
+
+
+def with_idea(text: str, idea: int) -> str:
+    return text.replace(f"IDEA_{idea:04d} = 0\n", f"IDEA_{idea:04d} = 1\n", 1)
+
+
+def idea_stream(seed: int) -> list[tuple[str, float]]:
+    """(kind, effect in σ) for each idea, in submission order; the same for every policy."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(N_IDEAS):
+        u = rng.random()
+        if u < HARMFUL:
+            # most harm is slight: exponential, mean 1 σ (a third of it under 0.4 σ)
+            out.append(("harmful", rng.expovariate(1.0)))
+        elif u < 1.0 - HELPFUL:
+            out.append(("neutral", 0.0))
+        else:
+            out.append(("helpful", -rng.uniform(0.5, 3.0)))
+    return out
+
+
+@dataclass
+class Night:
+    policy: str
+    seed: int
+    runs: int
+    workers: int
+    queue: int
+    settings: dict = field(default_factory=dict)
+
+
+def policy_settings(policy: str) -> dict:
+    """The run settings that select ``policy``, if this coordinator has them."""
+    known = set(getattr(R, "SETTING_FIELDS", ()))
+    if "policy" in known:
+        return {"policy": policy}
+    if policy != "greedy":
+        raise click.ClickException(f"this coordinator has no policy setting: only greedy runs "
+                                   f"(asked for {policy})")
+    return {}
+
+
+def simulate(night: Night, log=print) -> dict:
+    ideas = idea_stream(night.seed)
+    rng = random.Random(night.seed * 7919 + 1)
+    seed_effects = {c.name: [rng.gauss(0.0, c.sigma_seed) for _ in range(64)] for c in CLASSES}
+    clock = [0.0]
+    span = night.runs / (night.workers * len(CLASSES))     # the night, in time units
+
+    def true_value(cls: HwClass, text: str, at: float | None = None) -> float:
+        v = cls.base + sum(ideas[i][1] for i in ideas_of(text)) * cls.sigma
+        if at is not None:
+            v += cls.drift * cls.sigma * min(1.0, at / span)
+        return v
+
+    with tempfile.TemporaryDirectory(prefix="decisions-bench-") as tmp:
+        repo = Path(tmp) / "run"
+        R.init_repo(repo, tag="bench", preset="tiny", train_py=baseline_text(),
+                    **night.settings)
+        coord = Coordinator(repo, clock=lambda: clock[0])
+        try:
+            return _night(coord, repo, night, ideas, rng, seed_effects, clock, true_value, log)
+        finally:
+            coord.close()
+
+
+def _night(coord, repo, night, ideas, rng, seed_effects, clock, true_value, log) -> dict:
+    by_name = {c.name: c for c in CLASSES}
+    workers = [(f"{c.name.split('/')[0]}-w{k}", c) for c in CLASSES for k in range(night.workers)]
+    for wid, c in workers:
+        coord.worker_hello(wid, wid, {"sim": True}, c.name, None)
+    next_idea = [0]
+    cand_idea: dict[int, int] = {}
+
+    def head_text() -> str:
+        return R.read_blob(repo, coord.ledger.head()["commit_sha"])
+
+    def top_up() -> None:
+        queued = coord.ledger.scalar("SELECT COUNT(*) FROM candidates WHERE state = 'queued'")
+        text = head_text()
+        have = ideas_of(text)
+        while queued < night.queue:
+            i = next_idea[0]
+            next_idea[0] += 1
+            if i in have:
+                continue
+            out = coord.submit(with_idea(text, i), f"idea {i} ({ideas[i][0]} "
+                                                   f"{ideas[i][1]:+.2f}σ)")
+            cand_idea[out["candidate_id"]] = i
+            queued += 1
+
+    events: list[tuple[float, int, str]] = []
+    pending: dict[str, object] = {}
+    idle: list[str] = []
+    done = [0]
+    seq = [0]
+
+    def assign(wid: str) -> None:
+        a = coord.next_assignment(wid)
+        if a is None:
+            idle.append(wid)
+            return
+        pending[wid] = a
+        seq[0] += 1
+        heapq.heappush(events, (clock[0] + rng.uniform(0.9, 1.1), seq[0], wid))
+
+    top_up()
+    for wid, _ in workers:
+        assign(wid)
+    while events and done[0] < night.runs:
+        t, _, wid = heapq.heappop(events)
+        clock[0] = t
+        a = pending.pop(wid)
+        cls = by_name[dict(workers)[wid].name]
+        index = int(a.settings.get("seed", BASE_SEED)) - BASE_SEED
+        text = a.train_py
+        value = (true_value(cls, text, at=t) + seed_effects[cls.name][index % 64]
+                 + rng.gauss(0.0, cls.sigma_run))
+        coord.record_result(wid, a.attempt_id, {
+            "status": "ok", "val_bpb": value, "result": {"status": "ok", "val_bpb": value},
+            "log_tail": "", "exit_code": 0, "wall_seconds": 1.0})
+        done[0] += 1
+        top_up()
+        waiting, idle[:] = list(idle), []
+        for w in [wid] + waiting:
+            if w not in pending:
+                assign(w)
+        if done[0] % 50 == 0:
+            log(f"  {night.policy} seed {night.seed}: {done[0]}/{night.runs} runs, "
+                f"{len(cand_idea)} candidates submitted")
+    return _figures(coord, repo, night, ideas, cand_idea, true_value, head_text())
+
+
+def _figures(coord, repo, night, ideas, cand_idea, true_value, final_text) -> dict:
+    L = coord.ledger
+    decided = {r["candidate_id"]: r["verdict"] for r in L.all(
+        "SELECT candidate_id, verdict FROM decisions WHERE candidate_id > 0")}
+    runs_of = {r[0]: r[1] for r in L.all(
+        "SELECT candidate_id, COUNT(*) FROM attempts WHERE purpose = 'candidate' AND "
+        "state = 'done' AND status = 'ok' GROUP BY candidate_id")}
+    head_runs = L.scalar("SELECT COUNT(*) FROM attempts WHERE purpose = 'head' AND state = 'done'")
+    nonneg = [c for c in decided if ideas[cand_idea[c]][1] >= 0]
+    helpful = [c for c in decided if ideas[cand_idea[c]][1] < 0]
+    kept = [c for c in decided if decided[c] == "kept"]
+    head_sigma = {}
+    for cls in CLASSES:
+        head_sigma[cls.name] = (true_value(cls, final_text) - cls.base) / cls.sigma
+    return {
+        "policy": night.policy, "seed": night.seed, "runs": night.runs,
+        "submitted": len(cand_idea), "decided": len(decided),
+        "undecided": len(cand_idea) - len(decided), "kept": len(kept),
+        "false_keeps": sum(1 for c in nonneg if decided[c] == "kept"),
+        "false_keep_rate": (sum(1 for c in nonneg if decided[c] == "kept") / len(nonneg)
+                            if nonneg else None),
+        "power": (sum(1 for c in helpful if decided[c] == "kept") / len(helpful)
+                  if helpful else None),
+        "runs_per_candidate": (sum(runs_of.get(c, 0) for c in decided) / len(decided)
+                               if decided else None),
+        "head_runs": head_runs,
+        "head_true_sigma": head_sigma,
+        "head_true_sigma_mean": sum(head_sigma.values()) / len(head_sigma),
+        "head_true_bpb": {c.name: true_value(c, final_text) - c.base for c in CLASSES},
+        "kept_ideas": sorted(ideas_of(final_text)),
+    }
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+@click.command()
+@click.option("--policy", "policies", multiple=True, type=click.Choice(["greedy", "sequential"]),
+              help="Policies to compare (default: both, or greedy where only it exists).")
+@click.option("--runs", type=click.IntRange(min=10), default=450, show_default=True,
+              help="Runs per night (equal compute for every policy).")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Nights per policy (different idea streams and noise).")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Workers per hardware class.")
+@click.option("--queue", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Candidates the agents keep waiting.")
+@click.option("--quick", is_flag=True, help="One night of 150 runs per policy.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=OUT,
+              show_default=True, help="Where the JSON goes.")
+def main(policies, runs, seeds, workers, queue, quick, out):
+    """Compare keep/discard policies on the real coordinator with simulated workers."""
+    if quick:
+        runs, seeds = 150, 1
+    if not policies:
+        policies = ("greedy", "sequential") if "policy" in getattr(R, "SETTING_FIELDS", ()) \
+            else ("greedy",)
+    load_before = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") \
+        else None
+    t0 = time.time()
+    nights = []
+    for policy in policies:
+        for s in range(seeds):
+            night = Night(policy, s + 1, runs, workers, queue, policy_settings(policy))
+            click.echo(f"{policy}, night {s + 1}/{seeds}: {runs} runs on "
+                       f"{workers * len(CLASSES)} workers", err=True)
+            nights.append(simulate(night, log=lambda m: click.echo(m, err=True)))
+    summary = {}
+    for policy in policies:
+        rows = [n for n in nights if n["policy"] == policy]
+        summary[policy] = {k: _mean(rows, k) for k in (
+            "false_keep_rate", "power", "runs_per_candidate", "head_true_sigma_mean", "decided",
+            "kept", "false_keeps", "undecided", "head_runs", "submitted")}
+    load_after = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") \
+        else None
+    doc = {"classes": [asdict(c) | {"sigma": c.sigma} for c in CLASSES], "runs": runs,
+           "seeds": seeds, "workers_per_class": workers, "queue": queue,
+           "wall_seconds": time.time() - t0, "loadavg_before": load_before,
+           "loadavg_after": load_after, "summary": summary, "nights": nights}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    click.echo(f"\n{'policy':<11} {'false keeps':>11} {'power':>6} {'runs/cand':>9} "
+               f"{'head true (σ)':>13} {'decided':>7} {'kept':>5}")
+    for policy, s in summary.items():
+        def f(v, fmt):
+            return format(v, fmt) if v is not None else "-"
+        click.echo(f"{policy:<11} {f(s['false_keep_rate'], '11.1%')} {f(s['power'], '6.1%')} "
+                   f"{f(s['runs_per_candidate'], '9.2f')} {f(s['head_true_sigma_mean'], '+13.2f')}"
+                   f" {f(s['decided'], '7.0f')} {f(s['kept'], '5.1f')}")
+    click.echo(f"(means over {seeds} night(s) of {runs} runs; load average {load_before} -> "
+               f"{load_after}; {time.time() - t0:.0f} s; {out})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""What a proposer needs to know about the run, as one plain map (coordinator side, no wire).
+
+``proposer_snapshot(core)`` reads a ``Coordinator`` and returns the map ``coordinator.brief``
+renders and ``coordinator.pacing`` counts: the head (commit, candidate, its train.py text, its
+val_bpb per hardware class as mean +- sem over runs), ``program.md`` at the head, the last K
+decisions, what is queued / running / measured and waiting, the last failures with their log
+tails, the noise per class, the run settings and the candidate counts. The server adds
+``workers`` (connected workers that can take work): only it knows who is connected.
+
+Noise per class is ``coordinator.noise.pooled`` over the repeated ok runs of each candidate on
+that class (head re-measurements and candidate repeats alike); a class without repeats is left
+out and the brief says so.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+from coordinator.noise import pooled
+from coordinator.repo import GitError, read_blob
+from coordinator.stats import mean, sum_sq_dev
+
+DEFAULT_DECISIONS = 20
+DEFAULT_FAILURES = 5
+TAIL_CHARS = 4000          # characters of a failure's log sent to proposers
+
+
+def mean_sem(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and standard error of the mean (sem None with fewer than 2 values)."""
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not vals:
+        return None, None
+    if len(vals) < 2:
+        return mean(vals), None
+    return mean(vals), math.sqrt(sum_sq_dev(vals) / (len(vals) - 1) / len(vals))
+
+
+def proposer_snapshot(core: Any, decisions: int = DEFAULT_DECISIONS,
+                      failures: int = DEFAULT_FAILURES) -> dict:
+    status = core.status()
+    log = core.log(limit=max(1, decisions))
+    L = core.ledger
+    head_commit = status["head"]
+    head_cid = status["head_candidate"]
+    try:
+        train_py = read_blob(core.repo_dir, head_commit, "train.py")
+    except GitError:
+        train_py = L.candidate(head_cid)["train_py"]
+    try:
+        program = read_blob(core.repo_dir, head_commit, "program.md")
+    except GitError:
+        program = ""
+
+    ok = L.all("SELECT candidate_id, hw_class, val_bpb FROM attempts WHERE state = 'done' "
+               "AND status = 'ok' AND val_bpb IS NOT NULL")
+    by_cand_class: dict[tuple, list[float]] = defaultdict(list)
+    for r in ok:
+        by_cand_class[(r["candidate_id"], r["hw_class"])].append(r["val_bpb"])
+
+    values = []
+    for hw in sorted({k[1] for k in by_cand_class if k[0] == head_cid}):
+        vals = by_cand_class[(head_cid, hw)]
+        m, sem = mean_sem(vals)
+        values.append({"hw_class": hw, "mean": m, "sem": sem, "runs": len(vals)})
+    head_desc = L.scalar("SELECT description FROM candidates WHERE id = ?", head_cid)
+
+    noise = []
+    for hw in sorted({k[1] for k in by_cand_class}):
+        groups = [v for k, v in by_cand_class.items() if k[1] == hw]
+        sigma, df, _used = pooled(groups)
+        if sigma is not None:
+            runs = sum(len(v) for v in groups if len(v) >= 2)
+            noise.append({"hw_class": hw, "sigma": sigma, "runs": runs, "df": df})
+
+    decided = []
+    for d in log["decisions"][:decisions]:
+        row = dict(d)
+        vals = by_cand_class.get((d["candidate_id"], d["hw_class"]), [])
+        if vals and d["verdict"] != "failed":
+            row["mean"], row["sem"] = mean_sem(vals)
+            row["runs"] = len(vals)
+        row.setdefault("head_mean", d.get("head_bpb"))
+        decided.append(row)
+
+    fails = []
+    for r in L.all("SELECT d.candidate_id, d.hw_class, d.reason, c.description FROM decisions d "
+                   "JOIN candidates c ON c.id = d.candidate_id WHERE d.verdict = 'failed' "
+                   "ORDER BY d.id DESC LIMIT ?", max(0, failures)):
+        a = L.one("SELECT status, log_tail FROM attempts WHERE candidate_id = ? AND state = "
+                  "'done' AND status != 'ok' ORDER BY finished_at DESC LIMIT 1",
+                  r["candidate_id"])
+        tail = (a["log_tail"] or "") if a is not None else ""
+        fails.append({"candidate_id": r["candidate_id"], "description": r["description"],
+                      "hw_class": r["hw_class"], "reason": r["reason"],
+                      "status": a["status"] if a is not None else "failed",
+                      "log_tail": tail[-TAIL_CHARS:]})
+
+    running = [{"candidate_id": r["candidate_id"], "worker": r["worker"],
+                "hw_class": r["hw_class"], "progress": r.get("progress"),
+                "description": L.scalar("SELECT description FROM candidates WHERE id = ?",
+                                        r["candidate_id"])}
+               for r in status["running"] if r["purpose"] == "candidate"]
+    awaiting = []
+    for r in status["measured"]:
+        vals = by_cand_class.get((r["candidate_id"], r["hw_class"]), [])
+        m, sem = mean_sem(vals)
+        awaiting.append({**r, "mean": m, "sem": sem, "runs": len(vals)})
+
+    return {
+        "tag": status["tag"], "branch": status["branch"],
+        "head": {"commit": head_commit, "candidate_id": head_cid, "description": head_desc,
+                 "train_py": train_py, "values": values},
+        "program_md": program, "settings": status["settings"], "counts": status["counts"],
+        "decisions": decided, "queued": status["queue"], "running": running,
+        "awaiting": awaiting, "failures": fails, "noise": noise,
+    }
+
+
+__all__ = ["proposer_snapshot", "mean_sem"]
