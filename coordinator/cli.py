@@ -11,6 +11,7 @@
     autoresearch-coord submit FILE|- -m "what changed" [--connect EP] [--server-key KEY] [--json]
     autoresearch-coord status [--json]
     autoresearch-coord log [-n N] [--json]
+    autoresearch-coord retry ID --reason "why"          queue a failed candidate again (admin)
     autoresearch-coord export [PATH]
 
 Client commands find the coordinator through ``--connect``, else $AUTORESEARCH_COORD, else
@@ -558,6 +559,26 @@ def log(endpoint: str | None, server_key: str | None, insecure: bool, timeout: f
         click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
         return
     click.echo(format_log(data))
+
+
+@main.command()
+@click.argument("candidate_id", metavar="ID", type=click.IntRange(min=1))
+@click.option("--reason", required=True,
+              help="Why it deserves another run (one line; recorded in the ledger, shown by log).")
+@connect_option
+@timeout_option
+@click.option("--json", "as_json", is_flag=True, help="Print the coordinator's answer as JSON.")
+def retry(candidate_id: int, reason: str, endpoint: str | None, server_key: str | None,
+          insecure: bool, timeout: float, as_json: bool) -> None:
+    """Queue failed candidate ID again (admin): e.g. one failed by lost leases on a flaky
+    machine. Its earlier attempts and decision stay in the ledger; losses start counting anew."""
+    with _client(endpoint, timeout, server_key, insecure) as c:
+        data = _call(c.query, "retry", candidate_id=candidate_id, reason=reason)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        return
+    click.echo(f"#{data.get('candidate_id')} queued again (was {data.get('retried_from')}: "
+               f"{data.get('previous_reason') or '-'})")
 
 
 @main.command()

@@ -57,7 +57,7 @@ from coordinator.repo import (
     load_run, make_tree, rev_parse, state_dir, sync_worktree, update_ref, write_results_tsv,
 )
 
-__all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "HelloReply", "Assignment",
+__all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "RetryRefused", "HelloReply", "Assignment",
            "Decision", "ResultAck", "clean_description"]
 
 MAX_DESCRIPTION = 200                 # characters kept of a submission's description
@@ -74,6 +74,10 @@ TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 
 class SubmitRejected(ValueError):
     """A submission the coordinator refuses; the message says why (e.g. the syntax error)."""
+
+
+class RetryRefused(ValueError):
+    """A retry the coordinator refuses (unknown candidate, not failed); the message says why."""
 
 
 @dataclass
@@ -358,9 +362,12 @@ class Coordinator:
             return None, None  # a head lease: the next worker of that class measures it
         cid = att["candidate_id"]
         if new_state == st.LOST:
+            # Losses since the candidate's last retry (an admin's retry starts a fresh count).
             times = self.ledger.scalar(
                 "SELECT COUNT(*) FROM attempts WHERE candidate_id = ? AND purpose = 'candidate' "
-                "AND (state = 'lost' OR (state = 'stale' AND prior_state = 'lost'))", cid)
+                "AND (state = 'lost' OR (state = 'stale' AND prior_state = 'lost')) AND rowid > "
+                "(SELECT COALESCE(MAX(attempts_before), 0) FROM retries WHERE candidate_id = ?)",
+                cid, cid)
             if times >= decide.LOST_LIMIT:
                 ids = [r[0] for r in self.ledger.all(
                     "SELECT attempt_id FROM attempts WHERE candidate_id = ? ORDER BY leased_at",
@@ -685,6 +692,46 @@ class Coordinator:
             row = self.ledger.candidate(cid)
             return None if row is None else self._candidate_summary(row, duplicate=False)
 
+    # ---- admin --------------------------------------------------------------------------
+
+    def retry(self, cid: Any, reason: Any, requested_by: str | None = None) -> dict:
+        """An admin sends a failed candidate back to the queue (RetryRefused otherwise).
+
+        One transaction: a ``retries`` row keeps the reason and the superseded decision, the
+        decision row goes (a candidate has at most one), the candidate is queued again. Its
+        attempts stay in the ledger; only losses after the retry count toward its limit."""
+        if isinstance(cid, bool) or not isinstance(cid, int):
+            raise RetryRefused(f"candidate id must be an integer, not {cid!r}")
+        why = clean_description(reason)
+        if why == "(no description)":
+            raise RetryRefused("say why the candidate is retried (--reason)")
+        with self._mutex:
+            row = self.ledger.candidate(cid)
+            if row is None or cid == 0:
+                raise RetryRefused(f"no candidate #{cid}" if row is None else
+                                   "#0 is the baseline: it is never retried")
+            if row["state"] not in st.RETRYABLE:
+                raise RetryRefused(f"candidate #{cid} is {row['state']}: only "
+                                   f"{' or '.join(sorted(st.RETRYABLE))} candidates can be "
+                                   "retried")
+            with self.ledger.tx() as db:
+                old = self.ledger.decision(cid)
+                db.execute(
+                    "INSERT INTO retries(candidate_id, reason, requested_by, retried_at, "
+                    "from_state, decision, attempts_before) VALUES (?,?,?,?,?,?,"
+                    "(SELECT COALESCE(MAX(rowid), 0) FROM attempts))",
+                    (cid, why, requested_by, self._now(), row["state"],
+                     None if old is None else json.dumps(dict(old), sort_keys=True)))
+                db.execute("DELETE FROM decisions WHERE candidate_id = ?", (cid,))
+                self._set_candidate(cid, st.QUEUED)
+            if old is not None:
+                self._tsv_rows.pop(old["id"], None)
+            self._after_change(wrote_decision=True, head_moved=False)   # results.tsv
+            out = self._candidate_summary(self.ledger.candidate(cid), duplicate=False)
+            out.update(retried_from=row["state"], reason=why,
+                       previous_reason=None if old is None else old["reason"])
+            return out
+
     # ---- reports ------------------------------------------------------------------------
 
     def _classes(self) -> list[str]:
@@ -813,11 +860,24 @@ class Coordinator:
                     "reason": r["reason"], "description": r["description"],
                     "attempt_ids": loads(r["attempt_ids"], []),
                     "time": _fmt_time(r["decided_at"]), "_t": r["decided_at"]})
-            entries = sorted(attempts + decisions, key=lambda e: e["_t"], reverse=True)[:limit]
-            entries = [dict(e, kind="decision" if "verdict" in e else "attempt") for e in entries]
-            for e in attempts + decisions + entries:
+            retries = []
+            for r in L.all("SELECT r.*, c.description FROM retries r JOIN candidates c ON "
+                           "c.id = r.candidate_id ORDER BY r.id DESC LIMIT ?", limit):
+                before = loads(r["decision"], {}) or {}
+                retries.append({
+                    "candidate_id": r["candidate_id"], "state": "retried",
+                    "from_state": r["from_state"], "reason": r["reason"],
+                    "requested_by": r["requested_by"], "previous_reason": before.get("reason"),
+                    "description": f"retried ({r['from_state']}: {before.get('reason', '-')})"
+                                   f": {r['reason']}",
+                    "time": _fmt_time(r["retried_at"]), "_t": r["retried_at"]})
+            kinds = [("attempt", attempts), ("decision", decisions), ("retry", retries)]
+            entries = sorted((dict(e, kind=k) for k, rows in kinds for e in rows),
+                             key=lambda e: e["_t"], reverse=True)[:limit]
+            for e in attempts + decisions + retries + entries:
                 e.pop("_t", None)
-            return {"attempts": attempts, "decisions": decisions, "entries": entries}
+            return {"attempts": attempts, "decisions": decisions, "retries": retries,
+                    "entries": entries}
 
     def export_tsv(self) -> str:
         """results.tsv in upstream's format: one row per decided candidate, oldest first."""

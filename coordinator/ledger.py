@@ -20,6 +20,9 @@ Tables (times are epoch seconds, REAL; JSON columns are TEXT):
     decisions  id, candidate_id (UNIQUE), hw_class, verdict (kept|discarded|failed),
                head_before, head_after, val_bpb, head_bpb, reason, attempt_ids JSON, decided_at
     head       one row: commit, candidate_id, updated_at
+    retries    id, candidate_id, reason, requested_by, retried_at, from_state, decision (the
+               superseded decision row, JSON), attempts_before (attempts rowid at the retry:
+               losses before it no longer count toward the candidate's limit)
 
 Opening an existing ledger first runs ``check_ledger`` (read-only, before sqlite may create
 or change anything): an empty file, a file that is not SQLite, a damaged database
@@ -39,7 +42,6 @@ from typing import Any, Iterator
 SCHEMA_VERSION = 1
 LEDGER_NAME = "ledger.sqlite3"
 BUSY_TIMEOUT = 10.0            # seconds a statement waits for another process's write lock
-SQLITE_MAGIC = b"SQLite format 3\x00"
 TABLES = ("meta", "candidates", "attempts", "workers", "decisions", "head")
 
 SCHEMA = """
@@ -110,6 +112,16 @@ CREATE TABLE IF NOT EXISTS head (
     candidate_id INTEGER NOT NULL REFERENCES candidates(id),
     updated_at   REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS retries (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate_id    INTEGER NOT NULL REFERENCES candidates(id),
+    reason          TEXT NOT NULL,
+    requested_by    TEXT,
+    retried_at      REAL NOT NULL,
+    from_state      TEXT NOT NULL,
+    decision        TEXT,
+    attempts_before INTEGER NOT NULL
+);
 """
 
 
@@ -132,12 +144,14 @@ def check_ledger(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
 
     Reads only: the checks run on a read-only connection, and the lock probe (``BEGIN
     IMMEDIATE`` then ``ROLLBACK``) on a file already known to be a sound ledger writes nothing.
+    The file itself is never opened outside SQLite: closing any other descriptor of it would
+    drop the POSIX locks this process's SQLite connections hold on it (the coordinator opens
+    its trust list while its ledger is open), and a peer that then believes itself the last
+    connection deletes the WAL under them -- SQLite's own corruption warning.
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(len(SQLITE_MAGIC))
-        size = path.stat().st_size
+        size = path.stat().st_size   # stat, not open: see above
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -147,9 +161,6 @@ def check_ledger(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
     if size == 0:
         raise LedgerRefused(f"the ledger {path} is empty (0 bytes; a full disk or a copy that "
                             f"failed?): {_RESTORE}")
-    if head != SQLITE_MAGIC:
-        raise LedgerRefused(f"the ledger {path} is not an SQLite database ({size} bytes "
-                            f"starting {head[:8]!r}): {_RESTORE}")
     try:
         ro = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
                              timeout=busy_timeout, isolation_level=None)
@@ -163,6 +174,9 @@ def check_ledger(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
                 raise _locked(path, busy_timeout) from None
             rows = [str(exc)]
         except sqlite3.DatabaseError as exc:
+            if "not a database" in str(exc):
+                raise LedgerRefused(f"the ledger {path} is not an SQLite database ({size} "
+                                    f"bytes): {_RESTORE}") from None
             rows = [str(exc)]
         if rows != ["ok"]:
             more = f" (+{len(rows) - 1} more)" if len(rows) > 1 else ""
@@ -230,6 +244,10 @@ class Ledger:
         if version != SCHEMA_VERSION:
             raise LedgerError(f"{self.path}: ledger schema {version!r}, this release reads "
                               f"{SCHEMA_VERSION}: use the release that made this run")
+        if not create:
+            # IF NOT EXISTS: a no-op on a current ledger; adds tables added since (retries)
+            # to a ledger made by an earlier build of this schema version.
+            self.db.executescript(SCHEMA)
 
     def close(self) -> None:
         self.db.close()

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import zmq
 
-from coordinator.core import SubmitRejected
+from coordinator.core import RetryRefused, SubmitRejected
 from shared import protocol
 from shared.keys import configure_server, fingerprint, peer_key
 from shared.codec import MAX_FRAME_BYTES, CodecError, decode, encode
@@ -57,7 +57,8 @@ HELLO_FIRST = protocol.ERROR_HELLO_FIRST
 
 WORKER_TYPES = ("hello", "ready", "heartbeat", "result", "bye")
 CLIENT_TYPES = ("submit", "query")
-QUERIES = ("status", "log", "export", "keys", "harness", "dataset_manifest", "dataset_chunk")
+QUERIES = ("status", "log", "export", "keys", "harness", "dataset_manifest", "dataset_chunk",
+           "retry")
 ERROR_MISMATCH = "mismatch"
 
 
@@ -308,7 +309,7 @@ class Server:
             self._on_enrol(identity, msg, key)
             return
         if t in CLIENT_TYPES:
-            self._on_client(identity, msg)
+            self._on_client(identity, msg, key)
             return
         if t not in WORKER_TYPES:
             raise ProtocolError("unexpected", f"{t} is not a message the coordinator accepts")
@@ -482,7 +483,7 @@ class Server:
         self._send(identity, protocol.make("reply", req_id=req_id, ok=True,
                                            data=entry.to_dict()))
 
-    def _on_client(self, identity: bytes, msg: dict) -> None:
+    def _on_client(self, identity: bytes, msg: dict, key: str | None = None) -> None:
         req_id = msg["req_id"]
         if msg["type"] == "submit":
             try:
@@ -537,6 +538,21 @@ class Server:
             data = self.core.log(limit=limit)
         elif what == "export":
             data = self.core.export_tsv()
+        elif what == "retry":
+            entry = self.trust.lookup(key) if self.trust is not None and key else None
+            try:
+                data = self.core.retry(args.get("candidate_id"), args.get("reason"),
+                                       requested_by=entry.name if entry is not None else None)
+            except RetryRefused as exc:
+                self._send(identity, protocol.make("reply", req_id=req_id, ok=False,
+                                                   data={"error": str(exc)}))
+                return
+            self.event(f"retry #{data['candidate_id']} by {entry.name if entry else 'a client'}"
+                       f": {data['reason']} (was {data['retried_from']}: "
+                       f"{data.get('previous_reason') or '-'}); queued again")
+            self._send(identity, protocol.make("reply", req_id=req_id, ok=True, data=data))
+            self._offer_work()
+            return
         else:
             self._send(identity, protocol.make(
                 "reply", req_id=req_id, ok=False,

@@ -28,7 +28,8 @@ Roles (one per key; a machine that both works and submits uses two keys, ``worke
 
     worker     hello ready heartbeat result bye; query dataset_manifest|dataset_chunk|harness
     submitter  submit; query status|log|export
-    admin      what a submitter may, plus query keys|trust|revoke|invite (admin over the wire)
+    admin      what a submitter may, plus query keys|trust|revoke|invite|retry (admin over the
+               wire; retry sends a failed candidate back to the queue)
     (unknown)  enrol only                      (revoked) nothing
 
 The coordinator's own public key is treated as admin (``check(server_public=...)``): whoever
@@ -57,7 +58,7 @@ MAX_NAME = 64
 
 WORKER_QUERIES = frozenset({"dataset_manifest", "dataset_chunk", "harness"})
 SUBMITTER_QUERIES = frozenset({"status", "log", "export"})
-ADMIN_QUERIES = frozenset({"keys", "trust", "revoke", "invite"})
+ADMIN_QUERIES = frozenset({"keys", "trust", "revoke", "invite", "retry"})
 
 # role -> (message types it may send, query "what"s it may ask). "enrol" is open to every
 # role: a trusted key that enrols again just gets its entry back.

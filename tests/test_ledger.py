@@ -230,3 +230,37 @@ def test_start_refuses_an_empty_ledger_without_traceback(tmp_path, prepared_samp
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "is empty" in r.stderr and "Traceback" not in r.stderr, r
     assert path.stat().st_size == 0
+
+
+def test_checking_a_ledger_this_process_has_open_keeps_it_sound(tmp_path):
+    """The coordinator opens its trust list (check_ledger) while its own Ledger is open. A
+    check that opened and closed the file outside SQLite would drop this process's locks, and
+    another process closing its connection would then take itself for the last one and
+    remove the WAL under us: "database disk image is malformed"."""
+    import subprocess
+    import sys
+
+    from coordinator.ledger import check_ledger
+
+    _, path = _sound_ledger(tmp_path)
+    led = Ledger(path)
+    try:
+        with led.tx():
+            for i in range(50):
+                led.set_meta(f"k{i}", "x" * 2000)   # pages in the WAL, not yet checkpointed
+        check_ledger(path)
+        # Another process (an admin's `autoresearch-coord trust`) checks, writes and closes.
+        subprocess.run([sys.executable, "-c",
+                        "import sqlite3\n"
+                        "from coordinator.ledger import check_ledger\n"
+                        f"check_ledger({str(path)!r})\n"
+                        f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+                        "c.execute(\"INSERT INTO meta VALUES ('other', '2')\")\n"
+                        "c.close()\n"], check=True, timeout=60)
+        for i in range(50):
+            with led.tx():
+                led.set_meta(f"after{i}", "y" * 2000)
+        assert led.get_meta("k49") == "x" * 2000 and led.get_meta("other") == 2
+        assert led.scalar("PRAGMA quick_check") == "ok"
+    finally:
+        led.close()

@@ -108,3 +108,59 @@ def test_sigkilled_worker_takes_its_trainer_group_with_it(fleet):  # noqa: F811
         time.sleep(0.05)
     assert not _alive(trainer), "the trainer outlived its SIGKILLed worker"
     assert not _alive(helper), "the trainer's group outlived its SIGKILLed worker"
+
+
+# ---- retry, over the wire and the CLI (issue 9, item 5) -------------------------------------
+
+def test_admin_retries_a_failed_candidate_which_then_runs_again(fleet, tmp_path):  # noqa: F811
+    """A candidate that failed for a reason outside itself (here: a flag file standing in for a
+    broken machine) is retried by the local admin, runs again and is kept; the retry and its
+    reason are in `log`; a submitter key may not retry."""
+    import json
+    import re
+
+    from coordinator.client import Client, ClientError
+    from coordinator.trust import TrustStore
+    from shared.keys import load_or_create_keypair
+    from test_fleet import cli, submit, wait_head_measured
+
+    flag = tmp_path / "machine-is-broken"
+    flag.write_text("1")
+    text = (f"import os, sys\nif os.path.exists({str(flag)!r}):\n"
+            "    sys.exit('the machine is broken')\n"
+            + (fleet.repo / "train.py").read_text().replace("BPB = 1.50", "BPB = 1.30"))
+    coord, ep = fleet.started_coord()
+    fleet.worker(ep, "w1")
+    wait_head_measured(coord)
+    cid = submit(ep, text, "good, on a bad day")["candidate_id"]
+    coord.wait_for(rf"FAIL #{cid}\b")
+
+    # Only admins retry: a submitter key is refused and nothing changes.
+    sub = load_or_create_keypair(tmp_path / "subkeys", "client")
+    with TrustStore.open(fleet.repo) as store:
+        store.trust(sub.public, "a-submitter", "submitter")
+    st = cli("status", "--json", "--connect", ep)
+    assert st.returncode == 0, st
+    server_key = json.loads(st.stdout)["server_key"]
+    with Client(ep, server_key=server_key, keypair=sub, timeout=15) as c:
+        with pytest.raises(ClientError, match="admin"):
+            c.query("retry", candidate_id=cid, reason="sneaky")
+
+    r = cli("retry", str(cid), "--connect", ep)
+    assert r.returncode == 2 and "--reason" in r.stderr, r     # the reason is required
+    r = cli("retry", "0", "--reason", "x", "--connect", ep)
+    assert r.returncode == 2, r                                  # not a candidate id
+    flag.unlink()   # the machine is fixed
+    r = cli("retry", str(cid), "--reason", "the disk was full that night", "--connect", ep)
+    assert r.returncode == 0 and re.search(rf"#{cid} queued again \(was failed: ", r.stdout), r
+    coord.wait_for(rf"retry #{cid} by \S+: the disk was full that night")
+    coord.wait_for(rf"KEEP #{cid}\b.*1\.3000")
+    again = cli("retry", str(cid), "--reason", "twice", "--connect", ep)
+    assert again.returncode == 1 and f"candidate #{cid} is kept" in again.stderr, again
+
+    log = json.loads(cli("log", "--json", "-n", "50", "--connect", ep).stdout)
+    retries = [e for e in log["entries"] if e["kind"] == "retry"]
+    assert len(retries) == 1 and retries[0]["reason"] == "the disk was full that night"
+    runs = [a for a in log["attempts"] if a["candidate_id"] == cid]
+    assert sorted(a["status"] for a in runs) == ["crash", "ok"]   # both runs stay recorded
+    assert "retried" in cli("log", "-n", "50", "--connect", ep).stdout
