@@ -29,7 +29,9 @@ Choices worth knowing:
     lost (``LOST_LIMIT`` losses fail the candidate);
   * a candidate keeps its first measurement: no re-runs or seeds yet (DESIGN.md plans them on
     top; every attempt is stored for that);
-  * an identical train.py text is never queued twice, whatever its earlier fate.
+  * an identical train.py text is never queued twice, whatever its earlier fate; only an
+    admin's ``retry`` queues a failed candidate again (the reason and the superseded decision go
+    to the ``retries`` table, its attempts stay, and losses toward ``LOST_LIMIT`` count anew).
 
 Heartbeats (``worker_seen``) are kept in memory only: liveness is the server's business and
 writing SQLite once a second per worker would buy nothing after a restart.
