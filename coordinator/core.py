@@ -65,8 +65,8 @@ from coordinator.repo import (
 )
 from shared.outcome import CANCELLED, OK, Outcome, plain
 
-__all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "RetryRefused", "HelloReply", "Assignment",
-           "Decision", "ResultAck", "clean_description"]
+__all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "RetryRefused", "HelloReply",
+           "Assignment", "Decision", "ResultAck", "clean_description"]
 
 MAX_DESCRIPTION = 200                 # characters kept of a submission's description
 MAX_TRAIN_PY_BYTES = 1_000_000        # a train.py is a few hundred lines; refuse a megabyte

@@ -178,7 +178,7 @@ class Session:
         return text, f"chaos variant {self.n_variants}: bpb {bpb} in {sleep}s"
 
     def _submit_pending(self) -> None:
-        from coordinator.client import Client
+        from shared.client import Client
 
         while self.pending and "coordinator" in self.procs:
             text, desc = self.pending[0]
@@ -193,7 +193,7 @@ class Session:
             self.pending.pop(0)
 
     def _settled(self) -> bool:
-        from coordinator.client import Client
+        from shared.client import Client
 
         try:
             with Client(self.endpoint, timeout=2.0) as c:

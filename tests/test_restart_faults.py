@@ -119,7 +119,7 @@ def test_admin_retries_a_failed_candidate_which_then_runs_again(fleet, tmp_path)
     import json
     import re
 
-    from coordinator.client import Client, ClientError
+    from shared.client import Client, ClientError
     from coordinator.trust import TrustStore
     from shared.keys import load_or_create_keypair
     from test_fleet import cli, submit, wait_head_measured
