@@ -65,19 +65,20 @@ from typing import Any, Callable
 import zmq
 
 from shared import protocol
+from shared.awake import KeepAwake
 from shared.codec import CodecError, decode, encode
 from shared.datasync import (DataSyncError, check_manifest, fetch_dataset, harness_difference,
                              harness_file_hashes, harness_fingerprint)
 from shared.dealer import Requester, make_dealer
 from shared.keys import fingerprint
+from shared.outcome import Outcome
 from shared.protocol import (HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, RECONNECT_INITIAL,
                              RECONNECT_MAX, ProtocolError)
 from trainer.backend import trainer_env
 from trainer.dataset import DatasetError, read_manifest
-from shared.awake import KeepAwake
 from worker import gate, kernel_cache, states
 from worker.conditions import read_conditions
-from worker.runner import AttemptProcess, AttemptSpec, LowDiskSpace, Outcome, default_run_root
+from worker.runner import AttemptProcess, AttemptSpec, LowDiskSpace, default_run_root
 from worker.states import (BLOCKED, CONNECTING, ENROLLING, FETCHING, HOLDING, IDLE, PAUSED,
                            REPORTING, RUNNING, STOPPED)
 
@@ -735,8 +736,7 @@ class Agent:
         """Report an assignment as ``cancelled``: the worker's problem, not the candidate's
         (the coordinator requeues it without a strike)."""
         self.event(f"not running {attempt_id}: {note}")
-        self._report(attempt_id,
-                     Outcome("cancelled", None, {}, "", None, 0.0, note).to_wire())
+        self._report(attempt_id, Outcome.cancelled(note).to_wire())
 
     def _on_cancel(self, msg: dict) -> None:
         if self.proc is None or self.attempt_id != msg["attempt_id"]:
