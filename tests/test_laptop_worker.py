@@ -56,6 +56,10 @@ def stop_agent(agent, thread):
     assert not thread.is_alive()
 
 
+def worker_row(core):
+    return next(w for w in core.status()["workers"] if w["name"] == "mbp")
+
+
 def attempts(core):
     return core.ledger.all("SELECT * FROM attempts ORDER BY rowid")
 
@@ -93,10 +97,17 @@ def test_battery_pauses_ac_resumes_and_a_started_run_finishes(slow_repo, tmp_pat
             reads = machine.reads
             wait_for(lambda: machine.reads >= reads + 5, what="the conditions re-read")
             assert agent.state == ws.PAUSED and attempts(core) == []   # no work was taken
+            # the coordinator's status says why (from the paused worker's heartbeats)
+            from coordinator.cli import format_status
+            wait_for(lambda: worker_row(core)["state"] == "paused", what="status: paused")
+            assert worker_row(core)["paused"].startswith("on battery power (80%)")
+            assert "workers paused by their machine:\n  mbp: on battery power (80%)" \
+                in format_status(core.status())
 
             machine.source = "ac"                                       # plugged in
             wait_for(lambda: agent.state == ws.RUNNING, what="a run after plugging in")
             assert "resuming: the machine's conditions allow new work again" in events
+            assert worker_row(core)["paused"] is None
             trainer_pid = agent.proc.pid
             machine.source = "battery"                                  # unplugged mid-run
             wait_for(lambda: agent.state == ws.PAUSED, what="paused after the run")
