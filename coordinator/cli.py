@@ -42,7 +42,7 @@ from typing import Any
 
 import click
 
-from coordinator.client import ENDPOINT_ENV, Client, ClientError, default_endpoint
+from shared.client import ENDPOINT_ENV, Client, ClientError, default_endpoint
 from shared.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, RECONNECT_MAX, REQUEST_TIMEOUT
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
