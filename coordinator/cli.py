@@ -2,7 +2,7 @@
 
     autoresearch-coord init DIR [--tag T] [--preset seed|upstream-h100|tiny] [--budget S] ...
     autoresearch-coord start DIR [--bind tcp://127.0.0.1:5555] [--data PATH] [--new-dataset]
-                                 [--insecure]
+                                 [--insecure] [--dashboard [HOST:]PORT]
     autoresearch-coord key [DIR]                       coordinator public key + fingerprint
     autoresearch-coord trust KEY|FILE --name NAME --role worker|submitter|admin [--dir DIR]
     autoresearch-coord revoke KEY|FINGERPRINT|NAME [--dir DIR]
@@ -207,8 +207,13 @@ def init(directory: Path, tag: str | None, preset: str, budget: int | None,
               show_default=True, metavar="S",
               help="After a restart, extra seconds (beyond the liveness window) for workers that "
                    "held leases to reconnect before their candidates are requeued.")
+@click.option("--dashboard", "dashboard_at", default=None, metavar="[HOST:]PORT",
+              help="Also serve the live dashboard (read-only web page) on PORT of 127.0.0.1; "
+                   "naming a HOST (e.g. 0.0.0.0:8080) is the only way to let other machines "
+                   "read it.")
 def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, insecure: bool,
-          heartbeat_interval: float, liveness: int, restart_grace: float) -> None:
+          heartbeat_interval: float, liveness: int, restart_grace: float,
+          dashboard_at: str | None) -> None:
     """Run the coordinator for the research repo in DIRECTORY until Ctrl-C.
 
     CURVE is on unless --insecure: the coordinator's key (made by init, or now) is printed
@@ -218,10 +223,15 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
     unless --new-dataset.
     """
     from coordinator.core import Coordinator
+    from coordinator.dashboard import DashboardError, parse_address
     from coordinator.server import is_loopback_endpoint, join_endpoint, serve, stamp
     from shared.datasync import DatasetServer, DataSyncError
     from trainer.dataset import DatasetError, resolve_dataset_dir
 
+    try:
+        dash_addr = parse_address(dashboard_at) if dashboard_at is not None else None
+    except DashboardError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dashboard") from None
     try:
         dataset = DatasetServer(data if data is not None else resolve_dataset_dir())
     except (DatasetError, DataSyncError) as exc:
@@ -244,6 +254,7 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
         manifest = dataset.manifest()
         _check_dataset(core, manifest, new_dataset)
         admin = _trust_local_admin(core) if keypair is not None else None
+        dash = _start_dashboard(directory, dash_addr) if dash_addr is not None else None
     except click.ClickException:
         core.close()
         raise
@@ -255,6 +266,9 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
         ep = join_endpoint(endpoint)
         p(f"{stamp()} coordinator for {directory.resolve()} listening on {endpoint}")
         p(f"  dataset {manifest['name']} ({manifest['dataset_hash'][:12]}) from {dataset.dir}")
+        if dash is not None:
+            p(f"  dashboard {dash.url} (read-only; no keys shown)" + (
+                "" if dash.loopback else " -- readable by anyone who can reach this address"))
         if keypair is None:
             if not is_loopback_endpoint(bind):
                 p(DANGER)
@@ -284,12 +298,26 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
     awake = KeepAwake.start(os.getpid())
     try:
         serve(core, bind, heartbeat_interval=heartbeat_interval, liveness=liveness,
-              banner=banner, keypair=keypair, dataset=dataset, restart_grace=restart_grace)
+              banner=banner, keypair=keypair, dataset=dataset, restart_grace=restart_grace,
+              snapshot=dash.holder if dash is not None else None)
     except zmq_error() as exc:
         raise click.ClickException(f"cannot listen on {bind}: {exc}") from None
     finally:
         awake.stop()
+        if dash is not None:
+            dash.stop()
         core.close()
+
+
+def _start_dashboard(directory: Path, addr: tuple[str, int, bool]):
+    """The live dashboard for ``start``: loopback unless the address named a host."""
+    from coordinator.dashboard import Dashboard, DashboardError, SnapshotHolder
+
+    host, port, named = addr
+    try:
+        return Dashboard(SnapshotHolder(), directory, host, port, public=named).start()
+    except DashboardError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def zmq_error():
