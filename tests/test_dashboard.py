@@ -240,3 +240,27 @@ def test_start_dashboard_shows_a_real_fleet_in_chromium(fleet, fleet_variant):
     r = _chromium(url, f"--screenshot={shot}", "--window-size=1280,1100")
     assert r.returncode == 0 and shot.read_bytes().startswith(b"\x89PNG")
     assert coord.p.poll() is None
+
+
+def test_start_refuses_a_bad_or_taken_dashboard_address(fleet_repo, prepared_sample, monkeypatch):
+    import socket
+    import sys
+
+    monkeypatch.setenv("AUTORESEARCH_DATA", str(prepared_sample))
+
+    def start(*args):
+        return subprocess.run([sys.executable, "-m", "coordinator.cli", "start", str(fleet_repo),
+                               "--bind", "tcp://127.0.0.1:0", *args], capture_output=True,
+                              text=True, timeout=60)
+
+    r = start("--dashboard", "everywhere")
+    assert r.returncode == 2 and "expected PORT or HOST:PORT" in r.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = start("--dashboard", str(taken.getsockname()[1]))
+    assert r.returncode == 1 and "cannot serve the dashboard on 127.0.0.1" in r.stderr
+    assert "listening on" not in r.stdout
+    # the coordinator's lock was released: a later start is not refused as busy
+    from coordinator.core import Coordinator
+    Coordinator(fleet_repo).close()
