@@ -767,8 +767,17 @@ def format_log(data: Any) -> str:
                     _pick(r, "verdict") or " ".join(
                         str(x) for x in (r.get("state"), r.get("status")) if x),
                     _num(_pick(r, "val_bpb")), _pick(r, "hw_class"),
-                    _pick(r, "description", "reason")] for r in rows],
+                    _what_happened(r)] for r in rows],
                   ["time", "cand", "what", "val_bpb", "class", "description"])
+
+
+def _what_happened(r: dict) -> Any:
+    """An attempt's description and the worker's note (why its status); a decision's reason."""
+    text = _pick(r, "description", "reason")
+    note = r.get("note")
+    if r.get("kind") != "decision" and isinstance(note, str) and note:
+        return f"{text}: {note}" if text else note
+    return text
 
 
 def _register_demo() -> None:

@@ -205,6 +205,11 @@ class Ledger:
         return self.one("SELECT * FROM attempts WHERE worker_id = ? AND state = 'leased' "
                         "ORDER BY leased_at DESC LIMIT 1", worker_id)
 
+    def class_attempts(self, cid: int, hw_class: str) -> list[sqlite3.Row]:
+        """Every attempt of one candidate on one hardware class, oldest lease first."""
+        return self.all("SELECT * FROM attempts WHERE candidate_id = ? AND hw_class = ? "
+                        "ORDER BY leased_at, rowid", cid, hw_class)
+
     def decision(self, cid: int) -> sqlite3.Row | None:
         return self.one("SELECT * FROM decisions WHERE candidate_id = ?", cid)
 

@@ -49,6 +49,7 @@ from shared import datasync, protocol
 from shared.codec import MAX_FRAME_BYTES, CodecError, decode, encode
 from shared.datasync import DataSyncError, harness_file_hashes, harness_fingerprint
 from shared.keys import configure_server, fingerprint, peer_key
+from shared.outcome import Outcome
 from shared.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, RECONNECT_MAX, ProtocolError
 
 # Longest the poll loop sleeps, so a signal-requested shutdown is noticed promptly.
@@ -463,18 +464,18 @@ class Server:
         if wid is None:
             return
         conn = self._heard(identity, wid, key)   # a result needs no hello: it is idempotent
-        attempt_id, outcome = msg["attempt_id"], msg["outcome"]
+        attempt_id = msg["attempt_id"]
+        outcome = Outcome.from_wire(msg["outcome"])  # the peer's map is untrusted
         ack = self.core.record_result(wid, attempt_id, outcome)
         if conn is not None and conn.attempt_id == attempt_id:
             conn.attempt_id = None
         self._send(identity, protocol.make(
             "ack", attempt_id=attempt_id, accepted=bool(ack.accepted), note=str(ack.note or "")))
         who = conn.name if conn else wid
-        bpb = outcome.get("val_bpb")
-        bpb_s = f"{bpb:.4f}" if isinstance(bpb, (int, float)) else "-"
+        bpb_s = f"{outcome.val_bpb:.4f}" if outcome.val_bpb is not None else "-"
         state = "accepted" if ack.accepted else "not counted"
         note = f" ({ack.note})" if ack.note else ""
-        self.event(f"result {attempt_id} from {who}: {outcome.get('status')} "
+        self.event(f"result {attempt_id} from {who}: {outcome.status} "
                    f"val_bpb {bpb_s}, {state}{note}")
         for d in getattr(ack, "decisions", None) or []:
             self.event(describe_decision(d))

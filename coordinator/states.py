@@ -15,6 +15,11 @@ An *attempt* is one lease of a candidate (or of the head, to measure it) to one 
     leased -> cancelled   the worker left cleanly (bye) or cancelled it itself: not counted
     lost | cancelled -> stale   a result arrived anyway, too late: stored, never counted
 
+Only ``coordinator.core`` moves these states (one ledger transaction per change). It asks
+``coordinator.scheduling`` which candidate (or the head) a ready worker leases next, and
+``coordinator.decide`` whether a measured candidate is kept or discarded; a failed outcome's
+status and note come from the worker (``shared.outcome``).
+
 Every state change in the ledger goes through ``check_candidate`` / ``check_attempt``, so an
 illegal move (say, a discarded candidate being kept) raises ``IllegalTransition`` instead of
 silently corrupting the run. ``describe()`` prints both machines (``python -m

@@ -115,6 +115,7 @@ SCHEMA: dict[str, Message] = {
     # both ways; a worker's carries its worker_id, the attempt it runs and its progress
     "heartbeat": Message({}, _by(WORKER, COORDINATOR),
                          {"worker_id": (str,), "attempt_id": OPT_STR, "progress": OPT_MAP}),
+    # outcome: shared.outcome.Outcome.to_wire(); read back only with Outcome.from_wire
     "result": Message({"worker_id": (str,), "attempt_id": (str,), "outcome": (dict,)},
                       _by(WORKER)),
     "bye": Message({"worker_id": (str,), "reason": (str,)}, _by(WORKER)),
@@ -207,9 +208,6 @@ ERROR_UNTRUSTED = UNTRUSTED
 ERROR_REVOKED = REVOKED
 ERROR_FORBIDDEN = "forbidden"
 ERROR_MISMATCH = "mismatch"
-
-# Result outcome statuses (the harness's, plus the worker's own classifications).
-OUTCOME_STATUSES = ("ok", "crash", "nan", "oom", "timeout", "cancelled")
 
 
 class ProtocolError(ValueError):

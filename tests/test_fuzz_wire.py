@@ -23,6 +23,7 @@ from coordinator import repo as R
 from coordinator import states as S
 from coordinator.core import MAX_DESCRIPTION, Coordinator, SubmitRejected, clean_description
 from shared import codec, protocol
+from shared import outcome as outcome_contract
 from shared.codec import CodecError
 from shared.protocol import ProtocolError
 
@@ -142,7 +143,7 @@ def fresh_repo(template: Path) -> Path:
 BPB = (st.floats(0.5, 3.0) | st.floats(allow_nan=True, allow_infinity=True)
        | st.integers(-2**63, 2**64 - 1) | st.none() | st.booleans() | st.text(max_size=5)
        | st.sampled_from([0.0, -1.0, math.nan, math.inf, -math.inf]))
-STATUS = st.sampled_from(protocol.OUTCOME_STATUSES) | st.text(max_size=8) | VALUES
+STATUS = st.sampled_from(outcome_contract.STATUSES) | st.text(max_size=8) | VALUES
 OUTCOME = st.one_of(
     st.fixed_dictionaries({"status": st.just("ok"), "val_bpb": st.floats(0.5, 3.0)}),
     st.fixed_dictionaries({"status": STATUS, "val_bpb": BPB}, optional={

@@ -70,12 +70,13 @@ from shared.datasync import (DataSyncError, check_manifest, fetch_dataset, harne
                              harness_file_hashes, harness_fingerprint)
 from shared.dealer import Requester, make_dealer
 from shared.keys import fingerprint
+from shared.outcome import Outcome
 from shared.protocol import (HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, RECONNECT_INITIAL,
                              RECONNECT_MAX, ProtocolError)
 from trainer.backend import trainer_env
 from trainer.dataset import DatasetError, read_manifest
 from worker import kernel_cache, states
-from worker.runner import AttemptProcess, AttemptSpec, LowDiskSpace, Outcome, default_run_root
+from worker.runner import AttemptProcess, AttemptSpec, LowDiskSpace, default_run_root
 from worker.states import (BLOCKED, CONNECTING, ENROLLING, FETCHING, HOLDING, IDLE, REPORTING,
                            RUNNING, STOPPED)
 
@@ -667,8 +668,7 @@ class Agent:
         """Report an assignment as ``cancelled``: the worker's problem, not the candidate's
         (the coordinator requeues it without a strike)."""
         self.event(f"not running {attempt_id}: {note}")
-        self._report(attempt_id,
-                     Outcome("cancelled", None, {}, "", None, 0.0, note).to_wire())
+        self._report(attempt_id, Outcome.cancelled(note).to_wire())
 
     def _on_cancel(self, msg: dict) -> None:
         if self.proc is None or self.attempt_id != msg["attempt_id"]:
