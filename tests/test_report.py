@@ -91,8 +91,11 @@ def test_readonly_ledger_refuses_clearly(tmp_path, fleet_repo):
     junk.write_bytes(b"this is not a database" * 100)
     with pytest.raises(LedgerError, match="cannot read the ledger"):
         ReadOnlyLedger(junk)
-    r = _cli("report", str(tmp_path))
-    assert r.returncode != 0 and "not a research repo" in r.stderr
+    for args in (["report", str(tmp_path)], ["status", "--dir", str(tmp_path)],
+                 ["log", "--dir", str(tmp_path)], ["export", "-", "--dir", str(tmp_path)]):
+        r = _cli(*args)
+        assert r.returncode == 1 and "is not a research repo" in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
 
 
 # ---- the night as data -----------------------------------------------------------------------
@@ -264,7 +267,27 @@ def test_report_from_a_real_fleet_running_then_stopped(fleet, fleet_variant, tmp
     finally:
         watch.stop()
 
+    # status / log / export --dir: the ledger read directly, beside the running coordinator ...
+    live = json.loads(_cli("status", "--json", "--connect", ep).stdout)
+    live_tsv = _cli("export", "-", "--connect", ep).stdout
+    side = _cli("status", "--json", "--dir", str(fleet.repo))
+    assert side.returncode == 0 and json.loads(side.stdout)["heads"] == live["heads"]
+
     coord.stop()
+    # ... and after it stopped: the same numbers, no server needed.
+    off = json.loads(_cli("status", "--json", "--dir", str(fleet.repo)).stdout)
+    assert off["offline"] is True and off["heads"] == live["heads"]
+    assert off["counts"] == live["counts"] and off["head"] == live["head"]
+    assert "server_key" not in off and "trusted" not in off
+    text = _cli("status", "--dir", str(fleet.repo)).stdout
+    assert "read from the ledger" in text and "head val_bpb per hardware class" in text
+    assert _cli("export", "-", "--dir", str(fleet.repo)).stdout == live_tsv
+    lg = json.loads(_cli("log", "--json", "-n", "50", "--dir", str(fleet.repo)).stdout)
+    assert {d["candidate_id"] for d in lg["decisions"]} >= {
+        better["candidate_id"], worse["candidate_id"], crash["candidate_id"]}
+    r = _cli("status", "--dir", str(fleet.repo), "--connect", ep)
+    assert r.returncode == 2 and "--dir reads the ledger itself" in r.stderr
+
     out2 = tmp_path / "offline"
     r = _cli("report", str(fleet.repo), "-o", str(out2), "--json")
     assert r.returncode == 0, r.stderr
