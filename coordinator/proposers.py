@@ -52,11 +52,12 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from coordinator import pacing
-from coordinator.brief import BriefContext, Feedback, fmt_value, render_brief
+from coordinator.brief import (
+    AGENT_ENV, BRIEF_NAME, DESCRIPTION_NAME, TRAIN_PY_NAME, BriefContext, Feedback, fmt_value,
+    render_brief,
+)
 
-PLACEHOLDERS = ("{brief}", "{workdir}", "{train_py}", "{description}")
-AGENT_ENV = {"{brief}": "AUTORESEARCH_BRIEF", "{workdir}": "AUTORESEARCH_WORKDIR",
-             "{train_py}": "AUTORESEARCH_TRAIN_PY", "{description}": "AUTORESEARCH_DESCRIPTION"}
+PLACEHOLDERS = tuple(AGENT_ENV)
 KILL_GRACE = 5.0          # seconds between SIGTERM and SIGKILL of an agent's group
 POLL_SECONDS = 0.2        # how often running agents are checked
 SNAPSHOT_SECONDS = 2.0    # how often the coordinator is asked what is in flight
@@ -124,15 +125,15 @@ class Proposal:
 
     @property
     def train_py(self) -> Path:
-        return self.workdir / "train.py"
+        return self.workdir / TRAIN_PY_NAME
 
     @property
     def brief(self) -> Path:
-        return self.workdir / "brief.md"
+        return self.workdir / BRIEF_NAME
 
     @property
     def description_file(self) -> Path:
-        return self.workdir / "description.txt"
+        return self.workdir / DESCRIPTION_NAME
 
     @property
     def transcript_path(self) -> Path:
@@ -426,6 +427,14 @@ class AgentRunner(_Follower):
             else:
                 self.say("stopping: no agent running")
 
+    def shutdown(self) -> None:
+        """Kill and reap every running agent without asking the coordinator anything (it
+        refused us, or we are going away)."""
+        self.stop(kill=True)
+        while any(s.proposal is not None for s in self.slots):
+            self._reap(self.clock())
+            time.sleep(POLL_SECONDS)
+
     @property
     def done(self) -> bool:
         busy = any(s.proposal is not None for s in self.slots)
@@ -455,19 +464,7 @@ class AgentRunner(_Follower):
 
     def step(self) -> None:
         now = self.clock()
-        for s in self.slots:
-            p = s.proposal
-            if p is None:
-                continue
-            if p.kill_at is not None and now >= p.kill_at:
-                signal_group(p, signal.SIGKILL)
-                p.kill_at = None
-            rc = exited(p)
-            if rc is not None:
-                self._finished(s, p, rc)
-            elif not p.timed_out and not p.killed and now >= p.deadline:
-                p.timed_out = True
-                self._kill(p, f"timed out after {self.timeout:g}s")
+        self._reap(now)
         snap = self.refresh()
         if snap is not None:
             self._retry_unsent()
@@ -484,6 +481,22 @@ class AgentRunner(_Follower):
             if s.proposal is None and now >= s.not_before:
                 if self._start(s, snap):
                     room -= 1
+
+    def _reap(self, now: float) -> None:
+        """Finish agents that exited; stop those past their deadline or kill grace."""
+        for s in self.slots:
+            p = s.proposal
+            if p is None:
+                continue
+            if p.kill_at is not None and now >= p.kill_at:
+                signal_group(p, signal.SIGKILL)
+                p.kill_at = None
+            rc = exited(p)
+            if rc is not None:
+                self._finished(s, p, rc)
+            elif not p.timed_out and not p.killed and now >= p.deadline:
+                p.timed_out = True
+                self._kill(p, f"timed out after {self.timeout:g}s")
 
     def _kill(self, p: Proposal, why: str) -> None:
         p.killed = True
@@ -619,6 +632,9 @@ class SweepRunner(_Follower):
 
     def stop(self, kill: bool = False) -> None:
         self.stopping = True
+
+    def shutdown(self) -> None:
+        self.stop(kill=True)
 
     @property
     def done(self) -> bool:
