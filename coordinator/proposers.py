@@ -288,6 +288,17 @@ def judge_proposal(head_text: str, text: str | None, description: str, returncod
     return Judged("submit", "", description)
 
 
+def is_duplicate(reply: dict, description: str, base: str) -> bool:
+    """A ``duplicate`` reply that is really our own submission answered twice (the client
+    re-sends a request whose reply was lost) is not a duplicate: same base, same description,
+    still undecided."""
+    if not reply.get("duplicate"):
+        return False
+    ours = (reply.get("base") == base and not reply.get("verdict")
+            and reply.get("description") == " ".join(description.split()))
+    return not ours
+
+
 # ---- the loops ----------------------------------------------------------------------------
 
 def default_say(line: str) -> None:
@@ -576,7 +587,7 @@ class AgentRunner(_Follower):
             self.say(f"{s.name}: refused: {exc}")
             return True
         cid = data.get("candidate_id")
-        kind = "duplicate" if data.get("duplicate") else "submitted"
+        kind = "duplicate" if is_duplicate(data, j.description, p.head_commit) else "submitted"
         self._record(s, p, Judged(kind, "", j.description), 0, data)
         s.failures = 0
         if isinstance(cid, int):
@@ -710,5 +721,5 @@ def install_signals(runner: AgentRunner | SweepRunner) -> None:
 
 
 __all__ = ["AgentRunner", "SweepRunner", "Source", "SourceUnavailable", "Refused",
-           "parse_command", "expand", "judge_proposal", "Judged", "Proposal", "new_proposal",
+           "parse_command", "expand", "judge_proposal", "is_duplicate", "Judged", "Proposal", "new_proposal",
            "start_agent", "exited", "signal_group", "install_signals", "PLACEHOLDERS", "AGENT_ENV"]

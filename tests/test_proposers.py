@@ -20,7 +20,8 @@ import pytest
 
 from coordinator.core import Coordinator, SubmitRejected
 from coordinator.proposers import (
-    AgentRunner, Refused, SourceUnavailable, SweepRunner, judge_proposal, parse_command,
+    AgentRunner, Refused, SourceUnavailable, SweepRunner, is_duplicate, judge_proposal,
+    parse_command,
 )
 from coordinator.snapshot import mean_sem, proposer_snapshot
 from coordinator import sweep as S
@@ -311,6 +312,15 @@ def test_judge_proposal():
     assert judge_proposal(head, "x = 2\n", "d", 1, False, 5).kind == "agent_failed"
     assert judge_proposal(head, "x = 2\n", "d", -9, False, 5).detail == "killed by signal 9"
     assert judge_proposal(head, "x = 2\n", "d", -15, True, 5).kind == "timeout"
+
+
+def test_a_resent_submit_answered_as_duplicate_is_still_ours():
+    reply = {"duplicate": True, "candidate_id": 4, "base": "abc", "description": "x y",
+             "state": "queued"}
+    assert not is_duplicate(reply, "x   y", "abc")            # our request, answered twice
+    assert is_duplicate(reply, "x y", "def")                   # someone's, on another head
+    assert is_duplicate({**reply, "verdict": "kept"}, "x y", "abc")   # decided before
+    assert not is_duplicate({**reply, "duplicate": False}, "z", "q")
 
 
 def test_parse_command():
