@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from coordinator import pacing
+from coordinator.states import CANDIDATE_FINAL
 from coordinator.brief import (
     AGENT_ENV, BRIEF_NAME, DESCRIPTION_NAME, TRAIN_PY_NAME, BriefContext, Feedback, fmt_value,
     render_brief,
@@ -76,7 +77,7 @@ class Refused(RuntimeError):
 
 
 class Source(Protocol):
-    def snapshot(self) -> dict: ...
+    def snapshot(self, watch: list[int]) -> dict: ...
     def submit(self, train_py: str, description: str, base: str | None) -> dict: ...
 
 
@@ -338,7 +339,7 @@ class _Follower:
             return self.snap
         self.snap_at = now
         try:
-            snap = self.source.snapshot()
+            snap = self.source.snapshot(self.pending_decisions())
         except SourceUnavailable as exc:
             if self.unreachable is None:
                 self.say(f"coordinator unreachable, retrying: {exc}")
@@ -353,6 +354,8 @@ class _Follower:
         return snap
 
     def _report_decisions(self, snap: dict) -> None:
+        """Say each of our candidates' decision once: from the recent decisions (with their
+        numbers), else from ``watched`` once it is in a final state (say, stale)."""
         for d in reversed(snap.get("decisions") or []):
             cid = d.get("candidate_id")
             if cid in self.ours and cid not in self.decided:
@@ -362,6 +365,14 @@ class _Follower:
                 head = fmt_value(d.get("head_mean", d.get("head_bpb")), d.get("head_sem"))
                 nums = "" if verdict == "FAILED" else f": {value} vs head {head}"
                 self.say(f"{verdict} #{cid} ({self.ours[cid]}){nums} -- {d.get('reason')}")
+        for c in snap.get("watched") or []:
+            cid = c.get("candidate_id")
+            if cid in self.ours and cid not in self.decided and (
+                    c.get("verdict") or c.get("state") in CANDIDATE_FINAL):
+                self.decided.add(cid)
+                word = str(c.get("verdict") or c.get("state")).upper()
+                reason = f" -- {c['reason']}" if c.get("reason") else ""
+                self.say(f"{word} #{cid} ({self.ours[cid]}){reason}")
 
     def room(self, proposing: int) -> int:
         """New proposals allowed now (0 while the coordinator is unreachable)."""

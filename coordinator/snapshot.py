@@ -24,6 +24,7 @@ from coordinator.stats import mean, sum_sq_dev
 DEFAULT_DECISIONS = 20
 DEFAULT_FAILURES = 5
 TAIL_CHARS = 4000          # characters of a failure's log sent to proposers
+MAX_WATCH = 500            # candidate ids one snapshot reports on
 
 
 def mean_sem(values: list[float]) -> tuple[float | None, float | None]:
@@ -37,7 +38,9 @@ def mean_sem(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def proposer_snapshot(core: Any, decisions: int = DEFAULT_DECISIONS,
-                      failures: int = DEFAULT_FAILURES) -> dict:
+                      failures: int = DEFAULT_FAILURES, watch: list[int] = ()) -> dict:
+    """See the module docstring; ``watch``: candidate ids whose summaries (state, verdict,
+    reason) the caller follows, returned as ``watched`` whether or not they are recent."""
     status = core.status()
     log = core.log(limit=max(1, decisions))
     L = core.ledger
@@ -107,7 +110,11 @@ def proposer_snapshot(core: Any, decisions: int = DEFAULT_DECISIONS,
         m, sem = mean_sem(vals)
         awaiting.append({**r, "mean": m, "sem": sem, "runs": len(vals)})
 
+    watched = [c for c in (core.candidate(int(i)) for i in list(watch)[:MAX_WATCH]
+                           if isinstance(i, int) and not isinstance(i, bool))
+               if c is not None]
     return {
+        "watched": watched,
         "tag": status["tag"], "branch": status["branch"],
         "head": {"commit": head_commit, "candidate_id": head_cid, "description": head_desc,
                  "train_py": train_py, "values": values},

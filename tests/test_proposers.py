@@ -75,11 +75,11 @@ class CoreSource:
         self.down = False
         self.snapshots = 0
 
-    def snapshot(self) -> dict:
+    def snapshot(self, watch: list[int]) -> dict:
         if self.down:
             raise SourceUnavailable("no coordinator answering (test)")
         self.snapshots += 1
-        return {**proposer_snapshot(self.core), "workers": self.workers}
+        return {**proposer_snapshot(self.core, watch=watch), "workers": self.workers}
 
     def submit(self, train_py: str, description: str, base: str | None) -> dict:
         if self.down:
@@ -385,3 +385,20 @@ def test_mean_sem():
     m, s = mean_sem([1.0, 1.2, 1.1])
     assert abs(m - 1.1) < 1e-12 and abs(s - 0.0577350) < 1e-6
     assert mean_sem([1.0]) == (1.0, None) and mean_sem([]) == (None, None)
+
+
+def test_a_decision_older_than_the_recent_list_is_still_reported(core, fleet_variant):
+    """The runner follows its candidates by id (``watch``), not only through the last K."""
+    w = Worker(core)
+    w.run_one()
+    lines: list[str] = []
+
+    class FewDecisions(CoreSource):
+        def snapshot(self, watch):
+            snap = super().snapshot(watch)
+            return {**snap, "decisions": []}      # as if many decisions came in between
+    r = SweepRunner(FewDecisions(core, workers=1), S.parse_params(["BPB=1.2"]),
+                    [{"BPB": 1.2}], slack=0, say=lines.append, snapshot_every=0)
+    drive(r, lambda: r.done, workers=[w])
+    cid = r.results[0]["candidate_id"]
+    assert any(ln.startswith(f"KEPT #{cid} (sweep)") for ln in lines), lines
