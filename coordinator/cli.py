@@ -12,6 +12,8 @@
     autoresearch-coord status [--json]
     autoresearch-coord log [-n N] [--json]
     autoresearch-coord export [PATH]
+    autoresearch-coord install DIR [start options] [--print]   background service at login
+    autoresearch-coord uninstall [--print]
 
 Client commands find the coordinator through ``--connect``, else $AUTORESEARCH_COORD, else
 tcp://127.0.0.1:5555, and its key through ``--server-key``, else $AUTORESEARCH_SERVER_KEY, else
@@ -276,12 +278,16 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
                 p(f"  (this user's client key {admin} is trusted as admin and pinned)")
         sys.stdout.flush()
 
+    from shared.awake import KeepAwake
+    # A coordinator Mac that idle-sleeps stalls the whole fleet (macOS only; else a no-op).
+    awake = KeepAwake.start(os.getpid())
     try:
         serve(core, bind, heartbeat_interval=heartbeat_interval, liveness=liveness,
               banner=banner, keypair=keypair, dataset=dataset, restart_grace=restart_grace)
     except zmq_error() as exc:
         raise click.ClickException(f"cannot listen on {bind}: {exc}") from None
     finally:
+        awake.stop()
         core.close()
 
 
@@ -680,6 +686,16 @@ def _register_demo() -> None:
 
 
 _register_demo()
+
+
+def _register_service() -> None:
+    # install / uninstall live beside the service code; they copy start's options from start.
+    from coordinator.service_cli import make_commands
+    for command in make_commands(start):
+        main.add_command(command)
+
+
+_register_service()
 
 
 if __name__ == "__main__":

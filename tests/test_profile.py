@@ -182,3 +182,42 @@ def test_cli_prints_json_profile_of_this_machine():
     assert profile["python"].count(".") == 2
     if profile["backend"] == "cpu":
         assert profile["hw_class"].endswith("/1t")
+
+
+def test_usable_memory_metal_working_set_and_cgroup_limit():
+    from worker.profile import parse_cgroup_limit, usable_memory
+
+    run, mlx, _ = mac_probes("macos_m1pro_16gb")
+    p = profile_machine(system="Darwin", run=run, read=no_files, mlx_probe=mlx)
+    assert p["usable_memory_bytes"] == 11453251584   # Metal's recommended working set
+    read = linux_reader("linux_xeon_24gb")
+    p = profile_machine(system="Linux", read=read, mlx_probe=cpu_mlx, cpu_count=2)
+    assert p["usable_memory_bytes"] == p["memory_bytes"]   # no cgroup limit recorded
+    limited = lambda path: "8589934592\n" if path == "/sys/fs/cgroup/memory.max" else read(path)  # noqa: E731
+    p = profile_machine(system="Linux", read=limited, mlx_probe=cpu_mlx, cpu_count=2)
+    assert p["usable_memory_bytes"] == 8 * 2**30
+    assert p["hw_class"].split("/")[1] == "24GB"   # the class still names the machine
+    assert parse_cgroup_limit("max\n") is None
+    assert parse_cgroup_limit("9223372036854771712\n") is None   # cgroup v1 "unlimited"
+    assert usable_memory(None, None) is None
+
+
+def test_profile_command_shows_conditions_now():
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    r = CliRunner().invoke(main, ["profile"])
+    assert r.exit_code == 0, r.output
+    for label in ("hardware class:", "memory:", "usable by one run", "power:", "thermal:",
+                  "idle:"):
+        assert label in r.output
+    assert "  memory: normal" in r.output or "  memory: warn" in r.output \
+        or "  memory: critical" in r.output
+    r = CliRunner().invoke(main, ["profile", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["usable_memory_bytes"] > 0
+    assert set(data["now"]) == {"at", "power", "thermal", "memory", "idle_seconds"}
+    assert data["now"]["power"]["source"] in ("ac", "battery", "ups", "unknown")
+    assert data["now"]["memory"]["level"] in ("normal", "warn", "critical")

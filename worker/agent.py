@@ -273,7 +273,11 @@ class Agent:
             from worker.runner import default_run_root
             run_root = Path(default_run_root(config.cache_dir, config.name))
         self.run_root = run_root
-        self.env = env if env is not None else trainer_environment(config.cache_dir, config.threads)
+        self.env = dict(env if env is not None else
+                        trainer_environment(config.cache_dir, config.threads))
+        from worker import kernel_cache  # one warm MLX kernel cache per worker, across runs
+        self.env.setdefault(kernel_cache.ENV,
+                            str(kernel_cache.default_dir(config.cache_dir, config.name)))
         self.interval = config.heartbeat_interval
         self.liveness = config.liveness
 

@@ -2,6 +2,8 @@
 
     autoresearch-worker join tcp://HOST:5555 --server-key KEY [--invite TOKEN] [--name NAME]
                              [--cache-dir DIR] [--threads N] [--insecure]
+    autoresearch-worker install tcp://HOST:5555 [join options]   # background service, at login
+    autoresearch-worker uninstall [--name NAME]
     autoresearch-worker key                     # this machine's worker public key
     autoresearch-worker profile [--threads N] [--json]
 
@@ -37,34 +39,74 @@ def main() -> None:
     """Run train.py variants for an autoresearch coordinator."""
 
 
+def join_options(f):
+    """The options of ``join``, shared with ``install`` (which passes the same ones on)."""
+    options = [
+        click.option("--name", default=None,
+                     help="Name shown by the coordinator (default: host name)."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+                     default=None, envvar="AUTORESEARCH_CACHE",
+                     help="Data cache and run directories (default: $AUTORESEARCH_CACHE or "
+                          "~/.cache/autoresearch)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="BLAS threads for the trainer (CPU backend). Split the cores when "
+                          "several workers share one machine."),
+        click.option("--heartbeat-interval", type=click.FloatRange(min=0.01),
+                     default=HEARTBEAT_INTERVAL, show_default=True,
+                     envvar="AUTORESEARCH_HEARTBEAT_INTERVAL", metavar="S",
+                     help="Heartbeat seconds until the coordinator's welcome sets its own."),
+        click.option("--liveness", type=click.IntRange(min=1), default=HEARTBEAT_LIVENESS,
+                     show_default=True, envvar="AUTORESEARCH_LIVENESS",
+                     help="Missed heartbeats before the coordinator is presumed dead."),
+        click.option("--reconnect-max", type=click.FloatRange(min=0.01), default=RECONNECT_MAX,
+                     show_default=True, envvar="AUTORESEARCH_RECONNECT_MAX", metavar="S",
+                     help="Longest wait between reconnect attempts."),
+        click.option("--server-key", default=None, metavar="KEY",
+                     help="The coordinator's public key (printed by `autoresearch-coord "
+                          "start`); remembered for ENDPOINT. Default: $AUTORESEARCH_SERVER_KEY, "
+                          "else the remembered one."),
+        click.option("--invite", default=None, metavar="TOKEN",
+                     help="One-time token from `autoresearch-coord invite`: enrols this "
+                          "machine's key if the coordinator does not trust it yet."),
+        click.option("--insecure", is_flag=True,
+                     help="No keys, plain TCP: only for a coordinator started with --insecure."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _check_endpoint(endpoint: str) -> None:
+    if "://" not in endpoint:
+        raise click.BadParameter(f"{endpoint!r} is not a ZeroMQ endpoint like tcp://HOST:5555",
+                                 param_hint="ENDPOINT")
+
+
+def _server_key(endpoint: str, server_key: str | None, invite: str | None,
+                insecure: bool, save: bool = True) -> bytes | None:
+    """The pinned coordinator key for ENDPOINT (saved when --server-key gives one), or None
+    with --insecure. Errors are one line."""
+    from shared.keys import KeyFileError
+    from shared.pins import PinError, require_server_key, save_pin
+
+    if insecure:
+        if server_key or invite:
+            raise click.UsageError("--insecure takes no --server-key/--invite (no keys at all)")
+        return None
+    try:
+        pinned = require_server_key(endpoint, server_key)
+        if server_key and save:
+            old = save_pin(endpoint, pinned)
+            if old:
+                click.echo(f"note: replaced the pinned key for {endpoint}", err=True)
+        return pinned
+    except (PinError, KeyFileError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.command()
 @click.argument("endpoint")
-@click.option("--name", default=None, help="Name shown by the coordinator (default: host name).")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              envvar="AUTORESEARCH_CACHE",
-              help="Data cache and run directories (default: $AUTORESEARCH_CACHE or "
-                   "~/.cache/autoresearch).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="BLAS threads for the trainer (CPU backend). Split the cores when several "
-                   "workers share one machine.")
-@click.option("--heartbeat-interval", type=click.FloatRange(min=0.01), default=HEARTBEAT_INTERVAL,
-              show_default=True, envvar="AUTORESEARCH_HEARTBEAT_INTERVAL", metavar="S",
-              help="Heartbeat seconds until the coordinator's welcome sets its own.")
-@click.option("--liveness", type=click.IntRange(min=1), default=HEARTBEAT_LIVENESS,
-              show_default=True, envvar="AUTORESEARCH_LIVENESS",
-              help="Missed heartbeats before the coordinator is presumed dead.")
-@click.option("--reconnect-max", type=click.FloatRange(min=0.01), default=RECONNECT_MAX,
-              show_default=True, envvar="AUTORESEARCH_RECONNECT_MAX", metavar="S",
-              help="Longest wait between reconnect attempts.")
-@click.option("--server-key", default=None, metavar="KEY",
-              help="The coordinator's public key (printed by `autoresearch-coord start`); "
-                   "remembered for ENDPOINT. Default: $AUTORESEARCH_SERVER_KEY, else the "
-                   "remembered one.")
-@click.option("--invite", default=None, metavar="TOKEN",
-              help="One-time token from `autoresearch-coord invite`: enrols this machine's key "
-                   "if the coordinator does not trust it yet.")
-@click.option("--insecure", is_flag=True,
-              help="No keys, plain TCP: only for a coordinator started with --insecure.")
+@join_options
 def join(endpoint: str, name: str | None, cache_dir: Path | None, threads: int | None,
          heartbeat_interval: float, liveness: int, reconnect_max: float,
          server_key: str | None, invite: str | None, insecure: bool) -> None:
@@ -74,29 +116,21 @@ def join(endpoint: str, name: str | None, cache_dir: Path | None, threads: int |
     anything) and must trust this machine's worker key: if it does not, the worker prints its
     key and the one command the coordinator's admin runs, or enrols itself with --invite.
     The coordinator's dataset is fetched into --cache-dir on first join (no internet needed).
+    To run it in the background at every login instead, use `autoresearch-worker install`
+    with the same arguments.
     """
     from shared.keys import KeyFileError, WORKER_KEY_NAME, default_key_dir, \
         load_or_create_keypair
-    from shared.pins import PinError, require_server_key, save_pin
     from worker.agent import Agent, AgentConfig, default_cache_dir
     from worker.profile import profile_machine
 
-    if "://" not in endpoint:
-        raise click.BadParameter(f"{endpoint!r} is not a ZeroMQ endpoint like tcp://HOST:5555",
-                                 param_hint="ENDPOINT")
-    keypair = pinned = None
-    if insecure:
-        if server_key or invite:
-            raise click.UsageError("--insecure takes no --server-key/--invite (no keys at all)")
-    else:
+    _check_endpoint(endpoint)
+    pinned = _server_key(endpoint, server_key, invite, insecure)
+    keypair = None
+    if not insecure:
         try:
-            pinned = require_server_key(endpoint, server_key)
             keypair = load_or_create_keypair(default_key_dir(), WORKER_KEY_NAME)
-            if server_key:
-                old = save_pin(endpoint, pinned)
-                if old:
-                    click.echo(f"note: replaced the pinned key for {endpoint}", err=True)
-        except (PinError, KeyFileError, OSError) as exc:
+        except (KeyFileError, OSError) as exc:
             raise click.ClickException(str(exc)) from None
     cfg = AgentConfig(endpoint=endpoint, name=name or default_name(),
                       cache_dir=(cache_dir or default_cache_dir()).expanduser(), threads=threads,
@@ -108,6 +142,73 @@ def join(endpoint: str, name: str | None, cache_dir: Path | None, threads: int |
     agent = Agent(cfg, profile)
     agent.install_signal_handlers()
     sys.exit(agent.run())
+
+
+def print_option(f):
+    return click.option("--print", "--dry-run", "dry_run", is_flag=True,
+                        help="Show the service file and the commands; write and load nothing.")(f)
+
+
+@main.command()
+@click.argument("endpoint")
+@join_options
+@print_option
+def install(endpoint: str, dry_run: bool, **opts) -> None:
+    """Run `join ENDPOINT ...` in the background at every login: write and load a LaunchAgent
+    (macOS) or a systemd user unit (Linux) with this venv's executable, the endpoint, the
+    pinned coordinator key and the worker name filled in. Takes the same options as join.
+
+    Logs: macOS ~/Library/Logs/autoresearch/autoresearch-worker-NAME.log; Linux the journal
+    (journalctl --user -u autoresearch-worker-NAME -f). Remove with `uninstall --name NAME`.
+    Installing again with the same name replaces the service.
+    """
+    from shared.service import Service, ServiceError, argv_from_params, carried_env, \
+        cli_install, console_script
+    from worker.agent import default_cache_dir
+
+    _check_endpoint(endpoint)
+    name = opts["name"] or default_name()
+    key = _server_key(endpoint, opts["server_key"], opts["invite"], opts["insecure"],
+                      save=not dry_run)
+    exe = console_script("autoresearch-worker", "worker.cli")
+    cache = (opts["cache_dir"] or default_cache_dir()).expanduser().absolute()
+    argv = [*exe, "join", endpoint, "--name", name, "--cache-dir", str(cache)]
+    if key is not None:
+        argv += ["--server-key", key.decode("ascii") if isinstance(key, bytes) else str(key)]
+    argv += argv_from_params(join, opts, skip=("name", "cache_dir", "server_key"))
+    try:
+        svc = Service("worker", argv, name=name, description=f"autoresearch worker {name}",
+                      env=carried_env(extra_path=str(Path(exe[0]).parent)), nice=5)
+    except ServiceError as exc:
+        raise click.ClickException(str(exc)) from None
+    _run_service(cli_install, svc, dry_run)
+
+
+@main.command()
+@click.option("--name", default=None, help="The worker name it was installed with "
+                                           "(default: host name).")
+@print_option
+def uninstall(name: str | None, dry_run: bool) -> None:
+    """Stop and remove the background worker `install` set up (a Linux worker finishes its
+    current run first; launchd cancels it, and the coordinator requeues it)."""
+    from shared.service import Service, ServiceError, cli_uninstall, console_script
+
+    try:
+        svc = Service("worker", console_script("autoresearch-worker", "worker.cli"),
+                      name=name or default_name())
+    except ServiceError as exc:
+        raise click.ClickException(str(exc)) from None
+    _run_service(cli_uninstall, svc, dry_run)
+
+
+def _run_service(action, svc, dry_run: bool) -> None:
+    from shared.service import ServiceError
+
+    try:
+        for line in action(svc, dry_run):
+            click.echo(line)
+    except ServiceError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -126,19 +227,32 @@ def key() -> None:
 @main.command()
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="BLAS threads the trainer would use (part of the hardware class on CPU).")
-@click.option("--json", "as_json", is_flag=True, help="Print the full profile as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the full profile as JSON, with the conditions now under \"now\".")
 def profile(threads: int | None, as_json: bool) -> None:
-    """Show this machine's profile and the hardware class its numbers are compared in."""
+    """Show this machine's profile, the hardware class its numbers are compared in, and what
+    the worker sees now: power source, thermal state, memory pressure, idle time."""
+    from worker.conditions import describe_conditions, read_conditions
     from worker.profile import profile_machine
 
     prof = profile_machine(threads)
+    now = read_conditions()
     if as_json:
-        click.echo(json.dumps(prof, indent=2, sort_keys=True))
+        click.echo(json.dumps({**prof, "now": now}, indent=2, sort_keys=True))
         return
     click.echo(f"hardware class: {prof['hw_class']}")
-    for key in ("chip", "cpu_count", "memory_bytes", "os", "os_version", "backend",
-                "mlx_version", "blas_threads"):
+    for key in ("chip", "cpu_count", "os", "os_version", "backend", "mlx_version",
+                "blas_threads"):
         click.echo(f"  {key}: {prof.get(key)}")
+    click.echo(f"  memory: {_gib(prof.get('memory_bytes'))} installed, "
+               f"{_gib(prof.get('usable_memory_bytes'))} usable by one run")
+    click.echo("now:")
+    for label, text in describe_conditions(now):
+        click.echo(f"  {label}: {text}")
+
+
+def _gib(n) -> str:
+    return f"{n / 2**30:.1f} GiB" if isinstance(n, (int, float)) and n else "unknown"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@
     cpu_perf_cores, cpu_eff_cores   Apple performance / efficiency cores (macOS only)
     gpu_cores       Apple GPU cores (macOS only)
     memory_bytes    installed memory (macOS hw.memsize; Linux MemTotal)
+    usable_memory_bytes  what one run may use: on Metal MLX's recommended working set (about
+                    3/4 of unified memory), on Linux MemTotal or the memory cgroup's limit if
+                    lower (containers); what memory-aware routing compares
     os, os_version  "macOS" "14.5" | "Linux" "Debian GNU/Linux 12 (bookworm)"
     machine         "arm64" | "x86_64" | ...
     python          "3.11.9"
@@ -154,6 +157,26 @@ def parse_os_release(text: str | None) -> str | None:
     return fields.get("PRETTY_NAME") or fields.get("NAME")
 
 
+CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max",                    # cgroup v2
+                      "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # cgroup v1
+NO_CGROUP_LIMIT = 2**60   # v1 says "no limit" with a huge page-rounded number
+
+
+def parse_cgroup_limit(text: str | None) -> int | None:
+    """A memory cgroup limit file -> bytes, or None for "max" / unlimited / unreadable."""
+    value = _int(text)
+    return value if value and value < NO_CGROUP_LIMIT else None
+
+
+def usable_memory(memory_bytes: int | None, metal: dict | None,
+                  cgroup_limit: int | None = None) -> int | None:
+    """Memory one run may use (see the module docstring)."""
+    candidates = [memory_bytes, cgroup_limit,
+                  (metal or {}).get("max_recommended_working_set_size")]
+    known = [int(v) for v in candidates if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(known) if known else None
+
+
 def _macos(run: Runner) -> dict:
     # Keys are queried by name (not -n) so a key this Mac lacks (Intel Macs have no
     # perflevels) cannot shift the other values out of place.
@@ -173,9 +196,11 @@ def _macos(run: Runner) -> dict:
 
 
 def _linux(read: Reader) -> dict:
+    limits = [parse_cgroup_limit(read(p)) for p in CGROUP_LIMIT_FILES]
     return {
         "cpu_brand": parse_cpuinfo_model(read("/proc/cpuinfo")),
         "memory_bytes": parse_meminfo_total(read("/proc/meminfo")),
+        "cgroup_limit": min([v for v in limits if v], default=None),
         "os": "Linux",
         "os_version": parse_os_release(read("/etc/os-release")),
     }
@@ -230,6 +255,7 @@ def profile_machine(
         "cpu_eff_cores": found.get("cpu_eff_cores"),
         "gpu_cores": found.get("gpu_cores"),
         "memory_bytes": memory,
+        "usable_memory_bytes": usable_memory(memory, metal, found.get("cgroup_limit")),
         "os": found.get("os"),
         "os_version": found.get("os_version"),
         "machine": found.get("machine") or machine or platform.machine(),

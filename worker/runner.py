@@ -70,6 +70,9 @@ Containment of a hostile or broken train.py (it is arbitrary code from an agent)
   (``run_dir/home``, ``run_dir/tmp``; XDG_* dirs are unset so they follow HOME), so careless
   writes (``~/.cache/...``, ``tempfile``) land in the run dir and are pruned with it.
   AUTORESEARCH_CACHE (and PYTHONUSERBASE) are pinned to the worker's real paths first.
+  MLX's compiled CPU kernels (``$TMPDIR/mlx/<version>/cpu``) are copied in from the worker's
+  cache (``AUTORESEARCH_KERNEL_CACHE`` in the worker's env, never the trainer's) before each
+  run and new whole ones copied back after a run that exited by itself (worker.kernel_cache).
   This is NOT a sandbox: train.py runs as the worker's user and can read, write or delete
   anything that user can, signal the worker itself, or open network connections. macOS has no
   unprivileged sandbox short of the deprecated sandbox-exec. Run workers as a dedicated user
@@ -102,6 +105,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.settings import RunSettings
+from worker import kernel_cache
 
 __all__ = [
     "AttemptSpec", "Outcome", "AttemptProcess", "default_run_root", "prune_runs",
@@ -224,6 +228,7 @@ def attempt_env(base_env: dict, settings: dict, run_dir: Path,
     scratch HOME / TMPDIR inside the run dir (the paths that need the real home are pinned
     first)."""
     env = {str(k): str(v) for k, v in base_env.items()}
+    env.pop(kernel_cache.ENV, None)  # the worker's: it seeds and harvests the kernels itself
     env.update(RunSettings.from_dict(settings).to_env())  # ValueError naming the bad setting
     real_home = env.get("HOME") or os.path.expanduser("~")
     for key in ("AUTORESEARCH_CACHE", "AUTORESEARCH_DATA"):
@@ -431,8 +436,10 @@ class AttemptProcess:
 
     def __init__(self, spec: AttemptSpec, run_dir: Path, proc: subprocess.Popen, log_file,
                  *, log_limit: int, keep_runs: int, kill_grace: float, token: str = "",
-                 file_size_limit: int = FILE_SIZE_LIMIT, min_free_bytes: int = MIN_FREE_BYTES):
+                 file_size_limit: int = FILE_SIZE_LIMIT, min_free_bytes: int = MIN_FREE_BYTES,
+                 kernels: Path | None = None):
         self.spec = spec
+        self._kernels = kernels  # worker's MLX kernel cache (worker.kernel_cache), or None
         self.run_dir = run_dir
         self.pid = proc.pid
         self._proc = proc
@@ -506,6 +513,9 @@ class AttemptProcess:
         run_dir.mkdir()
         for name in SCRATCH_DIRS:
             (run_dir / name).mkdir()
+        kernels = Path(env[kernel_cache.ENV]) if env.get(kernel_cache.ENV) else None
+        if kernels is not None:  # warm MLX's CPU kernel cache (copies, in the run's TMPDIR)
+            kernel_cache.seed(kernels, run_dir / "tmp")
         (run_dir / "train.py").write_text(spec.train_py, encoding="utf-8")
         log_file = open(run_dir / "train.log", "wb")
         fsize = int(file_size_limit) if file_size_limit and file_size_limit > 0 else 0
@@ -522,7 +532,7 @@ class AttemptProcess:
         _LIVE_DIRS.add(run_dir)
         return cls(spec, run_dir, proc, log_file, log_limit=log_limit, keep_runs=keep_runs,
                    kill_grace=kill_grace, token=token, file_size_limit=fsize,
-                   min_free_bytes=min_free_bytes)
+                   min_free_bytes=min_free_bytes, kernels=kernels)
 
     @property
     def attempt_id(self) -> str:
@@ -559,6 +569,13 @@ class AttemptProcess:
         if self._reader.is_alive() and now - self._exit_at < DRAIN_GRACE:
             return None
         self._outcome = self._classify()
+        # Keep the kernels of a trainer that exited by itself (a kill can truncate a library).
+        if self._kernels is not None and self._kill_reason is None \
+                and (self._proc.returncode or 0) >= 0:
+            try:
+                kernel_cache.harvest(self.run_dir / "tmp", self._kernels)
+            except OSError:
+                pass  # a cold cache costs time, never the outcome
         self._clean_scratch()
         _LIVE_DIRS.discard(self.run_dir)
         prune_runs(self.run_dir.parent, self._keep_runs)
