@@ -9,7 +9,7 @@ For each fleet size N (default 2, 50, 200):
      commands it ran and waited for). Its event lines go to a log file, as a real one's go to a
      terminal;
   3. ``max(rounds * N, min_candidates)`` distinct train.py variants (the baseline train.py with a
-     varying constant) are submitted up front through ``coordinator.client.Client``;
+     varying constant) are submitted up front through ``shared.client.Client``;
   4. N simulated workers -- one DEALER socket each, all driven by one poll loop in this process --
      speak the real protocol with the real codec: hello -> welcome -> ready -> assign -> heartbeats
      every interval (the coordinator's default, carrying a progress line) -> result -> ack ->
@@ -60,17 +60,17 @@ Measured on the 2-core Linux box (2026-11-25, quiet machine, load average 0.4):
                    the coordinator is saturated (~75 results/s; 200 workers x 1 run/s asked for 200)
 
 N=200 x 1 s runs is a stress test: at the real 300 s budget the same capacity serves thousands
-of workers. What grows: ``Coordinator.record_result`` rewrites results.tsv after every result
-via ``export_tsv()``, which re-reads every decision (a query and a JSON parse of the attempt
-summary per row): ~16 us x decisions per result (9.6 ms of an 11.2 ms result at 600 decisions),
-so a run's total is quadratic in its decisions. A submission runs ~7 git commands in the loop
-(~20-40 ms wall), during which no worker is served.
+of workers. What grows: ``Coordinator.record_result`` rewrites results.tsv after every decision
+via ``export_tsv()``, which still reads every decision row (one query) but renders each row's
+line only once (a decision never changes), so a result costs a scan of the decisions table, not
+a JSON parse of every attempt's summary: linear per result, no longer quadratic over a run (the
+figures above predate that cache). A submission runs ~7 git commands in the loop (~20-40 ms
+wall), during which no worker is served.
 """
 from __future__ import annotations
 
 import argparse
 import heapq
-import inspect
 import json
 import os
 import platform
@@ -93,14 +93,16 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import zmq  # noqa: E402
 
+from coordinator.core import Coordinator  # noqa: E402
+from coordinator.repo import init_repo  # noqa: E402
+from coordinator.server import Server  # noqa: E402
 from shared import protocol  # noqa: E402
+from shared.client import Client  # noqa: E402
 from shared.codec import decode, encode  # noqa: E402
+from shared.datasync import harness_file_hashes, harness_fingerprint  # noqa: E402
 from shared.protocol import HEARTBEAT_INTERVAL  # noqa: E402
-
-try:
-    from worker.agent import READY_RESEND
-except Exception:  # the constant moved or the agent is being edited: same default
-    READY_RESEND = 3.0
+from trainer.presets import baseline_train_py  # noqa: E402
+from worker.agent import READY_RESEND  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "scheduler.json"
@@ -114,26 +116,11 @@ LOG_TAIL = ("step 00042 | loss 3.141593 | lrm 1.00 | dt 312ms | tok/sec 26,214 |
 
 # ---- the coordinator process ----------------------------------------------------------------
 
-def make_server(core, bind: str):
-    """``coordinator.server.Server`` without authentication, whatever its keyword for that is
-    (CURVE is being added as the default; an insecure/no-auth mode stays)."""
-    from coordinator.server import Server
-
-    params = inspect.signature(Server).parameters
-    kwargs = {"bind": bind}
-    for name, value in (("keypair", None), ("insecure", True), ("no_auth", True),
-                        ("curve", False)):
-        if name in params and name not in kwargs:
-            kwargs[name] = value
-    return Server(core, **kwargs)
-
-
 def serve_child(repo: str, endpoint_file: str) -> None:
-    """Run the real coordinator on ``repo`` until SIGTERM; publish the bound endpoint."""
-    from coordinator.core import Coordinator
-
+    """Run the real coordinator on ``repo`` until SIGTERM; publish the bound endpoint. No
+    keypair: plain TCP, what the simulated workers speak."""
     core = Coordinator(Path(repo))
-    server = make_server(core, "tcp://127.0.0.1:*")
+    server = Server(core, bind="tcp://127.0.0.1:*", keypair=None)
     server.install_signal_handlers()
     tmp = endpoint_file + ".tmp"
     Path(tmp).write_text(server.endpoint)
@@ -212,13 +199,8 @@ def cpu_delta(a: dict, b: dict) -> dict:
 # ---- the research repo and submissions ------------------------------------------------------
 
 def base_train_py() -> str:
-    """The real baseline text (tens of KB, so assign frames are realistic), else a stand-in."""
-    try:
-        from trainer.presets import baseline_train_py
-        return baseline_train_py("tiny")
-    except Exception:
-        path = ROOT / "trainer" / "train.py"
-        return path.read_text() if path.exists() else '"""stand-in"""\nprint("train")\n'
+    """The real baseline text (tens of KB, so assign frames are realistic)."""
+    return baseline_train_py("tiny")
 
 
 def variant(base: str, i: int) -> str:
@@ -452,15 +434,9 @@ class Fleet:
 
 
 def harness_statement() -> dict:
-    """What a real worker states in hello/ready about its harness, where the protocol has it
-    (the coordinator serves no dataset here, so no dataset hash)."""
-    if "harness_fingerprint" not in protocol.OPTIONAL.get("hello", {}):
-        return {}
-    try:
-        from shared.datasync import harness_file_hashes, harness_fingerprint
-        return {"harness_fingerprint": harness_fingerprint(harness_file_hashes())}
-    except Exception:
-        return {}
+    """What a real worker states in hello/ready about its harness (the coordinator serves no
+    dataset here, so no dataset hash)."""
+    return {"harness_fingerprint": harness_fingerprint(harness_file_hashes())}
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -530,8 +506,6 @@ def submit_in_background(endpoint: str, base: str, first: int, count: int,
                          spent: list[float]) -> threading.Thread:
     """Submit ``count`` more variants while the fleet runs, as agents do; each submission's
     round trip goes into ``spent`` (seconds). Its own socket, so no sharing with the fleet."""
-    from coordinator.client import Client
-
     def go() -> None:
         with Client(endpoint, timeout=60) as client:
             for i in range(first, first + count):
@@ -546,9 +520,6 @@ def submit_in_background(endpoint: str, base: str, first: int, count: int,
 
 def bench(n: int, train_s: float, rounds: int, min_candidates: int, max_run_s: float,
           idle_s: float, profile_dir: Path | None = None, live_submits: int = 0) -> dict:
-    from coordinator.client import Client
-    from coordinator.repo import init_repo
-
     k = max(rounds * n, min_candidates)
     out: dict = {"workers": n, "train_seconds": train_s, "candidates": k,
                  "loadavg_before": loadavg()}

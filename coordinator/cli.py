@@ -9,9 +9,10 @@
     autoresearch-coord keys [--dir DIR] [--json]       the trust list
     autoresearch-coord invite [--dir DIR] [--role worker] [--name N] [--ttl S]
     autoresearch-coord submit FILE|- -m "what changed" [--connect EP] [--server-key KEY] [--json]
-    autoresearch-coord status [--json]
+    autoresearch-coord status [--json] [--watch [--every S]]
     autoresearch-coord log [-n N] [--json]
     autoresearch-coord export [PATH]
+    autoresearch-coord report DIR [-o OUTDIR] [--no-plot] [--json]
     autoresearch-coord install DIR [start options] [--print]   background service at login
     autoresearch-coord uninstall [--print]
 
@@ -41,7 +42,7 @@ from typing import Any
 
 import click
 
-from coordinator.client import ENDPOINT_ENV, Client, ClientError, default_endpoint
+from shared.client import ENDPOINT_ENV, Client, ClientError, default_endpoint
 from shared.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, RECONNECT_MAX, REQUEST_TIMEOUT
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -529,15 +530,44 @@ def format_submission(data: Any) -> str:
 @connect_option
 @timeout_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+@click.option("--watch", is_flag=True,
+              help="Redraw the view every --every seconds until Ctrl-C (keeps trying while the "
+                   "coordinator does not answer).")
+@click.option("--every", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              metavar="S", help="Seconds between redraws with --watch.")
 def status(endpoint: str | None, server_key: str | None, insecure: bool, timeout: float,
-           as_json: bool) -> None:
+           as_json: bool, watch: bool, every: float) -> None:
     """Workers, queue, running attempts, the head's val_bpb per hardware class, trusted keys."""
+    if watch and as_json:
+        raise click.UsageError("--watch redraws for a person; --json is for scripts: pick one")
     with _client(endpoint, timeout, server_key, insecure) as c:
+        if watch:
+            _watch(lambda: format_status(_call(c.query, "status")), every)
+            return
         data = _call(c.query, "status")
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
         return
     click.echo(format_status(data))
+
+
+def _watch(view, every: float) -> None:
+    """Redraw ``view()`` every ``every`` seconds until Ctrl-C (then exit 0, no traceback). A
+    failing view (coordinator restarting) is shown as one line, and the next draw tries again."""
+    import time
+
+    try:
+        while True:
+            try:
+                text = view()
+            except click.ClickException as exc:
+                text = f"(no answer: {exc.format_message()})"
+            click.clear()       # no-op when stdout is not a terminal: then frames just follow
+            click.echo(f"---- {time.strftime('%H:%M:%S')} · every {every:g}s · Ctrl-C to stop")
+            click.echo(text)
+            time.sleep(every)
+    except KeyboardInterrupt:
+        click.echo("")
 
 
 @main.command()
@@ -572,6 +602,40 @@ def export(path: Path, endpoint: str | None, server_key: str | None, insecure: b
     path.write_text(tsv, encoding="utf-8")
     rows = max(0, len(tsv.strip().splitlines()) - 1)
     click.echo(f"wrote {path} ({rows} rows)")
+
+
+# ---- the morning after --------------------------------------------------------------------
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, metavar="OUTDIR",
+              help="Where to write report.html and progress.png "
+                   "(default: DIR/.autoresearch/report).")
+@click.option("--no-plot", is_flag=True, help="Skip the progress plot (no matplotlib needed).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def report(directory: Path, out_dir: Path | None, no_plot: bool, as_json: bool) -> None:
+    """Write the night's report for the research repo DIRECTORY: one self-contained HTML page
+    (progress plot per hardware class, kept changes with their diffs, failures, workers, noise)
+    plus the plot as a PNG. Reads the ledger read-only: works while the coordinator runs and
+    after it stopped. Without matplotlib the page is written without the plot (and says so)."""
+    from coordinator.ledger import LedgerError
+    from coordinator.report import write_report
+
+    progress = None if as_json else (lambda line: click.echo(line, err=True))
+    try:
+        made = write_report(_repo_dir(directory), out_dir, plot=not no_plot, log=progress)
+    except (FileNotFoundError, LedgerError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(made.to_dict(), indent=2, sort_keys=True))
+        return
+    if made.plot_error and not no_plot:
+        click.echo(f"warning: {made.plot_error}; the report has every table but no plot",
+                   err=True)
+    click.echo(f"wrote {made.html_path}" + (f" and {made.png_path.name}" if made.png_path else "")
+               + f" ({made.decided} decisions, {len(made.kept)} kept)")
+    click.echo(f"open {made.html_path.resolve().as_uri()}")
 
 
 # ---- formatting ---------------------------------------------------------------------------
@@ -675,8 +739,17 @@ def format_log(data: Any) -> str:
                     _pick(r, "verdict") or " ".join(
                         str(x) for x in (r.get("state"), r.get("status")) if x),
                     _num(_pick(r, "val_bpb")), _pick(r, "hw_class"),
-                    _pick(r, "description", "reason")] for r in rows],
+                    _what_happened(r)] for r in rows],
                   ["time", "cand", "what", "val_bpb", "class", "description"])
+
+
+def _what_happened(r: dict) -> Any:
+    """An attempt's description and the worker's note (why its status); a decision's reason."""
+    text = _pick(r, "description", "reason")
+    note = r.get("note")
+    if r.get("kind") != "decision" and isinstance(note, str) and note:
+        return f"{text}: {note}" if text else note
+    return text
 
 
 def _register_demo() -> None:

@@ -1,5 +1,11 @@
 """The coordinator's state layer: queue, leases, results, decisions, the branch. No sockets.
 
+This module holds state changes only. What runs next is decided by ``coordinator.scheduling``
+(pure functions over the rows gathered here), keep/discard and the reasons by
+``coordinator.decide``, and the reports (status, log, results.tsv) are ``coordinator.reports``
+(read-only functions over the ledger, also usable on a stopped run). A worker's result arrives
+as a ``shared.outcome.Outcome`` (or a wire map, read with ``Outcome.from_wire``).
+
 ``coordinator.server`` drives one ``Coordinator`` from its poll loop; tests drive it directly.
 Every public method is one state change of the ledger (one ``BEGIN IMMEDIATE ... COMMIT``), and
 the git side follows a fixed order so a ``kill -9`` at any instant is harmless:
@@ -15,11 +21,9 @@ Results are idempotent by attempt id: only the live lease of the reporting worke
 late result for a lost/cancelled lease is stored as stale; a repeat of a counted one is acked and
 changes nothing.
 
-Scheduling (per hardware class C of the asking worker): if the head has no ok measurement on C
-and nobody is measuring it there, measure the head first; otherwise hand out the oldest queued
-candidate. A candidate measured on C before the head is is decided when the head's number on C
-arrives. After ``HEAD_FAILURES_LIMIT`` failed head measurements on C, C workers get nothing (a
-candidate measured there could never be compared) and ``status()["problems"]`` says so.
+A candidate measured on hardware class C before the head is decided when the head's number on
+C arrives (``_decide_waiting``). The worker's note (why its status) is stored on the attempt and
+leads a failure's reason.
 
 Choices worth knowing:
   * candidate 0 is the baseline (state kept, with a "baseline" decision row) so head
@@ -38,6 +42,7 @@ Timestamps come from ``clock`` (default ``time.time``), used only for the record
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -48,28 +53,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from coordinator import decide
+from coordinator import decide, reports, scheduling
 from coordinator import states as st
-from coordinator.ledger import Ledger, LedgerError, ledger_path, loads
+from coordinator.ledger import Ledger, LedgerError, ledger_path
 from coordinator.repo import (
     CANDIDATE_REFS, DISPLACED_REFS, RUN_FIELDS, ZERO, CoordinatorBusy, GitError, acquire_lock,
     candidate_ref, clear_stale_ref_locks, commit_object, commit_tree_of, is_ancestor, list_refs,
     load_run, make_tree, rev_parse, state_dir, sync_worktree, update_ref, write_results_tsv,
 )
+from shared.outcome import CANCELLED, OK, Outcome, plain
 
 __all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "HelloReply", "Assignment",
            "Decision", "ResultAck", "clean_description"]
 
 MAX_DESCRIPTION = 200                 # characters kept of a submission's description
 MAX_TRAIN_PY_BYTES = 1_000_000        # a train.py is a few hundred lines; refuse a megabyte
-MAX_LOG_TAIL = 16_384                 # characters of log tail stored per attempt
-MAX_JSON_DEPTH = 32                   # nesting kept of a worker's profile / result map
 MAX_BASE = 256                        # characters of a submission's base (a ref or sha)
 # Kept by clean_description although they are format characters: they join emoji and
 # shape scripts (Persian, Indic). Every other Cf -- bidi overrides/isolates (U+202A-E,
 # U+2066-9), zero-width spaces, BOMs -- can make a description display as something else.
 KEEP_FORMAT_CHARS = {"\u200c", "\u200d"}
-TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 
 
 class SubmitRejected(ValueError):
@@ -137,45 +140,9 @@ def clean_description(text: Any) -> str:
     return clean or "(no description)"
 
 
-def _plain(obj: Any, depth: int = 0) -> Any:
-    """What a worker sent (msgpack: bytes, bytes keys, any nesting, any int), made safe for
-    ``json.dumps``: str keys, bytes as text, nesting capped at MAX_JSON_DEPTH (deeper -> None)."""
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return bytes(obj).decode("utf-8", "replace")
-    if isinstance(obj, (dict, list, tuple)) and depth >= MAX_JSON_DEPTH:
-        return None
-    if isinstance(obj, dict):
-        return {(k.decode("utf-8", "replace") if isinstance(k, (bytes, bytearray))
-                 else str(k)): _plain(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v, depth + 1) for v in obj]
-    if obj is None or isinstance(obj, (str, int, float)):
-        return obj
-    return str(obj)
-
-
 def _json(obj: Any) -> str:
-    return json.dumps(_plain(obj), sort_keys=True)
-
-
-def _db_int(value: Any) -> int | None:
-    """An int SQLite can store (64-bit signed), else None."""
-    if isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63:
-        return value
-    return None
-
-
-def _db_float(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        return float(value)
-    except OverflowError:
-        return None
-
-
-def _fmt_time(t: float | None) -> str | None:
-    return None if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    """What a worker sent (msgpack: bytes, bytes keys, any nesting, any int) as JSON text."""
+    return json.dumps(plain(obj), sort_keys=True)
 
 
 def _compile_error(text: str) -> str | None:
@@ -190,7 +157,7 @@ def _compile_error(text: str) -> str | None:
     return None
 
 
-class Coordinator:
+class Coordinator(contextlib.AbstractContextManager):
     """The research run's state: open it on a research repo made by ``init_repo``."""
 
     def __init__(self, repo_dir: Path, clock: Callable[[], float] = time.time):
@@ -227,10 +194,7 @@ class Coordinator:
             self._file_lock.release()
         self._file_lock = None
 
-    def __enter__(self) -> "Coordinator":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: Any) -> None:   # __enter__ (returns self): AbstractContextManager
         self.close()
 
     @property
@@ -316,19 +280,9 @@ class Coordinator:
         self.ledger.db.execute("UPDATE workers SET attempt_id = NULL WHERE attempt_id = ?",
                                (attempt_id,))
 
-    def _head_measure(self, head_cid: int, hw_class: str) -> dict:
-        """The head's ok values, live head leases and failed head attempts on one class."""
-        rows = self.ledger.all(
-            "SELECT attempt_id, purpose, state, status, val_bpb FROM attempts "
-            "WHERE candidate_id = ? AND hw_class = ?", head_cid, hw_class)
-        ok = [r for r in rows if r["state"] == st.DONE and r["status"] == "ok"]
-        return {
-            "values": [r["val_bpb"] for r in ok],
-            "attempt_ids": [r["attempt_id"] for r in ok],
-            "live": sum(1 for r in rows if r["state"] == st.LEASED and r["purpose"] == "head"),
-            "failed": sum(1 for r in rows if r["state"] == st.DONE and r["status"] != "ok"
-                          and r["purpose"] == "head"),
-        }
+    def _head_on(self, hw_class: str) -> scheduling.HeadOnClass:
+        """The current head's attempts on one class, summarised (scheduling.head_on_class)."""
+        return reports.head_on_class(self.ledger, hw_class)
 
     def _insert_decision(self, cid: int, verdict: str, hw_class: str | None,
                          head_before: str | None, head_after: str, val_bpb: float | None,
@@ -345,7 +299,7 @@ class Coordinator:
     def _fail_candidate(self, cid: int, hw_class: str, reason: str,
                         attempt_ids: list[str]) -> Decision:
         head = self.ledger.head()
-        hv = decide.head_value(self._head_measure(head["candidate_id"], hw_class)["values"])
+        hv = decide.head_value(list(self._head_on(hw_class).values))
         self._set_candidate(cid, st.FAILED)
         return self._insert_decision(cid, st.FAILED, hw_class, head["commit_sha"],
                                      head["commit_sha"], None, hv, reason, attempt_ids)
@@ -449,29 +403,26 @@ class Coordinator:
     # ---- scheduling ---------------------------------------------------------------------
 
     def next_assignment(self, worker_id: str) -> Assignment | None:
-        """The next thing this worker should run, or None (nothing useful, or it holds one)."""
+        """The next thing this worker should run, or None (nothing useful, or it holds one).
+        The choice is ``scheduling.choose``'s; this gathers its rows and applies it."""
         with self._mutex:
             with self.ledger.tx():
                 w = self.ledger.worker(worker_id)
                 if w is None:
                     raise ValueError(f"unknown worker {worker_id}: it must say hello first")
                 if self.ledger.live_lease(worker_id) is not None:
-                    return None
+                    return None  # one lease per worker
                 hw = w["hw_class"]
                 head = self.ledger.head()
-                m = self._head_measure(head["candidate_id"], hw)
-                if not m["values"]:
-                    if m["live"] == 0 and m["failed"] < decide.HEAD_FAILURES_LIMIT:
-                        train_py = self.ledger.scalar(
-                            "SELECT train_py FROM candidates WHERE id = ?", head["candidate_id"])
-                        return self._lease(worker_id, hw, head["candidate_id"],
-                                           head["commit_sha"], train_py, st.PURPOSE_HEAD)
-                    if m["live"] == 0:
-                        return None  # head cannot be measured here: nothing here is decidable
-                cand = self.ledger.one("SELECT id, commit_sha, train_py FROM candidates "
-                                       "WHERE state = 'queued' ORDER BY id LIMIT 1")
-                if cand is None:
+                queued = [r[0] for r in self.ledger.all(
+                    "SELECT id FROM candidates WHERE state = 'queued' ORDER BY id")]
+                choice = scheduling.choose(head["candidate_id"], self._head_on(hw), queued)
+                if choice is None:
                     return None
+                cand = self.ledger.candidate(choice.candidate_id)
+                if choice.purpose == st.PURPOSE_HEAD:
+                    return self._lease(worker_id, hw, cand["id"], head["commit_sha"],
+                                       cand["train_py"], st.PURPOSE_HEAD)
                 self._set_candidate(cand["id"], st.RUNNING)
                 return self._lease(worker_id, hw, cand["id"], cand["commit_sha"],
                                    cand["train_py"], st.PURPOSE_CANDIDATE)
@@ -494,8 +445,10 @@ class Coordinator:
 
     # ---- results and decisions ----------------------------------------------------------
 
-    def record_result(self, worker_id: str, attempt_id: str, outcome: dict) -> ResultAck:
-        """Count a worker's result if it is for that worker's live lease (see module doc)."""
+    def record_result(self, worker_id: str, attempt_id: str,
+                      outcome: Outcome | dict) -> ResultAck:
+        """Count a worker's result if it is for that worker's live lease (see module doc).
+        ``outcome`` is an Outcome, or a wire map (untrusted: read with Outcome.from_wire)."""
         with self._mutex:
             att = self.ledger.attempt(attempt_id)
             if att is None:
@@ -507,13 +460,11 @@ class Coordinator:
                 return ResultAck(True, "duplicate result: already counted")
             if att["state"] == st.STALE:
                 return ResultAck(False, "duplicate of a stale result: not counted")
-            outcome = outcome if isinstance(outcome, dict) else {}
-            status, bpb, problem = decide.normalise_outcome(outcome)
-            if status == "ok" and bpb <= 0:  # bits per byte of real text are always > 0
-                status, bpb, problem = "crash", None, f"status ok but val_bpb is {bpb}"
+            oc = outcome if isinstance(outcome, Outcome) else Outcome.from_wire(outcome)
+            status = oc.status
             if att["state"] in (st.LOST, st.CANCELLED):
                 with self.ledger.tx():
-                    self._store_outcome(att, status, bpb, outcome, problem)
+                    self._store_outcome(att, oc)
                     st.check_attempt(att["state"], st.STALE)
                     self.ledger.db.execute(
                         "UPDATE attempts SET state = 'stale', prior_state = ?, finished_at = ? "
@@ -525,25 +476,19 @@ class Coordinator:
             old_head = self.ledger.head()["commit_sha"]
             note = ""
             with self.ledger.tx():
-                self._store_outcome(att, status, bpb, outcome, problem)
-                if status == "cancelled":
-                    cid, dec = self._lose(att, st.CANCELLED, "cancelled by the worker")
+                self._store_outcome(att, oc)
+                if status == CANCELLED:
+                    cid, dec = self._lose(att, st.CANCELLED, oc.note or "cancelled by the worker")
                     note = f"cancelled: candidate #{cid} requeued" if cid is not None else \
                         "cancelled"
                     decisions += [dec] if dec else []
                 else:
                     self._set_attempt(attempt_id, st.DONE)
                     if att["purpose"] == st.PURPOSE_CANDIDATE:
-                        if status == "ok":
+                        if status == OK:
                             self._set_candidate(att["candidate_id"], st.MEASURED)
                         else:
-                            result = outcome.get("result")
-                            error = result.get("error") if isinstance(result, dict) else None
-                            tail = outcome.get("log_tail")
-                            reason = decide.failure_reason(
-                                status, att["hw_class"], tail if isinstance(tail, str) else None,
-                                problem or (error if isinstance(error, str) else None),
-                                _db_int(outcome.get("exit_code")))
+                            reason = decide.failure_reason(oc, att["hw_class"])
                             decisions.append(self._fail_candidate(
                                 att["candidate_id"], att["hw_class"], reason, [attempt_id]))
                     decisions += self._decide_waiting(att["hw_class"])
@@ -553,7 +498,7 @@ class Coordinator:
             self._after_change(wrote_decision=True, head_moved=new_head != old_head)
             if not note:
                 note = "; ".join(f"#{d.candidate_id} {d.verdict}" for d in decisions)
-                if not note and status == "ok":
+                if not note and status == OK:
                     note = ("measured: waiting for the head's number on this class"
                             if att["purpose"] == st.PURPOSE_CANDIDATE else
                             f"head #{att['candidate_id']} measured on {att['hw_class']}")
@@ -561,19 +506,13 @@ class Coordinator:
                     note = f"head #{att['candidate_id']} measurement failed: {status}"
             return ResultAck(True, note, decisions)
 
-    def _store_outcome(self, att, status: str, bpb: float | None, outcome: dict,
-                       problem: str | None) -> None:
-        result = outcome.get("result")
-        tail = outcome.get("log_tail")
-        tail = tail[-MAX_LOG_TAIL:] if isinstance(tail, str) else None
-        code = outcome.get("exit_code")
-        wall = outcome.get("wall_seconds")
+    def _store_outcome(self, att, oc: Outcome) -> None:
+        """The outcome as the worker classified it, note included (it says why the status)."""
         self.ledger.db.execute(
             "UPDATE attempts SET status = ?, val_bpb = ?, summary = ?, log_tail = ?, "
             "exit_code = ?, wall_seconds = ?, note = COALESCE(?, note) WHERE attempt_id = ?",
-            (status, bpb, _json(result if isinstance(result, dict) else {}),
-             tail, _db_int(code),
-             _db_float(wall), problem, att["attempt_id"]))
+            (oc.status, oc.val_bpb, _json(oc.result), oc.log_tail or None, oc.exit_code,
+             oc.wall_seconds, oc.note or None, att["attempt_id"]))
 
     def _decide_waiting(self, hw: str) -> list[Decision]:
         """Decide measured candidates on class ``hw``, oldest first, while the head has a
@@ -590,12 +529,12 @@ class Coordinator:
             if c is None:
                 return out
             head = self.ledger.head()
-            m = self._head_measure(head["candidate_id"], hw)
-            hv = decide.head_value(m["values"])
+            m = self._head_on(hw)
+            hv = decide.head_value(list(m.values))
             if hv is None:
                 return out  # waits in measured until the head's number on hw arrives
-            v = decide.judge(c["val_bpb"], hv, margin, hw, len(m["values"]))
-            ids = [c["attempt_id"]] + m["attempt_ids"]
+            v = decide.judge(c["val_bpb"], hv, margin, hw, len(m.values))
+            ids = [c["attempt_id"]] + list(m.attempt_ids)
             new_head = head["commit_sha"]
             if v.verdict == st.KEPT:
                 message = (
@@ -605,7 +544,7 @@ class Coordinator:
                     f"candidate: #{c['id']} {c['commit_sha']} (based on {c['base_commit']})\n"
                     f"head before: #{head['candidate_id']} {head['commit_sha']}\n"
                     f"candidate attempt: {c['attempt_id']}\n"
-                    f"head attempts: {', '.join(m['attempt_ids'])}\n")
+                    f"head attempts: {', '.join(m.attempt_ids)}\n")
                 # Object first: if we die before the ledger commits, it is unreferenced junk.
                 new_head = commit_object(self.repo_dir, commit_tree_of(self.repo_dir,
                                                                        c["commit_sha"]),
@@ -635,7 +574,7 @@ class Coordinator:
         with self._mutex:
             row = self.ledger.one("SELECT * FROM candidates WHERE sha256 = ?", sha)
             if row is not None:
-                return self._candidate_summary(row, duplicate=True)
+                return reports.candidate_summary(self.ledger, row, duplicate=True)
             if base is None or str(base).strip() == "":
                 base_commit = self.ledger.head()["commit_sha"]
             elif (not isinstance(base, str) or len(base) > MAX_BASE or "\x00" in base
@@ -660,198 +599,31 @@ class Coordinator:
             # After the commit: a crash here leaves the ref missing; reconcile() recreates it.
             update_ref(self.repo_dir, candidate_ref(cid), commit, reason="autoresearch submit")
             row = self.ledger.candidate(cid)
-            out = self._candidate_summary(row, duplicate=False)
+            out = reports.candidate_summary(self.ledger, row)
             out["queue_position"] = int(self.ledger.scalar(
                 "SELECT COUNT(*) FROM candidates WHERE state = 'queued' AND id <= ?", cid))
             return out
-
-    def _candidate_summary(self, row, duplicate: bool) -> dict:
-        out = {"candidate_id": row["id"], "state": row["state"], "commit": row["commit_sha"],
-               "base": row["base_commit"], "description": row["description"],
-               "duplicate": duplicate, "val_bpb": None, "hw_class": None}
-        ok = self.ledger.one("SELECT val_bpb, hw_class FROM attempts WHERE candidate_id = ? "
-                             "AND state = 'done' AND status = 'ok' ORDER BY finished_at LIMIT 1",
-                             row["id"])
-        if ok is not None:
-            out["val_bpb"], out["hw_class"] = ok["val_bpb"], ok["hw_class"]
-        d = self.ledger.decision(row["id"])
-        if d is not None:
-            out["verdict"], out["reason"] = d["verdict"], d["reason"]
-        return out
 
     def candidate(self, cid: int) -> dict | None:
         """One candidate's summary (state, commit, val_bpb, verdict), or None."""
         with self._mutex:
             row = self.ledger.candidate(cid)
-            return None if row is None else self._candidate_summary(row, duplicate=False)
+            return None if row is None else reports.candidate_summary(self.ledger, row)
 
-    # ---- reports ------------------------------------------------------------------------
-
-    def _classes(self) -> list[str]:
-        return sorted({r[0] for r in self.ledger.all(
-            "SELECT hw_class FROM workers UNION SELECT hw_class FROM attempts")})
+    # ---- reports (coordinator.reports, under this coordinator's lock) -------------------
 
     def status(self) -> dict:
         """Everything a person wants at a glance; plain JSON-able types."""
         with self._mutex:
-            L = self.ledger
-            head = L.head()
-            heads, problems = [], list(self.problems)
-            for hw in self._classes():
-                m = self._head_measure(head["candidate_id"], hw)
-                hv = decide.head_value(m["values"])
-                if hv is not None:
-                    state = "measured"
-                elif m["live"]:
-                    state = "measuring"
-                elif m["failed"] >= decide.HEAD_FAILURES_LIMIT:
-                    state = "blocked"
-                    problems.append(
-                        f"head #{head['candidate_id']} failed {m['failed']} measurements on {hw}:"
-                        f" not measuring it there again, so candidates on {hw} cannot be decided"
-                        f" (its workers get no work) until the head changes")
-                else:
-                    state = "unmeasured"
-                heads.append({"hw_class": hw, "val_bpb": hv, "runs": len(m["values"]),
-                              "failed_runs": m["failed"], "state": state,
-                              "commit": head["commit_sha"]})
-            blocked = {h["hw_class"] for h in heads if h["state"] == "blocked"}
-            live = {r["attempt_id"]: r for r in L.all(
-                "SELECT a.*, w.name AS worker_name FROM attempts a LEFT JOIN workers w "
-                "ON w.worker_id = a.worker_id WHERE a.state = 'leased' ORDER BY a.leased_at")}
-            running = []
-            for aid, r in live.items():
-                prog = self._seen.get(r["worker_id"], {}).get("progress")
-                prog = prog if prog and prog.get("attempt_id") == aid else None
-                running.append({"attempt_id": aid, "candidate_id": r["candidate_id"],
-                                "purpose": r["purpose"], "worker_id": r["worker_id"],
-                                "worker": r["worker_name"], "hw_class": r["hw_class"],
-                                "leased_at": _fmt_time(r["leased_at"]), "progress": prog})
-            by_worker = {r["worker_id"]: r for r in running}
-            workers = []
-            for w in L.all("SELECT * FROM workers ORDER BY name, worker_id"):
-                r = by_worker.get(w["worker_id"])
-                seen = self._seen.get(w["worker_id"], {}).get("last_seen") or w["last_seen"]
-                workers.append({
-                    "worker_id": w["worker_id"], "name": w["name"], "hw_class": w["hw_class"],
-                    "state": "gone" if w["state"] == "gone" else ("running" if r else "idle"),
-                    "attempt_id": r["attempt_id"] if r else None,
-                    "candidate_id": r["candidate_id"] if r else None,
-                    "purpose": r["purpose"] if r else None,
-                    "progress": r["progress"] if r else None,
-                    "last_seen": _fmt_time(seen), "gone_reason": w["gone_reason"]})
-            queue = [{"candidate_id": r["id"], "description": r["description"],
-                      "submitted": _fmt_time(r["created_at"])}
-                     for r in L.all("SELECT * FROM candidates WHERE state = 'queued' ORDER BY id")]
-            measured = []
-            for r in L.all("SELECT c.id, c.description, a.hw_class, a.val_bpb FROM candidates c "
-                           "JOIN attempts a ON a.candidate_id = c.id AND a.purpose = 'candidate'"
-                           " AND a.state = 'done' AND a.status = 'ok' WHERE c.state = 'measured'"
-                           " ORDER BY c.id"):
-                why = (f"cannot be decided: the head cannot be measured on {r['hw_class']}"
-                       if r["hw_class"] in blocked else
-                       f"waiting for the head's val_bpb on {r['hw_class']}")
-                measured.append({"candidate_id": r["id"], "description": r["description"],
-                                 "hw_class": r["hw_class"], "val_bpb": r["val_bpb"],
-                                 "waiting_for": why})
-                if r["hw_class"] in blocked:
-                    problems.append(f"candidate #{r['id']} {why}")
-            candidates = []
-            for r in L.all("SELECT c.id, c.state, c.description, d.val_bpb, d.verdict FROM "
-                           "candidates c LEFT JOIN decisions d ON d.candidate_id = c.id "
-                           "ORDER BY c.id"):
-                candidates.append({"id": r["id"], "candidate_id": r["id"], "state": r["state"],
-                                   "description": r["description"], "val_bpb": r["val_bpb"]})
-            counts = {s: 0 for s in st.CANDIDATE_STATES}
-            for r in L.all("SELECT state, COUNT(*) FROM candidates WHERE id > 0 GROUP BY state"):
-                counts[r[0]] = r[1]
-            counts["attempts"] = L.scalar("SELECT COUNT(*) FROM attempts")
-            return {
-                "repo": str(self.repo_dir), "tag": self.tag, "branch": self.branch,
-                "head": head["commit_sha"], "head_commit": head["commit_sha"],
-                "head_candidate": head["candidate_id"], "heads": heads, "workers": workers,
-                "queue": queue, "running": running, "measured": measured,
-                "candidates": candidates, "counts": counts, "settings": dict(self.settings),
-                "problems": problems, "reconciled": list(self.fixed),
-            }
+            return reports.status(self.ledger, self.repo_dir, seen=self._seen,
+                                  problems=self.problems, reconciled=self.fixed)
 
     def log(self, limit: int = 50) -> dict:
         """Recent attempts and decisions, newest first (and merged, as ``entries``)."""
         with self._mutex:
-            L = self.ledger
-            attempts = []
-            for r in L.all("SELECT a.*, w.name AS worker_name, c.description FROM attempts a "
-                           "LEFT JOIN workers w ON w.worker_id = a.worker_id JOIN candidates c "
-                           "ON c.id = a.candidate_id ORDER BY COALESCE(a.finished_at, a.leased_at)"
-                           " DESC, a.rowid DESC LIMIT ?", limit):
-                summary = loads(r["summary"], {}) or {}
-                attempts.append({
-                    "attempt_id": r["attempt_id"], "candidate_id": r["candidate_id"],
-                    "purpose": r["purpose"], "worker_id": r["worker_id"],
-                    "worker": r["worker_name"], "hw_class": r["hw_class"],
-                    "state": r["state"], "status": r["status"], "val_bpb": r["val_bpb"],
-                    "leased_at": _fmt_time(r["leased_at"]),
-                    "finished_at": _fmt_time(r["finished_at"]),
-                    "time": _fmt_time(r["finished_at"] or r["leased_at"]),
-                    "_t": r["finished_at"] or r["leased_at"],
-                    "exit_code": r["exit_code"], "wall_seconds": r["wall_seconds"],
-                    "peak_vram_mb": summary.get("peak_vram_mb"),
-                    "num_steps": summary.get("num_steps"), "note": r["note"],
-                    "log_tail": decide.last_line(r["log_tail"]) if r["status"] != "ok" else None,
-                    "description": f"{r['purpose']} run of #{r['candidate_id']} "
-                                   f"({r['description']}) on {r['worker_name'] or r['worker_id']}",
-                })
-            decisions = []
-            for r in L.all("SELECT d.*, c.description, c.commit_sha FROM decisions d JOIN "
-                           "candidates c ON c.id = d.candidate_id ORDER BY d.id DESC LIMIT ?",
-                           limit):
-                decisions.append({
-                    "candidate_id": r["candidate_id"], "verdict": r["verdict"],
-                    "hw_class": r["hw_class"], "val_bpb": r["val_bpb"],
-                    "head_bpb": r["head_bpb"], "head_before": r["head_before"],
-                    "head_after": r["head_after"], "commit": r["commit_sha"],
-                    "reason": r["reason"], "description": r["description"],
-                    "attempt_ids": loads(r["attempt_ids"], []),
-                    "time": _fmt_time(r["decided_at"]), "_t": r["decided_at"]})
-            entries = sorted(attempts + decisions, key=lambda e: e["_t"], reverse=True)[:limit]
-            entries = [dict(e, kind="decision" if "verdict" in e else "attempt") for e in entries]
-            for e in attempts + decisions + entries:
-                e.pop("_t", None)
-            return {"attempts": attempts, "decisions": decisions, "entries": entries}
+            return reports.log(self.ledger, limit)
 
     def export_tsv(self) -> str:
         """results.tsv in upstream's format: one row per decided candidate, oldest first."""
         with self._mutex:
-            lines = [TSV_HEADER]
-            for d in self.ledger.all("SELECT d.*, c.commit_sha, c.description FROM decisions d "
-                                     "JOIN candidates c ON c.id = d.candidate_id ORDER BY d.id"):
-                # A decision row never changes once written, so its line is rendered once: this
-                # file is rewritten after every decision, and re-parsing every attempt's summary
-                # each time made a long run quadratic (measured by benchmarks/scheduler.py).
-                cached = self._tsv_rows.get(d["id"])
-                if cached is not None:
-                    lines.append(cached)
-                    continue
-                ids = loads(d["attempt_ids"], []) or []
-                bpb, aid = d["val_bpb"], ids[0] if ids else None
-                if d["candidate_id"] == 0:  # the baseline: its first ok measurement, if any
-                    first = self.ledger.one(
-                        "SELECT attempt_id, val_bpb FROM attempts WHERE candidate_id = 0 AND "
-                        "state = 'done' AND status = 'ok' ORDER BY finished_at LIMIT 1")
-                    bpb, aid = (first["val_bpb"], first["attempt_id"]) if first else (None, None)
-                mem = 0.0
-                if d["verdict"] != st.FAILED and aid:
-                    summary = loads(self.ledger.scalar(
-                        "SELECT summary FROM attempts WHERE attempt_id = ?", aid), {}) or {}
-                    peak = summary.get("peak_vram_mb")
-                    if isinstance(peak, (int, float)) and not isinstance(peak, bool):
-                        mem = peak / 1024
-                if d["verdict"] == st.FAILED or bpb is None:
-                    bpb = 0.0
-                desc = " ".join(str(d["description"]).replace("\t", " ").split())
-                line = (f"{d['commit_sha'][:7]}\t{bpb:.6f}\t{mem:.1f}\t"
-                        f"{st.TSV_STATUS[d['verdict']]}\t{desc}\n")
-                if d["candidate_id"] != 0:  # the baseline's row fills in when it is measured
-                    self._tsv_rows[d["id"]] = line
-                lines.append(line)
-            return "".join(lines)
+            return reports.export_tsv(self.ledger, self._tsv_rows)

@@ -10,13 +10,10 @@ import math
 from dataclasses import dataclass
 
 from coordinator.states import DISCARDED, FAILED, KEPT
+from shared.outcome import FAILURE_STATUSES, Outcome, last_line
 
-# Failed head measurements on one class after which we stop re-measuring the head there.
-HEAD_FAILURES_LIMIT = 2
 # Lost leases after which a candidate is failed (it may be what takes the machines down).
 LOST_LIMIT = 3
-# Outcome statuses that fail a candidate (the worker's "cancelled" requeues instead).
-FAILURE_STATUSES = ("crash", "nan", "oom", "timeout")
 
 
 @dataclass(frozen=True)
@@ -42,42 +39,28 @@ def judge(candidate_bpb: float, head_bpb: float, margin: float, hw_class: str,
                               f"(margin {margin:g}{runs})")
 
 
-def last_line(text: str | None) -> str:
-    for line in reversed((text or "").strip().splitlines()):
-        if line.strip():
-            return line.strip()[:300]
-    return ""
+def failure_reason(outcome: Outcome, hw_class: str) -> str:
+    """``timeout on <class> (exit -15): no result within 330s; last log line: step 900 ...``.
 
-
-def failure_reason(status: str, hw_class: str, log_tail: str | None = None,
-                   error: str | None = None, exit_code: int | None = None) -> str:
-    """``crash on <class> (exit 1): <last log line>``."""
-    code = f" (exit {exit_code})" if exit_code is not None else ""
-    detail = last_line(error) or last_line(log_tail)
-    return f"{status} on {hw_class}{code}" + (f": {detail}" if detail else "")
+    The worker's note comes first: it is the classification (why this status). The harness's
+    error, or else the log's last line, follows when it adds something (a crash "exit code 1
+    without a result file" is explained by the traceback's last line)."""
+    code = f" (exit {outcome.exit_code})" if outcome.exit_code is not None else ""
+    note = outcome.note
+    detail = last_line(outcome.error) or last_line(outcome.log_tail)
+    if detail and detail in note:
+        detail = ""
+    if note and detail:
+        text = f"{note}; {'error' if outcome.error else 'last log line'}: {detail}"
+    else:
+        text = note or detail
+    return f"{outcome.status} on {hw_class}{code}" + (f": {text}" if text else "")
 
 
 def lost_reason(times: int) -> str:
     return f"lost {times} times: may crash the machine"
 
 
-def normalise_outcome(outcome: dict) -> tuple[str, float | None, str | None]:
-    """(status, val_bpb, problem) from a wire outcome map; ok without a finite val_bpb -> nan."""
-    status = str(outcome.get("status") or "crash")
-    bpb = outcome.get("val_bpb")
-    if isinstance(bpb, bool) or not isinstance(bpb, (int, float)):
-        bpb = None
-    if status == "ok":
-        if bpb is None:
-            return "crash", None, "status ok but no val_bpb in the outcome"
-        if not math.isfinite(bpb):
-            return "nan", None, f"status ok but val_bpb is {bpb}"
-        return "ok", float(bpb), None
-    if status not in FAILURE_STATUSES and status != "cancelled":
-        return "crash", None, f"unknown outcome status {status!r}"
-    return status, None, None
-
-
 __all__ = ["Verdict", "head_value", "judge", "failure_reason", "lost_reason",
-           "normalise_outcome", "HEAD_FAILURES_LIMIT", "LOST_LIMIT", "FAILURE_STATUSES",
+           "LOST_LIMIT", "FAILURE_STATUSES",
            "KEPT", "DISCARDED", "FAILED"]

@@ -109,7 +109,7 @@ def _stop(proc: subprocess.Popen, sig=signal.SIGINT, wait: float = 20.0) -> None
 
 def run_demo(workdir: Path, cache_dir: Path, workers: int = 2, keep: bool = True,
              budget: int | None = None) -> int:
-    from coordinator.client import Client
+    from shared.client import Client
     from coordinator.repo import init_repo
     from coordinator.trust import TrustStore
     from shared.keys import (

@@ -205,6 +205,11 @@ class Ledger:
         return self.one("SELECT * FROM attempts WHERE worker_id = ? AND state = 'leased' "
                         "ORDER BY leased_at DESC LIMIT 1", worker_id)
 
+    def class_attempts(self, cid: int, hw_class: str) -> list[sqlite3.Row]:
+        """Every attempt of one candidate on one hardware class, oldest lease first."""
+        return self.all("SELECT * FROM attempts WHERE candidate_id = ? AND hw_class = ? "
+                        "ORDER BY leased_at, rowid", cid, hw_class)
+
     def decision(self, cid: int) -> sqlite3.Row | None:
         return self.one("SELECT * FROM decisions WHERE candidate_id = ?", cid)
 
@@ -217,3 +222,50 @@ def loads(text: str | None, default: Any = None) -> Any:
         return json.loads(text)
     except ValueError:
         return default
+
+
+class ReadOnlyLedger(Ledger):
+    """The ledger opened for reading only: reports, the dashboard, offline ``status``/``log``.
+
+    SQLite ``mode=ro`` (plus ``query_only``), so this connection can never change the run, and
+    it takes no coordinator lock (``coord.lock``): it works while the coordinator runs -- WAL
+    lets readers see the last committed state without blocking the writer -- and when it is
+    stopped. (On a stopped run SQLite itself may create the empty ``-wal``/``-shm`` sidecar
+    files a WAL reader needs; the database file is never written.)
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no ledger at {self.path}: not a research repo "
+                                    "(run `autoresearch-coord init` first)")
+        # as_uri() percent-escapes the path, so a '?' or '#' in a directory name is safe.
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        try:
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10.0,
+                                      check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA query_only=ON")
+            self._depth = 0
+            version = self.get_meta("schema_version")
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{self.path}: cannot read the ledger: {exc}") from None
+        if version != SCHEMA_VERSION:
+            self.db.close()
+            raise LedgerError(f"{self.path}: ledger schema {version!r}, this release reads "
+                              f"{SCHEMA_VERSION}: use the release that made this run")
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        raise LedgerError(f"{self.path}: opened read-only; only the coordinator writes the ledger")
+        yield self.db  # pragma: no cover  (makes this a generator like Ledger.tx)
+
+    @contextmanager
+    def reading(self) -> Iterator["ReadOnlyLedger"]:
+        """``with ledger.reading():`` -- every read inside sees one committed state (a report
+        made while the coordinator writes is never half of one decision)."""
+        self.db.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self.db.execute("COMMIT")

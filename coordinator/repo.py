@@ -34,6 +34,10 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from coordinator.ledger import Ledger, ledger_path
+from shared.trainer_contract import RUN_FIELDS
+from trainer.presets import baseline_train_py, get_preset
+
 STATE_DIR = ".autoresearch"
 RUN_FILE = "run.json"
 LOCK_FILE = "coord.lock"
@@ -41,19 +45,9 @@ CANDIDATE_REFS = "refs/autoresearch/candidates/"
 DISPLACED_REFS = "refs/autoresearch/displaced/"
 ZERO = "0" * 40
 
-# Research-run settings that reach the harness through the environment (trainer.settings), and
-# the coordinator's own per-run settings. All fixed when the run is initialised.
-RUN_FIELDS = ("seq_len", "eval_tokens", "time_budget", "seed", "eval_batch")
+# Research-run settings that reach the harness through the environment (the trainer boundary's
+# RUN_FIELDS), and the coordinator's own per-run settings. All fixed when the run is initialised.
 SETTING_FIELDS = RUN_FIELDS + ("timeout", "margin")
-
-# Used only while trainer.presets is unavailable (it is written separately); same numbers as
-# the seed defaults in the contracts, and a CPU-sized tiny run.
-FALLBACK_PRESETS: dict[str, dict[str, Any]] = {
-    "seed": dict(seq_len=2048, eval_tokens=3 * 524288, time_budget=300, seed=42, eval_batch=16,
-                 timeout=900.0),
-    "tiny": dict(seq_len=256, eval_tokens=65536, time_budget=15, seed=42, eval_batch=8,
-                 timeout=180.0),
-}
 
 # An identity that works on machines with no git config at all.
 GIT_IDENTITY = {
@@ -209,35 +203,10 @@ def default_tag(now: float | None = None) -> str:
 
 
 def preset_settings(preset: str) -> dict[str, Any]:
-    """The preset's run settings (from trainer.presets when available), margin 0.0."""
-    try:
-        from trainer.presets import PRESETS  # mlx-free by contract
-    except ImportError:
-        PRESETS = None
-    if PRESETS is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; one of {', '.join(sorted(PRESETS))}")
-        p = PRESETS[preset]
-        # The contract says the Preset carries the run settings; accept them flat or nested.
-        holders = [p] + [getattr(p, n) for n in ("settings", "run") if hasattr(p, n)]
-
-        def get(key: str) -> Any:
-            for h in holders:
-                v = h.get(key) if isinstance(h, dict) else getattr(h, key, None)
-                if v is not None:
-                    return v
-            return None
-
-        out = {f: get(f) for f in RUN_FIELDS}
-        missing = [f for f, v in out.items() if v is None]
-        if missing:
-            raise RuntimeError(f"trainer.presets: preset {preset!r} lacks {', '.join(missing)}")
-        timeout = get("timeout")
-        out["timeout"] = timeout if timeout is not None else out["time_budget"] * 3 + 300
-    else:
-        if preset not in FALLBACK_PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; one of {', '.join(FALLBACK_PRESETS)}")
-        out = dict(FALLBACK_PRESETS[preset])
+    """The preset's run settings and hard timeout (trainer.presets), margin 0.0."""
+    p = get_preset(preset)  # ValueError naming the presets
+    out = p.settings()
+    out["timeout"] = float(p.timeout or p.time_budget * 3 + 300)
     out["margin"] = 0.0
     return out
 
@@ -410,8 +379,6 @@ def init_repo(dir: Path, tag: str | None = None, preset: str = "seed",
     Idempotent for the same settings; refuses (RunMismatch, a ValueError) to change the settings
     of an existing run. ``train_py`` overrides the preset's baseline text (tests, custom runs).
     """
-    from coordinator.ledger import Ledger, ledger_path  # noqa: PLC0415 (avoid a cycle at import)
-
     repo = Path(dir).expanduser().resolve()
     settings = resolve_settings(preset, overrides)
     if tag is not None:
@@ -436,11 +403,6 @@ def init_repo(dir: Path, tag: str | None = None, preset: str = "seed",
         return existing
 
     if train_py is None:
-        try:
-            from trainer.presets import baseline_train_py
-        except ImportError:
-            raise RuntimeError("trainer.presets is not available: pass train_py= explicitly") \
-                from None
         train_py = baseline_train_py(preset)
     try:
         compile(train_py, "train.py", "exec")

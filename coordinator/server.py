@@ -44,9 +44,12 @@ from typing import Any, Callable
 import zmq
 
 from coordinator.core import SubmitRejected
-from shared import protocol
-from shared.keys import configure_server, fingerprint, peer_key
+from coordinator.trust import FleetAuthenticator, TrustError, TrustStore
+from shared import datasync, protocol
 from shared.codec import MAX_FRAME_BYTES, CodecError, decode, encode
+from shared.datasync import DataSyncError, harness_file_hashes, harness_fingerprint
+from shared.keys import configure_server, fingerprint, peer_key
+from shared.outcome import Outcome
 from shared.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, RECONNECT_MAX, ProtocolError
 
 # Longest the poll loop sleeps, so a signal-requested shutdown is noticed promptly.
@@ -55,10 +58,11 @@ MAX_POLL_SECONDS = 0.25
 # Error code telling a worker that this coordinator does not know it (yet): send hello.
 HELLO_FIRST = protocol.ERROR_HELLO_FIRST
 
-WORKER_TYPES = ("hello", "ready", "heartbeat", "result", "bye")
-CLIENT_TYPES = ("submit", "query")
-QUERIES = ("status", "log", "export", "keys", "harness", "dataset_manifest", "dataset_chunk")
-ERROR_MISMATCH = "mismatch"
+
+
+class QueryRefused(Exception):
+    """A query this coordinator cannot answer (no dataset served, no trust list): the reply
+    carries ok false and this message."""
 
 
 def stamp() -> str:
@@ -154,16 +158,12 @@ class Server:
     _stop: bool = False
 
     def __post_init__(self) -> None:
-        from shared.datasync import harness_file_hashes, harness_fingerprint
-
         self.harness_files = harness_file_hashes()
         self.harness_fingerprint = harness_fingerprint(self.harness_files)
         self.dataset_hash = self.dataset.manifest()["dataset_hash"] if self.dataset else None
         self.auth = None
         self._own_trust = False
         if self.keypair is not None:
-            from coordinator.trust import FleetAuthenticator, TrustStore
-
             # Own context: only one ZAP handler may exist per context, and tests or scripts
             # may run several servers (or clients) in one process.
             self.ctx = zmq.Context()
@@ -303,70 +303,85 @@ class Server:
         self._send(identity, protocol.make("error", code=code, message=message, **extra))
 
     def _dispatch(self, identity: bytes, msg: dict, key: str | None = None) -> None:
-        t = msg["type"]
-        if t == "enrol":
-            self._on_enrol(identity, msg, key)
-            return
-        if t in CLIENT_TYPES:
-            self._on_client(identity, msg)
-            return
-        if t not in WORKER_TYPES:
-            raise ProtocolError("unexpected", f"{t} is not a message the coordinator accepts")
+        handler = HANDLERS.get(msg["type"])
+        if handler is None:   # a type only the coordinator sends (welcome, assign, ...)
+            raise ProtocolError("unexpected", f"{msg['type']} is not a message the coordinator "
+                                "accepts")
+        handler(self, identity, msg, key)
+
+    # ---- worker messages ----------------------------------------------------------------
+
+    def _worker_id(self, identity: bytes, msg: dict, key: str | None) -> str | None:
+        """The sender's worker_id, checked against the key that owns it; None (after telling
+        the peer) when it is missing."""
         wid = msg.get("worker_id")
         if not isinstance(wid, str):  # heartbeat's worker_id is optional in the schema
             self._send(identity, protocol.make(
                 "error", code="bad_field", message="heartbeat: worker_id required from workers"))
-            return
+            return None
         owner = self.worker_keys.get(wid)
         if key is not None and owner is not None and owner != key:
             raise ProtocolError("forbidden", f"worker id {wid} belongs to another key "
                                 f"({fingerprint(owner)}); a worker speaks only for itself")
-        now = self.clock()
-        if t == "hello":
-            self._on_hello(identity, msg, now, key)
-            return
-        if key is not None and owner is None:
+        return wid
+
+    def _heard(self, identity: bytes, wid: str, key: str | None) -> WorkerConn | None:
+        """A worker spoke (anything but hello): refresh its liveness and follow its socket."""
+        if key is not None and wid not in self.worker_keys:
             self.worker_keys[wid] = key   # e.g. a result arriving before hello after our restart
         conn = self.workers.get(wid)
         if conn is not None:
-            conn.last_seen = now
+            conn.last_seen = self.clock()
             if conn.identity != identity:  # reconnected without hello: follow the new socket
                 self.by_identity.pop(conn.identity, None)
                 conn.identity = identity
                 self.by_identity[identity] = wid
-        if t == "result":
-            self._on_result(identity, wid, msg, conn)
-        elif t == "bye":
-            self._on_bye(wid, msg["reason"], conn)
-        elif conn is None:
+        return conn
+
+    def _joined(self, identity: bytes, msg: dict, key: str | None) -> WorkerConn | None:
+        """The connection of a worker that must have said hello, or None after answering
+        ``hello_first`` (we restarted, or lost it)."""
+        wid = self._worker_id(identity, msg, key)
+        if wid is None:
+            return None
+        conn = self._heard(identity, wid, key)
+        if conn is None:
             self._send(identity, protocol.make(
                 "error", code=HELLO_FIRST, message=f"worker {wid} unknown here: send hello"))
-        elif t == "ready":
-            self.core.worker_seen(wid)
-            if "harness_fingerprint" in msg:
-                conn.harness_fingerprint = msg["harness_fingerprint"]
-            if "dataset_hash" in msg:
-                conn.dataset_hash = msg["dataset_hash"]
-            conn.mismatch = self._mismatch(conn.harness_fingerprint, conn.dataset_hash)
-            if conn.mismatch:
-                conn.waiting = False
-                self._send(identity, protocol.make(
-                    "error", code=ERROR_MISMATCH,
-                    message=f"no work for this worker: {conn.mismatch}"))
-                return
-            # A worker sends ready only when it holds nothing. If we think it holds an attempt,
-            # either this ready crossed our assign, or the assign was lost (a connection that
-            # dropped and came back inside the liveness window: ZeroMQ reconnects silently and
-            # drops what was queued for the old one). Re-send the same assign: a worker that
-            # already has it ignores a duplicate, one that lost it starts it. Never a second.
-            if conn.attempt_id is None:
-                conn.waiting = not self._assign(conn)
-            elif conn.assign_msg is not None and conn.assign_msg["attempt_id"] == conn.attempt_id:
-                self._send(identity, conn.assign_msg)
-                self.event(f"re-sent assign {conn.attempt_id} to {conn.name}: it says it holds "
-                           "nothing (lost on a reconnect, or crossed its ready)")
-        elif t == "heartbeat":
-            self.core.worker_seen(wid, msg.get("attempt_id"), msg.get("progress"))
+        return conn
+
+    def _on_ready(self, identity: bytes, msg: dict, key: str | None) -> None:
+        conn = self._joined(identity, msg, key)
+        if conn is None:
+            return
+        self.core.worker_seen(conn.worker_id)
+        if "harness_fingerprint" in msg:
+            conn.harness_fingerprint = msg["harness_fingerprint"]
+        if "dataset_hash" in msg:
+            conn.dataset_hash = msg["dataset_hash"]
+        conn.mismatch = self._mismatch(conn.harness_fingerprint, conn.dataset_hash)
+        if conn.mismatch:
+            conn.waiting = False
+            self._send(identity, protocol.make(
+                "error", code=protocol.ERROR_MISMATCH,
+                message=f"no work for this worker: {conn.mismatch}"))
+            return
+        # A worker sends ready only when it holds nothing. If we think it holds an attempt,
+        # either this ready crossed our assign, or the assign was lost (a connection that
+        # dropped and came back inside the liveness window: ZeroMQ reconnects silently and
+        # drops what was queued for the old one). Re-send the same assign: a worker that
+        # already has it ignores a duplicate, one that lost it starts it. Never a second.
+        if conn.attempt_id is None:
+            conn.waiting = not self._assign(conn)
+        elif conn.assign_msg is not None and conn.assign_msg["attempt_id"] == conn.attempt_id:
+            self._send(identity, conn.assign_msg)
+            self.event(f"re-sent assign {conn.attempt_id} to {conn.name}: it says it holds "
+                       "nothing (lost on a reconnect, or crossed its ready)")
+
+    def _on_heartbeat(self, identity: bytes, msg: dict, key: str | None) -> None:
+        conn = self._joined(identity, msg, key)
+        if conn is not None:
+            self.core.worker_seen(conn.worker_id, msg.get("attempt_id"), msg.get("progress"))
 
     def _mismatch(self, harness_fp: str | None, data_hash: str | None) -> str | None:
         """Why a worker with these must not train for us, or None. A worker that states no
@@ -382,15 +397,18 @@ class Server:
                     "the worker fetches it from the coordinator on join")
         return None
 
-    def _on_hello(self, identity: bytes, msg: dict, now: float, key: str | None = None) -> None:
-        wid = msg["worker_id"]
+    def _on_hello(self, identity: bytes, msg: dict, key: str | None) -> None:
+        wid = self._worker_id(identity, msg, key)
+        if wid is None:
+            return
         old = self.workers.get(wid)
         if old is not None:
             self.by_identity.pop(old.identity, None)
         if key is not None:
             self.worker_keys[wid] = key
-        conn = WorkerConn(wid, identity, msg["name"], msg["hw_class"], now, msg["attempt_id"],
-                          key=key, harness_fingerprint=msg.get("harness_fingerprint"),
+        conn = WorkerConn(wid, identity, msg["name"], msg["hw_class"], self.clock(),
+                          msg["attempt_id"], key=key,
+                          harness_fingerprint=msg.get("harness_fingerprint"),
                           dataset_hash=msg.get("dataset_hash"))
         conn.mismatch = self._mismatch(conn.harness_fingerprint, conn.dataset_hash)
         reply = self.core.worker_hello(wid, msg["name"], msg["profile"], msg["hw_class"],
@@ -436,113 +454,137 @@ class Server:
             if conn.waiting and conn.attempt_id is None:
                 conn.waiting = not self._assign(conn)
 
-    def _on_result(self, identity: bytes, wid: str, msg: dict, conn: WorkerConn | None) -> None:
-        attempt_id, outcome = msg["attempt_id"], msg["outcome"]
+    def _on_result(self, identity: bytes, msg: dict, key: str | None) -> None:
+        wid = self._worker_id(identity, msg, key)
+        if wid is None:
+            return
+        conn = self._heard(identity, wid, key)   # a result needs no hello: it is idempotent
+        attempt_id = msg["attempt_id"]
+        outcome = Outcome.from_wire(msg["outcome"])  # the peer's map is untrusted
         ack = self.core.record_result(wid, attempt_id, outcome)
         if conn is not None and conn.attempt_id == attempt_id:
             conn.attempt_id = None
         self._send(identity, protocol.make(
             "ack", attempt_id=attempt_id, accepted=bool(ack.accepted), note=str(ack.note or "")))
         who = conn.name if conn else wid
-        bpb = outcome.get("val_bpb")
-        bpb_s = f"{bpb:.4f}" if isinstance(bpb, (int, float)) else "-"
+        bpb_s = f"{outcome.val_bpb:.4f}" if outcome.val_bpb is not None else "-"
         state = "accepted" if ack.accepted else "not counted"
         note = f" ({ack.note})" if ack.note else ""
-        self.event(f"result {attempt_id} from {who}: {outcome.get('status')} "
+        self.event(f"result {attempt_id} from {who}: {outcome.status} "
                    f"val_bpb {bpb_s}, {state}{note}")
         for d in getattr(ack, "decisions", None) or []:
             self.event(describe_decision(d))
         self._offer_work()
 
-    def _on_bye(self, wid: str, reason: str, conn: WorkerConn | None) -> None:
+    def _on_bye(self, identity: bytes, msg: dict, key: str | None) -> None:
+        wid = self._worker_id(identity, msg, key)
+        if wid is None:
+            return
+        conn = self._heard(identity, wid, key)
+        reason = msg["reason"]
         requeued = self.core.worker_bye(wid, reason)
         self._forget(wid)
         who = conn.name if conn else wid
         self.event(f"worker {who} left: {reason}{_requeued(requeued)}")
         self._offer_work()
 
+    # ---- client messages ----------------------------------------------------------------
+
+    def _reply(self, identity: bytes, req_id: str, data: Any = None,
+               error: str | None = None) -> None:
+        self._send(identity, protocol.make("reply", req_id=req_id, ok=error is None,
+                                           data={"error": error} if error is not None else data))
+
     def _on_enrol(self, identity: bytes, msg: dict, key: str | None) -> None:
         req_id = msg["req_id"]
         if self.trust is None or key is None:
-            self._send(identity, protocol.make(
-                "reply", req_id=req_id, ok=False,
-                data={"error": "this coordinator runs without keys (--insecure): "
-                               "there is nothing to enrol in"}))
+            self._reply(identity, req_id, error="this coordinator runs without keys "
+                        "(--insecure): there is nothing to enrol in")
             return
-        from coordinator.trust import TrustError
-
         try:
             entry = self.trust.redeem_invite(msg["token"], key, msg["name"])
         except TrustError as exc:
             self.event(f"enrolment refused for key {fingerprint(key)}: {exc}")
-            self._send(identity, protocol.make("reply", req_id=req_id, ok=False,
-                                               data={"error": str(exc)}))
+            self._reply(identity, req_id, error=str(exc))
             return
         self.event(f"enrolled {entry.name} as {entry.role} ({entry.fingerprint})")
-        self._send(identity, protocol.make("reply", req_id=req_id, ok=True,
-                                           data=entry.to_dict()))
+        self._reply(identity, req_id, entry.to_dict())
 
-    def _on_client(self, identity: bytes, msg: dict) -> None:
+    def _on_submit(self, identity: bytes, msg: dict, key: str | None) -> None:
         req_id = msg["req_id"]
-        if msg["type"] == "submit":
-            try:
-                data = self.core.submit(msg["train_py"], msg["description"], msg.get("base"))
-            except SubmitRejected as exc:
-                self._send(identity, protocol.make(
-                    "reply", req_id=req_id, ok=False, data={"error": str(exc)}))
-                self.event(f"submission refused: {_first_line(str(exc))}")
-                return
-            self._send(identity, protocol.make("reply", req_id=req_id, ok=True, data=data))
-            self.event(describe_submission(data, msg["description"]))
-            self._offer_work()
+        try:
+            data = self.core.submit(msg["train_py"], msg["description"], msg.get("base"))
+        except SubmitRejected as exc:
+            self._reply(identity, req_id, error=str(exc))
+            self.event(f"submission refused: {_first_line(str(exc))}")
             return
-        what, args = msg["what"], msg["args"]
-        if what == "status":
-            data = self.core.status()
-            data = dict(data, connected=sorted(c.name for c in self.workers.values()),
-                        not_working={c.name: c.mismatch for c in self.workers.values()
-                                     if c.mismatch},
-                        security="curve" if self.secure else "insecure",
-                        harness_fingerprint=self.harness_fingerprint)
-            if self.keypair is not None:
-                data["server_key"] = self.keypair.public_str
-            if self.trust is not None:
-                data["trusted"] = [{"name": e.name, "role": e.role,
-                                    "fingerprint": e.fingerprint}
-                                   for e in self.trust.list(include_revoked=False)]
-            if self.dataset is not None:
-                m = self.dataset.manifest()
-                data["dataset"] = {"name": m["name"], "dataset_hash": m["dataset_hash"]}
-        elif what in ("dataset_manifest", "dataset_chunk"):
-            if self.dataset is None:
-                self._send(identity, protocol.make(
-                    "reply", req_id=req_id, ok=False,
-                    data={"error": "this coordinator serves no dataset"}))
-                return
-            from shared.datasync import DataSyncError
-            try:
-                data = self.dataset.handle(what, args)
-            except DataSyncError as exc:
-                self._send(identity, protocol.make("reply", req_id=req_id, ok=False,
-                                                   data={"error": str(exc)}))
-                return
-        elif what == "harness":
-            data = {"fingerprint": self.harness_fingerprint, "files": dict(self.harness_files)}
-        elif what == "keys" and self.trust is not None:
-            data = [e.to_dict() for e in self.trust.list()]
-        elif what == "log":
-            limit = args.get("limit", 50)
-            if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
-                raise ProtocolError("bad_field", "query log: limit must be a positive integer")
-            data = self.core.log(limit=limit)
-        elif what == "export":
-            data = self.core.export_tsv()
-        else:
-            self._send(identity, protocol.make(
-                "reply", req_id=req_id, ok=False,
-                data={"error": f"unknown query {what!r}; one of {', '.join(QUERIES)}"}))
+        self._reply(identity, req_id, data)
+        self.event(describe_submission(data, msg["description"]))
+        self._offer_work()
+
+    def _on_query(self, identity: bytes, msg: dict, key: str | None) -> None:
+        what, req_id = msg["what"], msg["req_id"]
+        answer = QUERY_HANDLERS.get(what)
+        if answer is None:
+            self._reply(identity, req_id, error=f"unknown query {what!r}; one of "
+                        f"{', '.join(QUERY_HANDLERS)}")
             return
-        self._send(identity, protocol.make("reply", req_id=req_id, ok=True, data=data))
+        try:
+            data = answer(self, msg["args"])
+        except QueryRefused as exc:
+            self._reply(identity, req_id, error=str(exc))
+            return
+        self._reply(identity, req_id, data)
+
+    # ---- queries: args -> reply data (QueryRefused -> a reply with ok false) ------------
+
+    def _q_status(self, args: dict) -> dict:
+        data = self.core.status()
+        data = dict(data, connected=sorted(c.name for c in self.workers.values()),
+                    not_working={c.name: c.mismatch for c in self.workers.values()
+                                 if c.mismatch},
+                    security="curve" if self.secure else "insecure",
+                    harness_fingerprint=self.harness_fingerprint)
+        if self.keypair is not None:
+            data["server_key"] = self.keypair.public_str
+        if self.trust is not None:
+            data["trusted"] = [{"name": e.name, "role": e.role, "fingerprint": e.fingerprint}
+                               for e in self.trust.list(include_revoked=False)]
+        if self.dataset is not None:
+            m = self.dataset.manifest()
+            data["dataset"] = {"name": m["name"], "dataset_hash": m["dataset_hash"]}
+        return data
+
+    def _q_log(self, args: dict) -> Any:
+        limit = args.get("limit", 50)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+            raise ProtocolError("bad_field", "query log: limit must be a positive integer")
+        return self.core.log(limit=limit)
+
+    def _q_export(self, args: dict) -> str:
+        return self.core.export_tsv()
+
+    def _q_keys(self, args: dict) -> list:
+        if self.trust is None:
+            raise QueryRefused("this coordinator runs without keys (--insecure): no trust list")
+        return [e.to_dict() for e in self.trust.list()]
+
+    def _q_harness(self, args: dict) -> dict:
+        return {"fingerprint": self.harness_fingerprint, "files": dict(self.harness_files)}
+
+    def _q_dataset(self, what: str, args: dict) -> Any:
+        if self.dataset is None:
+            raise QueryRefused("this coordinator serves no dataset")
+        try:
+            return self.dataset.handle(what, args)
+        except DataSyncError as exc:
+            raise QueryRefused(str(exc)) from None
+
+    def _q_dataset_manifest(self, args: dict) -> Any:
+        return self._q_dataset(datasync.QUERY_MANIFEST, args)
+
+    def _q_dataset_chunk(self, args: dict) -> Any:
+        return self._q_dataset(datasync.QUERY_CHUNK, args)
 
     # ---- timers -------------------------------------------------------------------------
 
@@ -622,6 +664,30 @@ class Server:
             self.sock.send_multipart([identity, payload], zmq.NOBLOCK)
         except zmq.Again:
             pass  # peer's queue is full (it is stuck): heartbeats will declare it lost
+
+
+# What the coordinator does with each message type it receives, and how it answers each query
+# kind: both checked against the wire schema (shared.protocol) when this module is imported.
+HANDLERS: dict[str, Callable[[Server, bytes, dict, str | None], None]] = {
+    "hello": Server._on_hello,
+    "ready": Server._on_ready,
+    "heartbeat": Server._on_heartbeat,
+    "result": Server._on_result,
+    "bye": Server._on_bye,
+    "submit": Server._on_submit,
+    "query": Server._on_query,
+    "enrol": Server._on_enrol,
+}
+QUERY_HANDLERS: dict[str, Callable[[Server, dict], Any]] = {
+    "status": Server._q_status,
+    "log": Server._q_log,
+    "export": Server._q_export,
+    "keys": Server._q_keys,
+    "harness": Server._q_harness,
+    "dataset_manifest": Server._q_dataset_manifest,
+    "dataset_chunk": Server._q_dataset_chunk,
+}
+protocol.check_handlers(protocol.COORDINATOR, HANDLERS, QUERY_HANDLERS)
 
 
 def _requeued(ids: Any) -> str:

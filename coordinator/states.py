@@ -15,12 +15,20 @@ An *attempt* is one lease of a candidate (or of the head, to measure it) to one 
     leased -> cancelled   the worker left cleanly (bye) or cancelled it itself: not counted
     lost | cancelled -> stale   a result arrived anyway, too late: stored, never counted
 
+Only ``coordinator.core`` moves these states (one ledger transaction per change). It asks
+``coordinator.scheduling`` which candidate (or the head) a ready worker leases next, and
+``coordinator.decide`` whether a measured candidate is kept or discarded; a failed outcome's
+status and note come from the worker (``shared.outcome``).
+
 Every state change in the ledger goes through ``check_candidate`` / ``check_attempt``, so an
 illegal move (say, a discarded candidate being kept) raises ``IllegalTransition`` instead of
 silently corrupting the run. ``describe()`` prints both machines (``python -m
 coordinator.states``).
 """
 from __future__ import annotations
+
+from shared import machine
+from shared.machine import IllegalTransition  # noqa: F401  (raised by check_*; callers catch it)
 
 # ---- candidates ----------------------------------------------------------------------------
 
@@ -62,46 +70,22 @@ VERDICTS = (KEPT, DISCARDED, FAILED)
 TSV_STATUS = {KEPT: "keep", DISCARDED: "discard", FAILED: "crash"}
 
 
-class IllegalTransition(ValueError):
-    """A state change the machine does not allow (a bug in the caller, never user input)."""
-
-
-def _check(kind: str, table: dict[str, frozenset[str]], old: str, new: str) -> str:
-    if old not in table:
-        raise IllegalTransition(f"{kind}: unknown state {old!r}")
-    if new not in table:
-        raise IllegalTransition(f"{kind}: unknown state {new!r}")
-    if new not in table[old]:
-        allowed = ", ".join(sorted(table[old])) or "nothing (final)"
-        raise IllegalTransition(f"{kind}: {old} -> {new} is not allowed ({old} -> {allowed})")
-    return new
-
-
 def check_candidate(old: str, new: str) -> str:
     """Return ``new`` if a candidate may go from ``old`` to ``new``; else IllegalTransition."""
-    return _check("candidate", CANDIDATE_TRANSITIONS, old, new)
+    return machine.check("candidate", CANDIDATE_TRANSITIONS, old, new)
 
 
 def check_attempt(old: str, new: str) -> str:
     """Return ``new`` if an attempt may go from ``old`` to ``new``; else IllegalTransition."""
-    return _check("attempt", ATTEMPT_TRANSITIONS, old, new)
+    return machine.check("attempt", ATTEMPT_TRANSITIONS, old, new)
 
 
 def describe() -> str:
     """Both state machines as text, one transition per line."""
-    lines = ["candidate states:"]
-    for kind, states, table, final in (
-            ("candidate", CANDIDATE_STATES, CANDIDATE_TRANSITIONS, CANDIDATE_FINAL),
-            ("attempt", ATTEMPT_STATES, ATTEMPT_TRANSITIONS,
-             frozenset(s for s, t in ATTEMPT_TRANSITIONS.items() if not t))):
-        if kind == "attempt":
-            lines += ["", "attempt states:"]
-        for s in states:
-            if s in final and not table[s]:
-                lines.append(f"  {s:<10} (final)")
-            for t in sorted(table[s], key=states.index):
-                lines.append(f"  {s:<10} -> {t}")
-    return "\n".join(lines)
+    return "\n".join(["candidate states:",
+                      *machine.describe(CANDIDATE_STATES, CANDIDATE_TRANSITIONS),
+                      "", "attempt states:",
+                      *machine.describe(ATTEMPT_STATES, ATTEMPT_TRANSITIONS)])
 
 
 if __name__ == "__main__":

@@ -28,8 +28,11 @@ Roles (one per key; a machine that both works and submits uses two keys, ``worke
 
     worker     hello ready heartbeat result bye; query dataset_manifest|dataset_chunk|harness
     submitter  submit; query status|log|export
-    admin      what a submitter may, plus query keys|trust|revoke|invite (admin over the wire)
+    admin      what a submitter may, plus query keys
     (unknown)  enrol only                      (revoked) nothing
+
+(``PERMISSIONS`` is derived from ``shared.protocol.SCHEMA`` / ``QUERIES``, which are the truth;
+this list is a summary.)
 
 The coordinator's own public key is treated as admin (``check(server_public=...)``): whoever
 can read ``DIR/.autoresearch/keys/coordinator.key_secret`` already owns the run.
@@ -47,27 +50,21 @@ from typing import Any
 
 from zmq.auth.thread import ThreadAuthenticator
 
+from shared import protocol
 from shared.keys import ZAP_DOMAIN, fingerprint, validate_public_key
+from shared.protocol import ROLES
 
-ROLES = ("worker", "submitter", "admin")
 ENROL = "enrol"
 INVITE_PREFIX = "inv-"
 DEFAULT_INVITE_TTL = 86400.0
 MAX_NAME = 64
 
-WORKER_QUERIES = frozenset({"dataset_manifest", "dataset_chunk", "harness"})
-SUBMITTER_QUERIES = frozenset({"status", "log", "export"})
-ADMIN_QUERIES = frozenset({"keys", "trust", "revoke", "invite"})
-
-# role -> (message types it may send, query "what"s it may ask). "enrol" is open to every
-# role: a trusted key that enrols again just gets its entry back.
+# role -> (message types it may send, query kinds it may ask), derived from the wire schema
+# (shared.protocol.SCHEMA / QUERIES), so a new message type is permitted where it is defined.
 PERMISSIONS: dict[str, tuple[frozenset, frozenset]] = {
-    "worker": (frozenset({"hello", "ready", "heartbeat", "result", "bye", "query", ENROL}),
-               WORKER_QUERIES),
-    "submitter": (frozenset({"submit", "query", ENROL}), SUBMITTER_QUERIES),
-    "admin": (frozenset({"submit", "query", ENROL}), SUBMITTER_QUERIES | ADMIN_QUERIES),
-    "untrusted": (frozenset({ENROL}), frozenset()),
-    "revoked": (frozenset(), frozenset()),
+    role: (frozenset(t for t, m in protocol.SCHEMA.items() if role in m.sent_by),
+           frozenset(q for q, roles in protocol.QUERIES.items() if role in roles))
+    for role in (*ROLES, protocol.UNTRUSTED, protocol.REVOKED)
 }
 
 SCHEMA = (
@@ -104,10 +101,7 @@ class InviteError(TrustError):
 def allowed(role: str, message_type: str, what: str | None = None) -> bool:
     """May a peer of ``role`` (a ROLES entry, "untrusted" or "revoked") send this message?
     For ``query`` messages ``what`` is the query name."""
-    types, queries = PERMISSIONS.get(role, (frozenset(), frozenset()))
-    if message_type not in types:
-        return False
-    return message_type != "query" or what in queries
+    return protocol.may_send(role, message_type, what)
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
@@ -386,8 +380,10 @@ class TrustStore:
         if entry is None:
             if allowed("untrusted", message_type, what):
                 return Verdict(True, "untrusted", None)
-            role = "worker" if (message_type not in ("submit", "query")
-                                or what in WORKER_QUERIES) else "submitter"
+            # the role to suggest: worker, unless only clients may send this
+            client_only = not allowed("worker", message_type, what) and any(
+                allowed(r, message_type, what) for r in protocol.CLIENTS)
+            role = "submitter" if client_only else "worker"
             return Verdict(False, "untrusted", None, "untrusted",
                            f"this coordinator does not trust your key {key} (fingerprint "
                            f"{fingerprint(key)}); on the coordinator machine run: "

@@ -36,6 +36,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from shared import trainer_contract
 from shared.codec import MAX_FRAME_BYTES
 from trainer.dataset import (
     LOCK_FILE, MANIFEST_FILE, DatasetError, dataset_hash, datasets_root, file_sha256,
@@ -283,16 +284,23 @@ def _fetch_file(ask: Ask, fname: str, part: Path, size: int, done_before: int, t
 # --------------------------------------------------------------------------- harness
 
 def harness_files() -> list[Path]:
-    """The trainer's fixed harness sources: trainer/*.py except train.py and presets.py."""
+    """The trainer's fixed harness sources: trainer/*.py except train.py and presets.py, and
+    the trainer boundary (shared/trainer_contract.py: exit codes, statuses, OOM words)."""
     import trainer
 
     pkg = Path(trainer.__file__).resolve().parent
-    return sorted(p for p in pkg.glob("*.py") if p.name not in HARNESS_EXCLUDE)
+    return sorted(p for p in pkg.glob("*.py") if p.name not in HARNESS_EXCLUDE) + [
+        Path(trainer_contract.__file__).resolve()]
+
+
+def _harness_name(path: Path) -> str:
+    # trainer files keep their bare names (what older peers send); others say their package.
+    return path.name if path.parent.name == "trainer" else f"{path.parent.name}/{path.name}"
 
 
 def harness_file_hashes() -> dict[str, str]:
     """{file name: sha256} of the harness sources, to say *which* file differs."""
-    return {p.name: file_sha256(p) for p in harness_files()}
+    return {_harness_name(p): file_sha256(p) for p in harness_files()}
 
 
 def harness_fingerprint(hashes: Mapping[str, str] | None = None) -> str:
@@ -308,10 +316,11 @@ def harness_difference(mine: Mapping[str, str], theirs: Mapping[str, str]) -> li
     """Human lines naming the harness files that differ between two ``harness_file_hashes``."""
     out = []
     for name in sorted(set(mine) | set(theirs)):
+        path = name if "/" in name else f"trainer/{name}"
         if name not in theirs:
-            out.append(f"trainer/{name}: only on this machine")
+            out.append(f"{path}: only on this machine")
         elif name not in mine:
-            out.append(f"trainer/{name}: missing on this machine")
+            out.append(f"{path}: missing on this machine")
         elif mine[name] != theirs[name]:
-            out.append(f"trainer/{name}: differs")
+            out.append(f"{path}: differs")
     return out

@@ -174,6 +174,7 @@ def test_harness_fingerprint_covers_fixed_sources_only():
     names = [p.name for p in datasync.harness_files()]
     assert "harness.py" in names and "dataset.py" in names and "__init__.py" in names
     assert "train.py" not in names and "presets.py" not in names
+    assert "trainer_contract.py" in names   # the boundary decides how a run is classified
     hashes = datasync.harness_file_hashes()
     fp = datasync.harness_fingerprint()
     assert fp == datasync.harness_fingerprint(hashes) and len(fp) == 64

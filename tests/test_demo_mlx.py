@@ -7,6 +7,7 @@ crash classified with its error, and the branch holding exactly the ledger's kee
 """
 from __future__ import annotations
 
+import html
 import math
 import os
 import sqlite3
@@ -89,3 +90,20 @@ def test_branch_holds_exactly_the_ledger_keeps(demo_run):
     tsv = (repo / "results.tsv").read_text().splitlines()
     assert tsv[0].split("\t") == ["commit", "val_bpb", "memory_gb", "status", "description"]
     assert len(tsv) == len(variants()) + 2
+
+
+def test_report_of_the_real_mlx_night(demo_run, tmp_path):
+    """`autoresearch-coord report` on the demo's stopped run: every keep named, plot embedded."""
+    proc, repo = demo_run
+    assert proc.returncode == 0
+    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "report", str(repo), "-o",
+                        str(tmp_path), "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "data:image/png;base64," in text
+    db = sqlite3.connect(repo / ".autoresearch" / "ledger.sqlite3")
+    for cid, desc in db.execute("SELECT d.candidate_id, c.description FROM decisions d JOIN "
+                                "candidates c ON c.id = d.candidate_id WHERE d.verdict = 'kept' "
+                                "AND d.candidate_id > 0"):
+        assert f"#{cid}" in text and html.escape(desc) in text
+    assert "Linaer" in text                               # the typo variant's failure reason

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.client import Client
+from shared.client import Client
 
 pytestmark = pytest.mark.slow
 

@@ -23,6 +23,7 @@ from coordinator import repo as R
 from coordinator import states as S
 from coordinator.core import MAX_DESCRIPTION, Coordinator, SubmitRejected, clean_description
 from shared import codec, protocol
+from shared import outcome as outcome_contract
 from shared.codec import CodecError
 from shared.protocol import ProtocolError
 
@@ -62,7 +63,7 @@ def test_decode_then_validate_raises_only_documented_errors(value):
         msg = protocol.validate(codec.decode(msgpack.packb(value, use_bin_type=True)))
     except (CodecError, ProtocolError):
         return
-    assert msg["type"] in protocol.MESSAGES  # only a well-formed message gets through
+    assert msg["type"] in protocol.SCHEMA  # only a well-formed message gets through
 
 
 def _envelope(type_: str, **fields) -> dict:
@@ -73,17 +74,17 @@ FIELD_VALUES = VALUES | st.sampled_from([True, False, 1, 1.5, "s", {}, [], None,
 
 
 @FUZZ
-@given(st.sampled_from(sorted(protocol.MESSAGES)), st.data())
+@given(st.sampled_from(sorted(protocol.SCHEMA)), st.data())
 def test_messages_with_random_field_values_validate_or_raise_protocol_error(type_, data):
     fields = {name: data.draw(FIELD_VALUES, label=name)
-              for name in list(protocol.MESSAGES[type_]) + list(protocol.OPTIONAL.get(type_, {}))}
+              for name in [*protocol.SCHEMA[type_].fields, *protocol.SCHEMA[type_].optional]}
     frame = codec.encode(_envelope(type_, **fields))
     try:
         msg = protocol.validate(codec.decode(frame))
     except ProtocolError as exc:
         assert exc.code in ("bad_field", "unknown_type", "version")
         return
-    for name, types in protocol.MESSAGES[type_].items():
+    for name, types in protocol.SCHEMA[type_].fields.items():
         assert isinstance(msg[name], types)
         if isinstance(msg[name], bool):  # never a bool where a number / str / map is wanted
             assert bool in types or object in types
@@ -142,7 +143,7 @@ def fresh_repo(template: Path) -> Path:
 BPB = (st.floats(0.5, 3.0) | st.floats(allow_nan=True, allow_infinity=True)
        | st.integers(-2**63, 2**64 - 1) | st.none() | st.booleans() | st.text(max_size=5)
        | st.sampled_from([0.0, -1.0, math.nan, math.inf, -math.inf]))
-STATUS = st.sampled_from(protocol.OUTCOME_STATUSES) | st.text(max_size=8) | VALUES
+STATUS = st.sampled_from(outcome_contract.STATUSES) | st.text(max_size=8) | VALUES
 OUTCOME = st.one_of(
     st.fixed_dictionaries({"status": st.just("ok"), "val_bpb": st.floats(0.5, 3.0)}),
     st.fixed_dictionaries({"status": STATUS, "val_bpb": BPB}, optional={

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 import zmq
 
-from coordinator.client import Client, ClientError
+from shared.client import Client, ClientError
 from shared import datasync, protocol
 from shared.codec import decode, encode
 from shared.keys import configure_client, coordinator_key_dir, load_or_create_keypair
+from serving import served
 from test_fleet import HB, Proc
 from trainer.dataset import dataset_hash, file_sha256, read_manifest
 
@@ -228,8 +229,8 @@ def test_roles_are_enforced(lab, tmp_path):
     with Client(lab.ep, timeout=10, server_key=lab.server_key, keypair=sub_kp) as c:
         assert c.query("status")["security"] == "curve"
         with pytest.raises(ClientError, match=r"forbidden.*role submitter.*hello needs role"):
-            c._request("hello", worker_id="rs-1", name="rs", profile={}, hw_class="x",
-                       attempt_id=None)
+            c.requester.request("hello", worker_id="rs-1", name="rs", profile={},
+                                hw_class="x", attempt_id=None)
         with pytest.raises(ClientError, match=r"forbidden"):
             c.query("dataset_manifest")
 
@@ -342,7 +343,7 @@ def keyed_server(lab, prepared_sample, monkeypatch):
 
 
 class FaultyAsk:
-    """The worker's Requester.ask, counting chunks; drops the link or flips a byte."""
+    """The worker's fetch (shared.dealer.Requester.ask), counting chunks; drops the link or flips a byte."""
 
     def __init__(self, requester, fail_after: int | None = None, flip: set | None = None):
         self.req, self.fail_after, self.flip = requester, fail_after, set(flip or ())
@@ -363,11 +364,10 @@ class FaultyAsk:
 
 def test_wire_fetch_resumes_after_interruption_and_refetches_a_corrupted_chunk(keyed_server,
                                                                               tmp_path):
-    from worker.agent import Requester
+    from shared.dealer import Requester
 
-    ctx = zmq.Context.instance()
-    req = Requester(ctx, keyed_server.server.endpoint, keyed_server.worker_kp,
-                    keyed_server.kp.public, timeout=10)
+    req = Requester(keyed_server.server.endpoint, keypair=keyed_server.worker_kp,
+                    server_key=keyed_server.kp.public, timeout=10)
     try:
         manifest = req.ask(datasync.QUERY_MANIFEST, {})
         files = manifest["files"]
@@ -426,17 +426,10 @@ def test_ready_with_other_harness_is_refused_on_the_wire(keyed_server):
 def test_low_disk_reports_cancelled_and_backs_off(fleet_repo, tmp_path):
     """LowDiskSpace at start: the attempt is reported cancelled (requeued, no strike) and the
     worker asks for no work during its back-off."""
-    from coordinator.core import Coordinator
-    from coordinator.server import Server
     from worker.agent import Agent, AgentConfig
     from worker.runner import LowDiskSpace
 
-    core = Coordinator(fleet_repo)
     events: list[str] = []
-    server = Server(core, bind="tcp://127.0.0.1:*", heartbeat_interval=0.1, liveness=5,
-                    event=events.append)
-    st = threading.Thread(target=server.run, daemon=True)
-    st.start()
     calls: list[str] = []
 
     def start(spec, run_root, env):
@@ -444,30 +437,28 @@ def test_low_disk_reports_cancelled_and_backs_off(fleet_repo, tmp_path):
         raise LowDiskSpace("only 1 MiB free under /runs: free some disk space")
 
     said: list[str] = []
-    agent = Agent(AgentConfig(server.endpoint, "disk", tmp_path / "c", heartbeat_interval=0.1,
-                              ready_resend=0.2),
-                  {"hw_class": "Test/8GB/cpu"}, event=said.append, start_attempt=start,
-                  run_root=tmp_path / "runs", env={})
-    at = threading.Thread(target=agent.run, daemon=True)
-    at.start()
-    try:
-        end = time.monotonic() + 30
-        while time.monotonic() < end and not any(e.startswith("result") for e in events):
-            time.sleep(0.05)
-        line = next(e for e in events if e.startswith("result"))
-        assert ": cancelled val_bpb -" in line, events   # the head measurement, not a failure
-        assert any("low on disk" in s for s in said), said
-        time.sleep(1.0)   # several ready-resend periods: still backing off
-        assert len(calls) == 1 and agent.hold_until > agent.clock()
-        heads = core.status()["heads"]
-        assert all(h["failed_runs"] == 0 for h in heads), heads   # no strike
-    finally:
-        agent.interrupts = 2
-        at.join(20)
-        server.stop()
-        st.join(20)
-        server.close()
-        core.close()
+    with served(fleet_repo, heartbeat_interval=0.1, liveness=5,
+                event=events.append) as (core, server):
+        agent = Agent(AgentConfig(server.endpoint, "disk", tmp_path / "c",
+                                  heartbeat_interval=0.1, ready_resend=0.2),
+                      {"hw_class": "Test/8GB/cpu"}, event=said.append, start_attempt=start,
+                      run_root=tmp_path / "runs", env={})
+        at = threading.Thread(target=agent.run, daemon=True)
+        at.start()
+        try:
+            end = time.monotonic() + 30
+            while time.monotonic() < end and not any(e.startswith("result") for e in events):
+                time.sleep(0.05)
+            line = next(e for e in events if e.startswith("result"))
+            assert ": cancelled val_bpb -" in line, events   # the head measurement, not a failure
+            assert any("low on disk" in s for s in said), said
+            time.sleep(1.0)   # several ready-resend periods: still backing off
+            assert len(calls) == 1 and agent.hold_until > agent.clock()
+            heads = core.status()["heads"]
+            assert all(h["failed_runs"] == 0 for h in heads), heads   # no strike
+        finally:
+            agent.interrupts = 2
+            at.join(20)
 
 
 def test_insecure_mode_still_works_end_to_end(lab):

@@ -91,7 +91,9 @@ def test_allowed_table():
     assert not allowed("worker", "submit") and not allowed("worker", "query", "status")
     assert allowed("submitter", "submit") and allowed("submitter", "query", "export")
     assert not allowed("submitter", "query", "dataset_manifest")
-    assert not allowed("submitter", "query", "revoke") and allowed("admin", "query", "revoke")
+    assert not allowed("submitter", "query", "keys") and allowed("admin", "query", "keys")
+    # no handler answers these over the wire, so nobody is permitted to ask them
+    assert not any(allowed("admin", "query", q) for q in ("trust", "revoke", "invite"))
     assert allowed("admin", "submit") and not allowed("admin", "hello")
     assert allowed("untrusted", ENROL) and not allowed("untrusted", "query", "status")
     assert not allowed("revoked", ENROL) and not allowed("nobody", "hello")
@@ -180,7 +182,7 @@ def test_check_verdicts(store):
     assert unknown in v.message and trust_command(unknown, "worker") in v.message
     assert "--role submitter" in store.check(unknown, "submit").message
     assert store.check(unknown, ENROL).ok and store.check(unknown, ENROL).status == "untrusted"
-    v = store.check(server, "query", "invite", server_public=server)
+    v = store.check(server, "query", "keys", server_public=server)
     assert v.ok and v.status == "coordinator" and v.role == "admin"
     assert store.check(None, "hello").code == "untrusted"
     assert "not authenticated" in store.check("", ENROL).message

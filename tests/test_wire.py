@@ -17,7 +17,7 @@ import msgpack
 import pytest
 import zmq
 
-from coordinator.client import Client, ClientError, NoCoordinator
+from shared.client import Client, ClientError, NoCoordinator
 from coordinator.server import Server, is_loopback_endpoint
 from shared import protocol
 from shared.codec import MAX_FRAME_BYTES, decode, encode
@@ -428,8 +428,8 @@ def test_keyed_server_checks_every_message(fleet_repo, tmp_path):
             assert data["security"] == "curve"
             assert {"name": "alice", "role": "submitter"}.items() <= data["trusted"][0].items()
             with pytest.raises(ClientError, match="forbidden"):
-                c._request("hello", worker_id="x-1", name="x", profile={}, hw_class="c",
-                           attempt_id=None)
+                c.requester.request("hello", worker_id="x-1", name="x", profile={}, hw_class="c",
+                                    attempt_id=None)
         wrong = load_or_create_keypair(tmp_path / "k", "other").public
         with pytest.raises(NoCoordinator, match="does not have the pinned key"):
             Client(server.endpoint, timeout=1.0, server_key=wrong, keypair=client_kp) \

@@ -36,20 +36,18 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from trainer import HARNESS_VERSION
+# The boundary's vocabulary (env names, exit codes, result schema and figures, OOM words) is
+# shared.trainer_contract's, so the worker reads exactly what this module writes. The exit
+# codes are re-exported: a train.py or a test reads them as harness.EXIT_*.
+from shared.trainer_contract import (  # noqa: F401 (EXIT_NAN, EXIT_OOM: re-exported)
+    ENV_RESULT, EXIT_CRASH, EXIT_FOR_STATUS, EXIT_NAN, EXIT_OK, EXIT_OOM, RESULT_FIGURES,
+    RESULT_SCHEMA, mentions_oom,
+)
+from trainer import HARNESS_VERSION, dataset
+from trainer.backend import trainer_env
+from trainer.dataloader import train_loader
+from trainer.evaluate import evaluate_val
 from trainer.settings import RunSettings
-
-EXIT_OK = 0
-EXIT_CRASH = 1
-EXIT_NAN = 3
-EXIT_OOM = 4
-EXIT_FOR_STATUS = {"ok": EXIT_OK, "crash": EXIT_CRASH, "nan": EXIT_NAN, "oom": EXIT_OOM}
-
-RESULT_SCHEMA = 1
-# Every result carries these keys (null when unknown), so readers never need .get() guesses.
-RESULT_FIGURES = ("training_seconds", "total_seconds", "startup_seconds", "eval_seconds",
-                  "peak_vram_mb", "mfu_percent", "total_tokens_M", "num_steps", "num_params_M",
-                  "depth", "eval_tokens", "crop_fraction", "tok_per_sec", "backend")
 ERROR_TAIL_CHARS = 4000
 
 # Set once a result file has been written by this process (run_main must not overwrite it).
@@ -80,7 +78,7 @@ def _jsonable(value):
 
 def result_path(environ: Mapping[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
-    return Path(env.get("AUTORESEARCH_RESULT") or "result.json").expanduser()
+    return Path(env.get(ENV_RESULT) or "result.json").expanduser()
 
 
 def write_result(status: str, *, path: str | os.PathLike | None = None, **figures) -> Path:
@@ -121,13 +119,7 @@ def write_result(status: str, *, path: str | os.PathLike | None = None, **figure
     return target
 
 
-# -- dataset access (trainer/dataset.py, imported lazily) -------------------------------------
-
-def _dataset_api():
-    """(resolve_dataset_dir, read_manifest, load_shard) from trainer.dataset."""
-    from trainer import dataset
-    return dataset.resolve_dataset_dir, dataset.read_manifest, dataset.load_shard
-
+# -- dataset access -----------------------------------------------------------------------------
 
 def _train_shards(dataset_dir: Path, manifest: dict) -> list[Path]:
     pat = re.compile(r"^train_\d+\.npz$")
@@ -209,7 +201,6 @@ class Run:
     # data
     def train_loader(self, batch_size: int):
         """Infinite iterator of (x, y) mx.int32 [batch_size, T] training batches."""
-        from trainer.dataloader import train_loader
         self._loader = train_loader(_train_shards(self.dataset_dir, self.manifest),
                                     self._load_shard, self.bos_id, batch_size,
                                     self.settings.seq_len, self.settings.seed)
@@ -277,7 +268,6 @@ class Run:
     # evaluation
     def evaluate(self, per_token_loss: Callable) -> float:
         """val_bpb of per_token_loss(x, y) -> mx.array [B, T] nats over the fixed val rows."""
-        from trainer.evaluate import evaluate_val
         val_tokens, val_starts = self._load_shard(self.dataset_dir / "val.npz")
         s = self.settings
         self.eval_result = evaluate_val(per_token_loss, val_tokens, val_starts, self.token_bytes,
@@ -367,7 +357,6 @@ def _restart_under_trainer_env() -> None:
         return
     if not sys.argv or not os.path.isfile(sys.argv[0]):
         return  # python -c / interactive: no script to restart
-    from trainer.backend import trainer_env
     env = trainer_env(os.environ)
     if env == dict(os.environ):
         return
@@ -394,9 +383,9 @@ def start(argv=None, environ: Mapping[str, str] | None = None) -> Run:
         result_path=settings.result_path.absolute(),
         progress_path=settings.progress_path.absolute() if settings.progress_path else None)
 
-    resolve_dataset_dir, read_manifest, load_shard = _dataset_api()
-    dataset_dir = Path(resolve_dataset_dir(env))  # AUTORESEARCH_DATA, else CACHE/datasets/CURRENT
-    manifest = read_manifest(dataset_dir)
+    # AUTORESEARCH_DATA, else CACHE/datasets/CURRENT
+    dataset_dir = Path(dataset.resolve_dataset_dir(env))
+    manifest = dataset.read_manifest(dataset_dir)
     for key in ("vocab_size", "bos_id"):
         if key not in manifest:
             raise ValueError(f"{dataset_dir}/manifest.json has no {key!r}")
@@ -414,7 +403,8 @@ def start(argv=None, environ: Mapping[str, str] | None = None) -> Run:
     import random
     random.seed(settings.seed)
 
-    run = Run(settings, dataset_dir, manifest, token_bytes, load_shard, backend, dtype, t_start)
+    run = Run(settings, dataset_dir, manifest, token_bytes, dataset.load_shard, backend, dtype,
+              t_start)
     _current_run = run
     s = settings
     print(f"harness {HARNESS_VERSION} | backend {backend} ({'bfloat16' if backend == 'metal' else 'float32'}) "
@@ -429,13 +419,12 @@ def start(argv=None, environ: Mapping[str, str] | None = None) -> Run:
 
 # -- process wrapper --------------------------------------------------------------------------
 
-_OOM_PATTERN = re.compile(r"malloc|out of memory|resource limit|bad_alloc", re.IGNORECASE)
-
-
 def is_oom(exc: BaseException) -> bool:
+    """A MemoryError, or a RuntimeError (how MLX reports allocation failures) whose text has
+    one of the boundary's OOM_MARKERS."""
     if isinstance(exc, MemoryError):
         return True
-    return isinstance(exc, RuntimeError) and bool(_OOM_PATTERN.search(str(exc)))
+    return isinstance(exc, RuntimeError) and mentions_oom(str(exc))
 
 
 def run_main(main: Callable[[], object]) -> None:

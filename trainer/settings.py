@@ -16,16 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-# env var -> field, for the fields that define a research run (all positive integers).
-RESEARCH_ENV = {
-    "AUTORESEARCH_SEQ_LEN": "seq_len",
-    "AUTORESEARCH_EVAL_TOKENS": "eval_tokens",
-    "AUTORESEARCH_TIME_BUDGET": "time_budget",
-    "AUTORESEARCH_SEED": "seed",
-    "AUTORESEARCH_EVAL_BATCH": "eval_batch",
-}
-ENV_FOR_FIELD = {field: var for var, field in RESEARCH_ENV.items()}
-RESEARCH_FIELDS = tuple(RESEARCH_ENV.values())
+# env var <-> field of the settings that define a research run, and the file locations: the
+# trainer boundary's names (shared.trainer_contract), re-exported for the harness's readers.
+from shared.trainer_contract import (
+    ENV_CACHE, ENV_DATA, ENV_FOR_FIELD, ENV_PROGRESS, ENV_RESULT, RESEARCH_ENV,
+)
+from shared.trainer_contract import RUN_FIELDS as RESEARCH_FIELDS
 
 DEFAULT_CACHE = "~/.cache/autoresearch"
 
@@ -84,12 +80,12 @@ class RunSettings:
             raw = env.get(var)
             if raw is not None and raw.strip() != "":
                 kwargs[field] = _check_int(var, raw, allow_zero=(field == "seed"))
-        kwargs["cache"] = Path(env.get("AUTORESEARCH_CACHE") or DEFAULT_CACHE).expanduser()
-        if env.get("AUTORESEARCH_DATA"):
-            kwargs["data"] = Path(env["AUTORESEARCH_DATA"]).expanduser()
-        kwargs["result_path"] = Path(env.get("AUTORESEARCH_RESULT") or "result.json").expanduser()
-        if env.get("AUTORESEARCH_PROGRESS"):
-            kwargs["progress_path"] = Path(env["AUTORESEARCH_PROGRESS"]).expanduser()
+        kwargs["cache"] = Path(env.get(ENV_CACHE) or DEFAULT_CACHE).expanduser()
+        if env.get(ENV_DATA):
+            kwargs["data"] = Path(env[ENV_DATA]).expanduser()
+        kwargs["result_path"] = Path(env.get(ENV_RESULT) or "result.json").expanduser()
+        if env.get(ENV_PROGRESS):
+            kwargs["progress_path"] = Path(env[ENV_PROGRESS]).expanduser()
         return cls(**kwargs)
 
     @classmethod

@@ -1,5 +1,10 @@
 """The worker's side of the wire: one DEALER socket, one poll loop, one attempt at a time.
 
+What the worker is doing is one field, ``Agent.state``, moved only along ``worker.states``'
+table (``python -m worker.states`` prints it); the other fields are the facts those moves read
+(the link's timers, the attempt, what the welcome said). Messages are dispatched through
+``HANDLERS``, which ``shared.protocol.check_handlers`` compares with the wire schema at import.
+
 Shape follows the zguide's Paranoid Pirate worker:
 
 * every message from the coordinator (heartbeats included) refreshes its liveness; after
@@ -60,9 +65,20 @@ from typing import Any, Callable
 import zmq
 
 from shared import protocol
-from shared.codec import MAX_FRAME_BYTES, CodecError, decode, encode
+from shared.codec import CodecError, decode, encode
+from shared.datasync import (DataSyncError, check_manifest, fetch_dataset, harness_difference,
+                             harness_file_hashes, harness_fingerprint)
+from shared.dealer import Requester, make_dealer
+from shared.keys import fingerprint
+from shared.outcome import Outcome
 from shared.protocol import (HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, RECONNECT_INITIAL,
                              RECONNECT_MAX, ProtocolError)
+from trainer.backend import trainer_env
+from trainer.dataset import DatasetError, read_manifest
+from worker import kernel_cache, states
+from worker.runner import AttemptProcess, AttemptSpec, LowDiskSpace, default_run_root
+from worker.states import (BLOCKED, CONNECTING, ENROLLING, FETCHING, HOLDING, IDLE, REPORTING,
+                           RUNNING, STOPPED)
 
 READY_RESEND = 3.0        # seconds between ``ready`` re-sends while idle and unassigned
 MAX_POLL_SECONDS = 0.25   # poll slice: how quickly signals and the subprocess are noticed
@@ -83,9 +99,6 @@ EXIT_INTERRUPTED = 130
 
 TEST_HARNESS_ENV = "AUTORESEARCH_TEST_HARNESS_FINGERPRINT"   # test-only override
 
-HELLO_FIRST = protocol.ERROR_HELLO_FIRST
-
-
 def stamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
@@ -94,34 +107,17 @@ def default_event_sink(line: str) -> None:
     print(f"{stamp()} {line}", flush=True)
 
 
-def make_dealer(ctx: zmq.Context, endpoint: str, keypair: Any = None,
-                server_key: Any = None) -> zmq.Socket:
-    """Create and connect a DEALER; a CURVE client pinned to ``server_key`` with a keypair."""
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-    if keypair is not None:
-        from shared.keys import configure_client
-        configure_client(sock, keypair, server_key)
-    sock.connect(endpoint)
-    return sock
-
-
 def local_harness_fingerprint() -> str:
     """This machine's harness fingerprint (or the test-only override)."""
     override = os.environ.get(TEST_HARNESS_ENV)
     if override:
         return override
-    from shared.datasync import harness_fingerprint
     return harness_fingerprint()
 
 
 def dataset_problem(path: Path | None, want_hash: str) -> str | None:
     """Quick pre-run check of a fetched dataset: its manifest is self-consistent, names
     ``want_hash``, and every file has its manifest size. None when fine."""
-    from shared.datasync import DataSyncError, check_manifest
-    from trainer.dataset import DatasetError, read_manifest
-
     if path is None:
         return "no dataset fetched yet"
     try:
@@ -162,57 +158,6 @@ class ProgressBar:
         self.stream.flush()
 
 
-class Requester:
-    """Request/reply over a DEALER of its own (the dataset fetch thread's connection): same
-    endpoint, same keys, same trust as the agent's main socket."""
-
-    def __init__(self, ctx: zmq.Context, endpoint: str, keypair: Any, server_key: Any,
-                 timeout: float = FETCH_REQUEST_TIMEOUT, retries: int = 3):
-        self.ctx, self.endpoint = ctx, endpoint
-        self.keypair, self.server_key = keypair, server_key
-        self.timeout, self.retries = timeout, retries
-        self.sock: zmq.Socket | None = None
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close(linger=0)
-            self.sock = None
-
-    def ask(self, what: str, args: dict) -> Any:
-        """Send ``query what args``; return the reply data; DataSyncError on a refusal or when
-        ``retries`` requests in a row get no answer."""
-        from shared.datasync import DataSyncError
-
-        for _ in range(self.retries):
-            if self.sock is None:
-                self.sock = make_dealer(self.ctx, self.endpoint, self.keypair, self.server_key)
-            req_id = uuid.uuid4().hex
-            self.sock.send(encode(protocol.make("query", req_id=req_id, what=what, args=args)))
-            deadline = time.monotonic() + self.timeout
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self.sock.poll(left * 1000):
-                    self.close()   # a late reply must never answer the next request
-                    break
-                try:
-                    msg = protocol.validate(decode(self.sock.recv()))
-                except (CodecError, ProtocolError):
-                    continue
-                if msg.get("req_id") != req_id:
-                    continue
-                if msg["type"] == "error":
-                    raise DataSyncError(f"coordinator refused {what}: {msg['message']}")
-                if msg["type"] != "reply":
-                    continue
-                if not msg["ok"]:
-                    data = msg["data"]
-                    raise DataSyncError(str(data.get("error") if isinstance(data, dict)
-                                            else data))
-                return msg["data"]
-        raise DataSyncError(f"coordinator at {self.endpoint} did not answer {what} "
-                            f"({self.retries} tries of {self.timeout:g} s)")
-
-
 def default_cache_dir() -> Path:
     return Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
 
@@ -220,13 +165,7 @@ def default_cache_dir() -> Path:
 def trainer_environment(cache_dir: Path, threads: int | None,
                         base: dict[str, str] | None = None) -> dict[str, str]:
     """os.environ + the BLAS preload/threads the trainer needs + the shared cache root."""
-    env = dict(os.environ if base is None else base)
-    try:
-        from trainer.backend import trainer_env
-    except ImportError:  # no backend helper in this install: run with the plain environment
-        pass
-    else:
-        env = dict(trainer_env(env, threads))
+    env = dict(trainer_env(dict(os.environ if base is None else base), threads))
     env["AUTORESEARCH_CACHE"] = str(cache_dir)
     return env
 
@@ -253,6 +192,8 @@ class AgentConfig:
 
 
 class Agent:
+    """One worker: its state (``worker.states``) plus the facts the transitions read."""
+
     def __init__(self, config: AgentConfig, profile: dict, *,
                  event: Callable[[str], None] = default_event_sink,
                  start_attempt: Callable[..., Any] | None = None,
@@ -265,46 +206,46 @@ class Agent:
         self.worker_id = new_worker_id(config.name)
         self.event = event
         self.clock = clock
-        if start_attempt is None:
-            from worker.runner import AttemptProcess
-            start_attempt = AttemptProcess.start
-        self.start_attempt = start_attempt
-        if run_root is None:
-            from worker.runner import default_run_root
-            run_root = Path(default_run_root(config.cache_dir, config.name))
-        self.run_root = run_root
+        self.start_attempt = start_attempt or AttemptProcess.start
+        self.run_root = run_root or Path(default_run_root(config.cache_dir, config.name))
         self.env = dict(env if env is not None else
                         trainer_environment(config.cache_dir, config.threads))
-        from worker import kernel_cache  # one warm MLX kernel cache per worker, across runs
+        # one warm MLX kernel cache per worker, across runs
         self.env.setdefault(kernel_cache.ENV,
                             str(kernel_cache.default_dir(config.cache_dir, config.name)))
         self.interval = config.heartbeat_interval
         self.liveness = config.liveness
+        self.state = CONNECTING
+        self.exit_code: int | None = None  # set with the move to ``stopped``
+        self.interrupts = 0
 
+        # the link (Paranoid Pirate): one DEALER, its handshake monitor, the timers
         self.ctx = zmq.Context.instance()
         self.sock: zmq.Socket | None = None
+        self.monitor: Any = None
         self.poller = zmq.Poller()
         self.backoff = config.reconnect_initial
         self.reconnect_at = 0.0
         self.last_heard = 0.0
         self.next_beat = 0.0
-        self.next_ready = 0.0
-        self.welcomed = False
+        self.next_ready = 0.0              # idle: when to send ready again
 
+        # the attempt (running / reporting)
         self.proc: Any = None              # the running AttemptProcess
         self.attempt_id: str | None = None
         self.pending: dict | None = None   # {"attempt_id", "outcome"} awaiting ack
         self.next_result = float("inf")    # when to send the unacked result again
         self.cancel_at: float | None = None  # when to kill the attempt the coordinator cancelled
         self.cancel_reason = ""
-        self.interrupts = 0
-        self.exit_code: int | None = None
 
-        self.monitor: Any = None           # HandshakeMonitor of the current socket
-        self.enrol_req: str | None = None  # req_id of our enrol, while it is in flight
+        # facts the waiting states follow from (``_settle``)
+        self.enrol_req: str | None = None  # req_id of our enrol, while enrolling
         self.enrolled = False
         self.harness_fp = local_harness_fingerprint()
         self.coord_harness: str | None = None   # from welcome
+        self.harness_req: str | None = None
+        self.block_reason: str | None = None    # why this worker takes no work (harness)
+        self.hold_until = 0.0                   # no ready before this (back-off)
         self.want_hash: str | None = None       # coordinator's dataset hash (None: serves none)
         self.want_name = ""
         self.dataset_dir: Path | None = None    # fetched dataset matching want_hash
@@ -312,9 +253,42 @@ class Agent:
         self.fetch_thread: threading.Thread | None = None
         self.fetch_result: tuple | None = None
         self.fetch_retry_at = 0.0
-        self.harness_req: str | None = None
-        self.blocked: str | None = None    # why this worker takes no work (harness mismatch)
-        self.hold_until = 0.0              # no ready before this (low disk back-off)
+
+    # ---- state --------------------------------------------------------------------------
+
+    def _to(self, new: str) -> None:
+        self.state = states.check(self.state, new)
+
+    def _stop(self, code: int) -> None:
+        self._to(STOPPED)
+        self.exit_code = code
+
+    def _settle(self) -> None:
+        """Welcomed and holding nothing: move to the waiting state the facts say (or leave,
+        if the operator asked)."""
+        now = self.clock()
+        if self.interrupts:
+            self._leave()
+        elif self.block_reason:
+            self._to(BLOCKED)
+        elif now < self.hold_until:
+            self._to(HOLDING)
+        elif self.want_hash is not None and self.have_hash != self.want_hash:
+            self._to(FETCHING)
+        else:
+            self._to(IDLE)
+            self.next_ready = now
+
+    def _leave(self) -> None:
+        self._send("bye", worker_id=self.worker_id, reason="worker stopped by its operator")
+        self.event("leaving: bye sent")
+        self._stop(EXIT_OK)
+
+    def _unwelcomed(self) -> None:
+        """The coordinator no longer knows us on this link (lost, or it forgot us)."""
+        if self.state in states.WAITING or self.state == ENROLLING:
+            self._to(CONNECTING)
+        self.enrol_req = None
 
     # ---- signals ------------------------------------------------------------------------
 
@@ -335,19 +309,10 @@ class Agent:
         return self.interval * self.liveness
 
     def _connect(self) -> None:
-        from shared.keys import HandshakeMonitor
-
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        if self.cfg.keypair is not None:
-            from shared.keys import configure_client
-            configure_client(sock, self.cfg.keypair, self.cfg.server_key)
-        self.monitor = HandshakeMonitor(sock)
-        sock.connect(self.cfg.endpoint)
-        self.sock = sock
+        self.sock, self.monitor = make_dealer(self.ctx, self.cfg.endpoint, self.cfg.keypair,
+                                              self.cfg.server_key, monitor=True)
         self.poller.register(self.sock, zmq.POLLIN)
-        self.welcomed = False
+        self._unwelcomed()
         now = self.clock()
         self.last_heard = now   # give the new connection one full window
         self.next_beat = now + self.interval
@@ -361,7 +326,6 @@ class Agent:
             self.poller.unregister(self.sock)
             self.sock.close(linger=linger_ms)
             self.sock = None
-        self.welcomed = False
 
     def _send(self, type_: str, **fields: Any) -> None:
         if self.sock is None:
@@ -396,10 +360,9 @@ class Agent:
             self.event(f"the coordinator at {self.cfg.endpoint} requires CURVE keys: join with "
                        "--server-key KEY (printed by `autoresearch-coord start`), not --insecure")
         else:
-            from shared.keys import fingerprint
             self.event(f"the coordinator at {self.cfg.endpoint} does not have the pinned key "
                        f"{fingerprint(self.cfg.server_key)} -- refusing to run anything")
-        self.exit_code = EXIT_SERVER_KEY
+        self._stop(EXIT_SERVER_KEY)
 
     # ---- main loop ----------------------------------------------------------------------
 
@@ -407,7 +370,6 @@ class Agent:
         self.event(f"worker {self.cfg.name} ({self.worker_id}) [{self.hw_class}] "
                    f"joining {self.cfg.endpoint}")
         if self.cfg.keypair is not None:
-            from shared.keys import fingerprint
             self.event(f"this worker's key: {self.cfg.keypair.public_str} "
                        f"(fingerprint {fingerprint(self.cfg.keypair.public)}); coordinator key "
                        f"pinned: {fingerprint(self.cfg.server_key)}")
@@ -415,7 +377,7 @@ class Agent:
             self.event("insecure: no keys (the coordinator must run with --insecure)")
         self._connect()
         try:
-            while self.exit_code is None:
+            while self.state != STOPPED:
                 self._step()
         finally:
             self._disconnect(linger_ms=BYE_LINGER_MS)
@@ -440,12 +402,12 @@ class Agent:
                     raise
                 events = {}
             self._check_handshake()
-            if self.exit_code is not None:
+            if self.state == STOPPED:
                 return
             if events.get(self.sock):
                 self._drain()
         self._handle_interrupts()
-        if self.exit_code is not None:
+        if self.state == STOPPED:
             return
         # Check the trainer before liveness: a result that finished while we were frozen
         # (SIGSTOP, lid closed) is reported even if the coordinator has since moved on.
@@ -454,6 +416,7 @@ class Agent:
         now = self.clock()
         if self.sock is not None and now - self.last_heard > self.window:
             self._disconnect()
+            self._unwelcomed()
             self.reconnect_at = now + self.backoff
             self.event(f"coordinator silent for {now - self.last_heard:.1f}s; "
                        f"reconnecting in {self.backoff:.1f}s")
@@ -464,44 +427,30 @@ class Agent:
             self._send("heartbeat", worker_id=self.worker_id, attempt_id=self.attempt_id,
                        progress=progress if isinstance(progress, dict) else None)
             self.next_beat = now + self.interval
-        if self.welcomed and self.pending is not None and now >= self.next_result:
+        if self.state == REPORTING and now >= self.next_result:
             self._send_pending()
-        if self.interrupts and self.proc is None and self.pending is None:
-            self._send("bye", worker_id=self.worker_id, reason="worker stopped by its operator")
-            self.event("leaving: bye sent")
-            self.exit_code = EXIT_OK
-            return
-        if (self.welcomed and self.proc is None and self.pending is None
-                and not self.interrupts and now >= self.next_ready and self._may_work(now)):
+        elif self.state == HOLDING and now >= self.hold_until:
+            self._settle()
+        elif self.state == FETCHING and self.fetch_thread is None and now >= self.fetch_retry_at:
+            self._start_fetch()
+        elif self.state == IDLE and now >= self.next_ready:
             self._send("ready", worker_id=self.worker_id, harness_fingerprint=self.harness_fp,
                        dataset_hash=self.have_hash)
             self.next_ready = now + self.cfg.ready_resend
 
-    def _may_work(self, now: float) -> bool:
-        if self.blocked or now < self.hold_until:
-            return False
-        if self.want_hash is None:
-            return True   # the coordinator serves no dataset: runs use this machine's own
-        if self.have_hash != self.want_hash:
-            if self.fetch_thread is None and now >= self.fetch_retry_at:
-                self._start_fetch()
-            return False
-        return True
-
     # ---- dataset ------------------------------------------------------------------------
 
     def _start_fetch(self) -> None:
-        from shared.datasync import fetch_dataset
-
         want, name = self.want_hash, self.want_name
         self.event(f"fetching dataset {name} ({want[:12]}) from the coordinator "
                    f"into {self.cfg.cache_dir}")
         bar = ProgressBar(f"dataset {name}")
-        endpoint, keypair, server_key = self.cfg.endpoint, self.cfg.keypair, self.cfg.server_key
+        req = Requester(self.cfg.endpoint, keypair=self.cfg.keypair,
+                        server_key=self.cfg.server_key, timeout=FETCH_REQUEST_TIMEOUT,
+                        retries=3, ctx=self.ctx)
         cache_dir, log = self.cfg.cache_dir, self.event
 
         def work() -> None:
-            req = Requester(self.ctx, endpoint, keypair, server_key)
             try:
                 path = fetch_dataset(req.ask, cache_dir, progress=bar, log=log)
                 self.fetch_result = ("ok", want, path)
@@ -525,7 +474,8 @@ class Agent:
             if want == self.want_hash and problem is None:
                 self.dataset_dir, self.have_hash = Path(value), want
                 self.event(f"dataset {self.want_name} ({want[:12]}) ready at {value}")
-                self.next_ready = self.clock()
+                if self.state == FETCHING:
+                    self._settle()
                 return
             value = problem or "the coordinator's dataset changed during the fetch"
         self.fetch_retry_at = self.clock() + FETCH_RETRY
@@ -539,15 +489,17 @@ class Agent:
             mine = local_harness_fingerprint()
             if mine != self.coord_harness:
                 self.harness_fp = mine
-                self.blocked = (f"harness changed on this machine: fingerprint {mine[:12]} "
-                                f"!= coordinator's {self.coord_harness[:12]}")
-                return self.blocked
+                self.block_reason = (f"harness changed on this machine: fingerprint "
+                                     f"{mine[:12]} != coordinator's {self.coord_harness[:12]}")
+                return self.block_reason
         if self.want_hash is not None:
             problem = dataset_problem(self.dataset_dir, self.want_hash)
             if problem is not None:
                 self.have_hash = None     # fetch it again (a re-fetch repairs and verifies)
                 return problem
         return None
+
+    # ---- inbound ------------------------------------------------------------------------
 
     def _drain(self) -> None:
         while self.sock is not None:
@@ -562,76 +514,40 @@ class Agent:
             except (CodecError, ProtocolError) as exc:
                 if getattr(exc, "code", None) == "version":
                     self.event(f"version mismatch with the coordinator: {exc}")
-                    self.exit_code = EXIT_VERSION
+                    self._stop(EXIT_VERSION)
                     return
                 self.event(f"bad message from coordinator ignored: {exc}")
                 continue
-            self._on_message(msg)
-            if self.exit_code is not None:
+            handler = HANDLERS.get(msg["type"])
+            if handler is None:
+                self.event(f"ignoring unexpected {msg['type']} from coordinator")
+            else:
+                handler(self, msg)
+            if self.state == STOPPED:
                 return
 
-    def _on_message(self, msg: dict) -> None:
-        t = msg["type"]
-        if t == "heartbeat":
-            return
-        if t == "welcome":
-            self.welcomed = True
-            self.interval = float(msg["heartbeat_interval"])
-            self.liveness = int(msg["liveness"])
-            self.next_ready = self.clock()
-            self.event(f"connected to {self.cfg.endpoint} (heartbeat {self.interval:g}s, "
-                       f"liveness {self.liveness})")
-            if self.pending is not None:
-                self._send_pending()
-            self._on_welcome_info(msg)
-        elif t == "assign":
-            self._on_assign(msg)
-        elif t == "cancel":
-            self._on_cancel(msg["attempt_id"], msg["reason"])
-        elif t == "ack":
-            if self.pending is not None and self.pending["attempt_id"] == msg["attempt_id"]:
-                self.pending = None
-                self.next_ready = self.clock()
-                how = "accepted" if msg["accepted"] else "not counted"
-                note = f" ({msg['note']})" if msg["note"] else ""
-                self.event(f"result {msg['attempt_id']} {how}{note}")
-        elif t == "reply":
-            self._on_reply(msg)
-        elif t == "error":
-            code = msg["code"]
-            if code == HELLO_FIRST:
-                self._hello()
-            elif code == protocol.ERROR_UNTRUSTED and self.cfg.invite and not self.enrolled \
-                    and self.enrol_req is None:
-                self.enrol_req = uuid.uuid4().hex
-                self.event("the coordinator does not know our key yet: enrolling with the "
-                           "invite token")
-                self._send("enrol", req_id=self.enrol_req, token=self.cfg.invite,
-                           name=self.cfg.name)
-            elif code == protocol.ERROR_UNTRUSTED and self.enrol_req is not None:
-                pass   # our other messages crossed the enrol; its reply decides
-            elif code in (protocol.ERROR_UNTRUSTED, protocol.ERROR_REVOKED,
-                          protocol.ERROR_FORBIDDEN):
-                self.event(f"coordinator refused us ({code}): {msg['message']}")
-                self.exit_code = EXIT_TRUST
-            elif code == protocol.ERROR_MISMATCH:
-                self.event(f"coordinator gives us no work: {msg['message']}")
-                self.next_ready = self.clock() + max(self.cfg.ready_resend, 10.0)
-            elif msg["code"] == "version":
-                self.event(f"coordinator refused us: {msg['message']}")
-                self.exit_code = EXIT_VERSION
-            else:
-                self.event(f"coordinator error ({msg['code']}): {msg['message']}")
-        else:
-            self.event(f"ignoring unexpected {t} from coordinator")
+    def _on_heartbeat(self, msg: dict) -> None:
+        pass   # receiving it refreshed our liveness (``_drain``)
+
+    def _on_welcome(self, msg: dict) -> None:
+        self.interval = float(msg["heartbeat_interval"])
+        self.liveness = int(msg["liveness"])
+        self.event(f"connected to {self.cfg.endpoint} (heartbeat {self.interval:g}s, "
+                   f"liveness {self.liveness})")
+        self._on_welcome_info(msg)
+        if self.state == REPORTING:
+            self._send_pending()
+        elif self.state == CONNECTING or self.state in states.WAITING:
+            self._settle()
 
     def _on_welcome_info(self, msg: dict) -> None:
         self.coord_harness = msg.get("harness_fingerprint")
         if self.coord_harness is not None and self.coord_harness != self.harness_fp:
-            self.blocked = (f"this machine's trainer harness ({self.harness_fp[:12]}) differs "
-                            f"from the coordinator's ({self.coord_harness[:12]})")
-            self.event(f"taking no work: {self.blocked}; install the same autoresearch-fleet "
-                       "release here (asking the coordinator which files differ)")
+            self.block_reason = (f"this machine's trainer harness ({self.harness_fp[:12]}) "
+                                 f"differs from the coordinator's ({self.coord_harness[:12]})")
+            self.event(f"taking no work: {self.block_reason}; install the same "
+                       "autoresearch-fleet release here (asking the coordinator which files "
+                       "differ)")
             self.harness_req = uuid.uuid4().hex
             self._send("query", req_id=self.harness_req, what="harness", args={})
         want = msg.get("dataset_hash")
@@ -639,23 +555,32 @@ class Agent:
             self.want_hash, self.have_hash, self.dataset_dir = want, None, None
             self.want_name = str(msg.get("dataset_name") or "dataset")
 
+    def _on_ack(self, msg: dict) -> None:
+        if self.pending is None or self.pending["attempt_id"] != msg["attempt_id"]:
+            return
+        self.pending = None
+        how = "accepted" if msg["accepted"] else "not counted"
+        note = f" ({msg['note']})" if msg["note"] else ""
+        self.event(f"result {msg['attempt_id']} {how}{note}")
+        self._settle()
+
     def _on_reply(self, msg: dict) -> None:
         req_id = msg["req_id"]
-        if req_id == self.enrol_req:
+        if req_id == self.enrol_req and self.state == ENROLLING:
             self.enrol_req = None
             if msg["ok"]:
                 data = msg["data"] if isinstance(msg["data"], dict) else {}
                 self.enrolled = True
                 self.event(f"enrolled with the invite as {data.get('name')} "
                            f"(role {data.get('role')})")
+                self._to(CONNECTING)
                 self._hello()
             else:
                 err = msg["data"].get("error") if isinstance(msg["data"], dict) else msg["data"]
                 self.event(f"enrolment refused: {err}")
-                self.exit_code = EXIT_TRUST
+                self._stop(EXIT_TRUST)
         elif req_id == self.harness_req and msg["ok"] and isinstance(msg["data"], dict):
             self.harness_req = None
-            from shared.datasync import harness_difference, harness_file_hashes
             theirs = msg["data"].get("files")
             lines = harness_difference(harness_file_hashes(), theirs) \
                 if isinstance(theirs, dict) else []
@@ -663,19 +588,55 @@ class Agent:
                        + ("; ".join(lines) if lines else "same files, different fingerprint "
                           "(modified installation?)"))
 
+    def _on_error(self, msg: dict) -> None:
+        handler = ERROR_HANDLERS.get(msg["code"])
+        if handler is None:
+            self.event(f"coordinator error ({msg['code']}): {msg['message']}")
+        else:
+            handler(self, msg)
+
+    def _on_hello_first(self, msg: dict) -> None:
+        self._unwelcomed()
+        self._hello()
+
+    def _on_untrusted(self, msg: dict) -> None:
+        if self.state == ENROLLING:
+            return   # our other messages crossed the enrol; its reply decides
+        if self.cfg.invite and not self.enrolled and self.state == CONNECTING:
+            self.enrol_req = uuid.uuid4().hex
+            self.event("the coordinator does not know our key yet: enrolling with the "
+                       "invite token")
+            self._to(ENROLLING)
+            self._send("enrol", req_id=self.enrol_req, token=self.cfg.invite,
+                       name=self.cfg.name)
+            return
+        self._on_refused(msg)
+
+    def _on_refused(self, msg: dict) -> None:
+        self.event(f"coordinator refused us ({msg['code']}): {msg['message']}")
+        self._stop(EXIT_TRUST)
+
+    def _on_mismatch(self, msg: dict) -> None:
+        self.event(f"coordinator gives us no work: {msg['message']}")
+        self.hold_until = self.clock() + max(self.cfg.ready_resend, 10.0)
+        if self.state == IDLE:
+            self._to(HOLDING)
+
+    def _on_version(self, msg: dict) -> None:
+        self.event(f"coordinator refused us: {msg['message']}")
+        self._stop(EXIT_VERSION)
+
     def _on_assign(self, msg: dict) -> None:
         attempt_id = msg["attempt_id"]
-        if self.proc is not None or self.pending is not None or self.interrupts:
+        if self.state not in states.TAKES_WORK or self.interrupts:
             # The coordinator only assigns on ``ready``; this is a duplicate or a race.
             self.event(f"ignoring assign {attempt_id}: busy with {self._held_attempt()}")
             return
-        from worker.runner import AttemptSpec
         spec = AttemptSpec(attempt_id=attempt_id, train_py=msg["train_py"],
                            settings=dict(msg["settings"]), timeout=float(msg["timeout"]))
         purpose = msg.get("purpose", "candidate")
         self.event(f"assigned {attempt_id}: {purpose} #{msg['candidate_id']} "
                    f"({msg['commit'][:8]}), timeout {float(msg['timeout']):.0f}s")
-        from worker.runner import LowDiskSpace, Outcome
         problem = self._preflight()
         if problem is not None:
             self._refuse_attempt(attempt_id, f"worker will not run it: {problem}")
@@ -693,26 +654,28 @@ class Agent:
         except Exception as exc:  # bad id/settings (ValueError) or cannot spawn (OSError)
             note = f"worker could not start the trainer: {type(exc).__name__}: {exc}"
             self.event(f"could not start {attempt_id}: {note}")
-            self.pending = {"attempt_id": attempt_id, "outcome": Outcome.refused(note).to_wire()}
-            self._send_pending()
+            self._report(attempt_id, Outcome.refused(note).to_wire())
             return
         self.attempt_id = attempt_id
+        self._to(RUNNING)
+
+    def _report(self, attempt_id: str, outcome: dict) -> None:
+        self.pending = {"attempt_id": attempt_id, "outcome": outcome}
+        self._to(REPORTING)
+        self._send_pending()
 
     def _refuse_attempt(self, attempt_id: str, note: str) -> None:
         """Report an assignment as ``cancelled``: the worker's problem, not the candidate's
         (the coordinator requeues it without a strike)."""
-        from worker.runner import Outcome
         self.event(f"not running {attempt_id}: {note}")
-        self.pending = {"attempt_id": attempt_id,
-                        "outcome": Outcome("cancelled", None, {}, "", None, 0.0, note).to_wire()}
-        self._send_pending()
+        self._report(attempt_id, Outcome.cancelled(note).to_wire())
 
-    def _on_cancel(self, attempt_id: str, reason: str) -> None:
-        if self.proc is None or self.attempt_id != attempt_id:
+    def _on_cancel(self, msg: dict) -> None:
+        if self.proc is None or self.attempt_id != msg["attempt_id"]:
             return  # already finished: its result (if any) is reported and recorded as stale
         if self.cancel_at is None:
             self.cancel_at = self.clock() + CANCEL_GRACE
-            self.cancel_reason = reason
+            self.cancel_reason = msg["reason"]
         self._poll_attempt()
 
     def _poll_attempt(self) -> None:
@@ -728,18 +691,18 @@ class Agent:
 
     def _finished(self, outcome: Any) -> None:
         wire = outcome.to_wire() if hasattr(outcome, "to_wire") else dict(outcome)
-        self.pending = {"attempt_id": self.attempt_id, "outcome": wire}
+        attempt_id = self.attempt_id
         self.proc, self.attempt_id, self.cancel_at = None, None, None
         bpb = wire.get("val_bpb")
         bpb_s = f" val_bpb {bpb:.4f}" if isinstance(bpb, (int, float)) else ""
-        self.event(f"finished {self.pending['attempt_id']}: {wire.get('status')}{bpb_s} "
+        self.event(f"finished {attempt_id}: {wire.get('status')}{bpb_s} "
                    f"in {float(wire.get('wall_seconds') or 0):.1f}s")
-        self._send_pending()
+        self._report(attempt_id, wire)
 
     def _handle_interrupts(self) -> None:
         if self.interrupts == 1 and not getattr(self, "_said_finishing", False):
             self._said_finishing = True
-            if self.proc is not None or self.pending is not None:
+            if self.state in states.HOLDS_ATTEMPT:
                 self.event("stopping after the current attempt is reported "
                            "(Ctrl-C again to cancel it)")
         if self.interrupts >= 2:
@@ -751,4 +714,29 @@ class Agent:
                 self.event(f"cancelled {self.attempt_id}")
             self._send("bye", worker_id=self.worker_id, reason=reason)
             self.event(f"leaving: {reason}")
-            self.exit_code = EXIT_INTERRUPTED
+            self._stop(EXIT_INTERRUPTED)
+        elif self.interrupts and self.state not in states.HOLDS_ATTEMPT:
+            self._leave()   # Ctrl-C holding nothing: leave now
+
+
+# What the worker does with each message type it receives (checked against the wire schema
+# when this module is imported), and with each error code it knows.
+HANDLERS: dict[str, Callable[[Agent, dict], None]] = {
+    "heartbeat": Agent._on_heartbeat,
+    "welcome": Agent._on_welcome,
+    "assign": Agent._on_assign,
+    "cancel": Agent._on_cancel,
+    "ack": Agent._on_ack,
+    "reply": Agent._on_reply,
+    "error": Agent._on_error,
+}
+protocol.check_handlers(protocol.WORKER, HANDLERS)
+
+ERROR_HANDLERS: dict[str, Callable[[Agent, dict], None]] = {
+    protocol.ERROR_HELLO_FIRST: Agent._on_hello_first,
+    protocol.ERROR_UNTRUSTED: Agent._on_untrusted,
+    protocol.ERROR_REVOKED: Agent._on_refused,
+    protocol.ERROR_FORBIDDEN: Agent._on_refused,
+    protocol.ERROR_MISMATCH: Agent._on_mismatch,
+    "version": Agent._on_version,
+}

@@ -125,13 +125,20 @@ def parse_gpu_cores(text: str | None) -> int | None:
     return None
 
 
+def _key_values(text: str | None, sep: str) -> dict[str, str]:
+    """``key<sep>value`` lines as {lower-case key: value}; the first line of a key wins
+    (/proc/cpuinfo repeats every field once per core)."""
+    fields: dict[str, str] = {}
+    for line in (text or "").splitlines():
+        key, found, value = line.partition(sep)
+        if found:
+            fields.setdefault(key.strip().lower(), value.strip())
+    return fields
+
+
 def parse_cpuinfo_model(text: str | None) -> str | None:
     """CPU model from /proc/cpuinfo: "model name" (x86), else fields ARM kernels use."""
-    fields = {}
-    for line in (text or "").splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(key.strip().lower(), value.strip())
+    fields = _key_values(text, ":")
     for key in ("model name", "hardware", "cpu model", "model"):
         if fields.get(key):
             return fields[key]
@@ -149,12 +156,9 @@ def parse_meminfo_total(text: str | None) -> int | None:
 
 
 def parse_os_release(text: str | None) -> str | None:
-    fields = {}
-    for line in (text or "").splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            fields[key.strip()] = value.strip().strip('"').strip("'")
-    return fields.get("PRETTY_NAME") or fields.get("NAME")
+    fields = _key_values(text, "=")
+    name = fields.get("pretty_name") or fields.get("name")
+    return name.strip('"').strip("'") if name else None
 
 
 CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max",                    # cgroup v2

@@ -35,6 +35,8 @@ Classification (status/val_bpb come only from the result file, never from stdout
   5. unreadable / invalid result.json     -> crash "bad result file: ..."
   6. no result: exit 3 -> nan, exit 4 -> oom, SIGKILL with out-of-memory words in the log
      tail -> oom (the OS's OOM killer / jetsam leave no result), anything else -> crash.
+The exit codes, result statuses and OOM words are the trainer boundary's
+(``shared.trainer_contract``); the ``Outcome`` type and its wire form are ``shared.outcome``.
 
 Finished run dirs are pruned to the newest ``keep_runs`` per run_root. Each worker process has
 its own run_root (``default_run_root``), so workers sharing one machine and cache never touch
@@ -101,9 +103,13 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from shared.outcome import MAX_DEPTH, Outcome, depth, last_line, plain
+from shared.trainer_contract import (
+    ENV_CACHE, ENV_DATA, ENV_PROGRESS, ENV_RESULT, RESULT_STATUSES, STATUS_FOR_EXIT, mentions_oom,
+)
 from trainer.settings import RunSettings
 from worker import kernel_cache
 
@@ -122,8 +128,6 @@ TAIL_BYTES = 8192
 TAIL_LINES = 60
 RESULT_MAX_BYTES = 1 << 20    # a result JSON is ~1 KB; anything huge is not the harness's
 PROGRESS_READ_MAX = 64 * 1024 # never read more than this of progress.jsonl per call
-HARNESS_STATUSES = ("ok", "nan", "oom", "crash")
-EXIT_NAN, EXIT_OOM = 3, 4     # trainer.harness exit codes (not imported: keep worker mlx-free)
 FILE_SIZE_LIMIT = 2 * 2**30   # RLIMIT_FSIZE for the trainer: largest file it may write
 MIN_FREE_BYTES = 1 * 2**30    # free disk below this under run_root: refuse to start / kill
 DISK_CHECK_INTERVAL = 1.0     # seconds between free-space checks while an attempt runs
@@ -131,8 +135,6 @@ TOKEN_ENV = "AUTORESEARCH_ATTEMPT_TOKEN"  # marks the trainer's processes (found
 SWEEP_ROUNDS = 20             # kill sweeps repeat until a round finds nobody new
 SCRATCH_DIRS = ("home", "tmp")  # HOME and TMPDIR of the trainer, inside the run dir
 RUN_FILES = ("train.py", "train.log", "result.json", "progress.jsonl")
-OOM_HINTS = ("out of memory", "outofmemory", "memoryerror", "cannot allocate memory",
-             "insufficient memory", "failed to allocate")
 
 # Runs train.py as __main__ after setting limits the trainer cannot undo. argv: limit, path.
 # In-process (runpy), not exec: a fresh interpreter would set SIGXFSZ back to ignored.
@@ -176,35 +178,6 @@ class AttemptSpec:
     timeout: float            # hard wall-clock limit for the whole process, seconds
 
 
-@dataclass
-class Outcome:
-    status: str               # ok | crash | nan | oom | timeout | cancelled
-    val_bpb: float | None     # finite float iff status == "ok"
-    result: dict              # the harness's result JSON ({} if none was written)
-    log_tail: str             # last ~8 KB / 60 lines of combined stdout+stderr
-    exit_code: int | None     # Popen convention: -N = killed by signal N; None = never started
-    wall_seconds: float
-    note: str = ""            # one line: why this status (e.g. "log limit exceeded")
-
-    def to_wire(self) -> dict:
-        """The ``outcome`` map of a result message. Non-finite floats in the result become
-        None so the map survives JSON as well as msgpack."""
-        return {
-            "status": self.status,
-            "val_bpb": self.val_bpb,
-            "result": _finite(self.result),
-            "log_tail": self.log_tail,
-            "exit_code": self.exit_code,
-            "wall_seconds": round(float(self.wall_seconds), 3),
-            "note": self.note,
-        }
-
-    @classmethod
-    def refused(cls, note: str) -> "Outcome":
-        """Outcome for an assignment that could not even start (bad id, bad settings)."""
-        return cls("crash", None, {}, "", None, 0.0, note)
-
-
 class LowDiskSpace(OSError):
     """Too little free disk under the run root to start an attempt (the worker's problem,
     not the candidate's)."""
@@ -231,11 +204,11 @@ def attempt_env(base_env: dict, settings: dict, run_dir: Path,
     env.pop(kernel_cache.ENV, None)  # the worker's: it seeds and harvests the kernels itself
     env.update(RunSettings.from_dict(settings).to_env())  # ValueError naming the bad setting
     real_home = env.get("HOME") or os.path.expanduser("~")
-    for key in ("AUTORESEARCH_CACHE", "AUTORESEARCH_DATA"):
+    for key in (ENV_CACHE, ENV_DATA):
         if env.get(key):
             env[key] = _expand_home(env[key], real_home)
-    if not env.get("AUTORESEARCH_CACHE"):
-        env["AUTORESEARCH_CACHE"] = os.path.join(real_home, ".cache", "autoresearch")
+    if not env.get(ENV_CACHE):
+        env[ENV_CACHE] = os.path.join(real_home, ".cache", "autoresearch")
     if not env.get("PYTHONUSERBASE"):  # a `pip install --user` MLX must still import
         import site
         env["PYTHONUSERBASE"] = site.getuserbase()
@@ -246,8 +219,8 @@ def attempt_env(base_env: dict, settings: dict, run_dir: Path,
         env[key] = str(run_dir / "tmp")
     if token:
         env[TOKEN_ENV] = token
-    env["AUTORESEARCH_RESULT"] = str(run_dir / "result.json")
-    env["AUTORESEARCH_PROGRESS"] = str(run_dir / "progress.jsonl")
+    env[ENV_RESULT] = str(run_dir / "result.json")
+    env[ENV_PROGRESS] = str(run_dir / "progress.jsonl")
     env["PYTHONUNBUFFERED"] = "1"      # the log tail should end where the process ended
     env["PYTHONFAULTHANDLER"] = "1"    # a segfault in MLX still leaves a Python traceback
     return env
@@ -377,38 +350,6 @@ def _token_holders(token: str, pids) -> set[int]:
     return found
 
 
-MAX_DEPTH = 32   # nesting accepted in result.json / progress lines (the harness writes 2)
-
-
-def _finite(obj, depth: int = 0):
-    """A copy of JSON data that msgpack and JSON both carry: non-finite floats, integers
-    beyond 64 bits and anything nested deeper than MAX_DEPTH become None; lone surrogates
-    (JSON ``\\ud800``) become "?"."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, bool) or obj is None:
-        return obj
-    if isinstance(obj, int):
-        return obj if -2**63 <= obj < 2**64 else None
-    if isinstance(obj, str):
-        return obj.encode("utf-8", "replace").decode("utf-8")
-    if isinstance(obj, (dict, list, tuple)) and depth >= MAX_DEPTH:
-        return None
-    if isinstance(obj, dict):
-        return {_finite(str(k)): _finite(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v, depth + 1) for v in obj]
-    return obj
-
-
-def _depth(obj, limit: int = MAX_DEPTH) -> int:
-    """Nesting depth of JSON data, counting no further than limit + 1."""
-    if limit < 0 or not isinstance(obj, (dict, list)):
-        return 0
-    values = obj.values() if isinstance(obj, dict) else obj
-    return 1 + max((_depth(v, limit - 1) for v in values), default=0)
-
-
 def _read_regular(path: Path, limit: int) -> bytes:
     """Read a file the trainer made, refusing what would hang or mislead the worker: a FIFO
     (open would block), a device, a symlink, or more than ``limit`` bytes."""
@@ -424,11 +365,6 @@ def _read_regular(path: Path, limit: int) -> bytes:
             return f.read(limit + 1)[:limit + 1]
     finally:
         os.close(fd)
-
-
-def _first_line(text, limit: int = 300) -> str:
-    lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
-    return lines[-1][:limit] if lines else ""
 
 
 class AttemptProcess:
@@ -622,8 +558,8 @@ class AttemptProcess:
                 obj = json.loads(line)
             except (ValueError, RecursionError):
                 continue
-            if isinstance(obj, dict) and _depth(obj) <= MAX_DEPTH:
-                self._prog_last = _finite(obj)
+            if isinstance(obj, dict) and depth(obj) <= MAX_DEPTH:
+                self._prog_last = plain(obj)
                 break
         return self._prog_last
 
@@ -825,11 +761,11 @@ class AttemptProcess:
             return {}, f"result.json unreadable: {type(exc).__name__}: {str(exc)[:200]}"
         if not isinstance(obj, dict):
             return {}, f"result.json holds a {type(obj).__name__}, not an object"
-        if _depth(obj) > MAX_DEPTH:
+        if depth(obj) > MAX_DEPTH:
             return {}, f"result.json is nested deeper than {MAX_DEPTH} levels"
-        obj = _finite(obj)
-        if obj.get("status") not in HARNESS_STATUSES:
-            return obj, f"result.json status {obj.get('status')!r} is not one of {HARNESS_STATUSES}"
+        obj = plain(obj)
+        if obj.get("status") not in RESULT_STATUSES:
+            return obj, f"result.json status {obj.get('status')!r} is not one of {RESULT_STATUSES}"
         return obj, None
 
     def _classify(self) -> Outcome:
@@ -849,7 +785,7 @@ class AttemptProcess:
             return out("crash", self._disk_note)
         if result and problem is None:
             status = result["status"]
-            note = _first_line(result.get("error"))
+            note = last_line(result.get("error"))  # a traceback ends with the error
             if status != "ok" and "file too large" in str(result.get("error") or "").lower():
                 note = (f"file size limit exceeded: a file grew past {self._file_size_limit} "
                         f"bytes; {note}")
@@ -868,16 +804,16 @@ class AttemptProcess:
                                 f"{self._file_size_limit} bytes (SIGXFSZ)")
         if problem:
             return out("crash", f"bad result file: {problem}")
-        if rc == EXIT_NAN:
-            return out("nan", "exit code 3 (nan) without a result file")
-        if rc == EXIT_OOM:
-            return out("oom", "exit code 4 (out of memory) without a result file")
+        if rc in STATUS_FOR_EXIT:
+            status = STATUS_FOR_EXIT[rc]
+            what = "out of memory" if status == "oom" else status
+            return out(status, f"exit code {rc} ({what}) without a result file")
         if rc is not None and rc < 0:
             try:
                 name = signal.Signals(-rc).name
             except ValueError:
                 name = f"signal {-rc}"
-            if -rc == signal.SIGKILL and any(h in tail.lower() for h in OOM_HINTS):
+            if -rc == signal.SIGKILL and mentions_oom(tail):
                 return out("oom", f"killed by {name}; the log mentions running out of memory")
             return out("crash", f"killed by {name} without a result file")
         if rc == 0:

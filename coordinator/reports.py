@@ -1,0 +1,215 @@
+"""What the ledger says, for people and scripts: status, log, results.tsv, candidate summaries.
+
+Functions over a ``Ledger``, read-only: they never write, never take the coordinator's lock and
+never touch git, so they work on a live run (``Coordinator.status()`` etc. call them under its
+mutex) and on a stopped one (open the ledger of ``DIR/.autoresearch`` and call them directly).
+What only a running coordinator knows is passed in and may be left out: ``seen`` (heartbeats and
+progress, kept in memory), ``problems`` (its own warnings) and ``reconciled`` (what its last
+start fixed). Every value returned is plain JSON-able data.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Mapping
+
+from coordinator import decide, scheduling
+from coordinator import states as st
+from coordinator.ledger import Ledger, loads
+from shared.outcome import OK, last_line
+
+TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+
+
+def fmt_time(t: float | None) -> str | None:
+    return None if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def classes(ledger: Ledger) -> list[str]:
+    """Every hardware class a worker or an attempt has had, sorted."""
+    return sorted({r[0] for r in ledger.all(
+        "SELECT hw_class FROM workers UNION SELECT hw_class FROM attempts")})
+
+
+def head_on_class(ledger: Ledger, hw_class: str) -> scheduling.HeadOnClass:
+    """Where the current head stands on one class (its runs, live and failed measurements)."""
+    return scheduling.head_on_class(ledger.class_attempts(ledger.head()["candidate_id"],
+                                                          hw_class))
+
+
+def candidate_summary(ledger: Ledger, row: Mapping, duplicate: bool = False) -> dict:
+    """One candidate row as a submitter sees it: state, commit, first ok val_bpb, verdict."""
+    out = {"candidate_id": row["id"], "state": row["state"], "commit": row["commit_sha"],
+           "base": row["base_commit"], "description": row["description"],
+           "duplicate": duplicate, "val_bpb": None, "hw_class": None}
+    ok = ledger.one("SELECT val_bpb, hw_class FROM attempts WHERE candidate_id = ? "
+                    "AND state = 'done' AND status = 'ok' ORDER BY finished_at LIMIT 1", row["id"])
+    if ok is not None:
+        out["val_bpb"], out["hw_class"] = ok["val_bpb"], ok["hw_class"]
+    d = ledger.decision(row["id"])
+    if d is not None:
+        out["verdict"], out["reason"] = d["verdict"], d["reason"]
+    return out
+
+
+def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = None,
+           problems: Iterable[str] = (), reconciled: Iterable[str] = ()) -> dict:
+    """Everything a person wants at a glance: heads per class, workers, queue, running and
+    waiting candidates, counts, problems."""
+    L = ledger
+    seen = seen or {}
+    head = L.head()
+    heads, problems = [], list(problems)
+    for hw in classes(L):
+        m = head_on_class(L, hw)
+        if m.state == scheduling.BLOCKED:
+            problems.append(
+                f"head #{head['candidate_id']} failed {m.failed} measurements on {hw}:"
+                f" not measuring it there again, so candidates on {hw} cannot be decided"
+                f" (its workers get no work) until the head changes")
+        heads.append({"hw_class": hw, "val_bpb": decide.head_value(list(m.values)),
+                      "runs": len(m.values), "failed_runs": m.failed, "state": m.state,
+                      "commit": head["commit_sha"]})
+    blocked = {h["hw_class"] for h in heads if h["state"] == scheduling.BLOCKED}
+    running = []
+    for r in L.all("SELECT a.*, w.name AS worker_name FROM attempts a LEFT JOIN workers w "
+                   "ON w.worker_id = a.worker_id WHERE a.state = 'leased' ORDER BY a.leased_at"):
+        prog = seen.get(r["worker_id"], {}).get("progress")
+        prog = prog if prog and prog.get("attempt_id") == r["attempt_id"] else None
+        running.append({"attempt_id": r["attempt_id"], "candidate_id": r["candidate_id"],
+                        "purpose": r["purpose"], "worker_id": r["worker_id"],
+                        "worker": r["worker_name"], "hw_class": r["hw_class"],
+                        "leased_at": fmt_time(r["leased_at"]), "progress": prog})
+    by_worker = {r["worker_id"]: r for r in running}
+    workers = []
+    for w in L.all("SELECT * FROM workers ORDER BY name, worker_id"):
+        r = by_worker.get(w["worker_id"])
+        last = seen.get(w["worker_id"], {}).get("last_seen") or w["last_seen"]
+        workers.append({
+            "worker_id": w["worker_id"], "name": w["name"], "hw_class": w["hw_class"],
+            "state": "gone" if w["state"] == "gone" else ("running" if r else "idle"),
+            "attempt_id": r["attempt_id"] if r else None,
+            "candidate_id": r["candidate_id"] if r else None,
+            "purpose": r["purpose"] if r else None,
+            "progress": r["progress"] if r else None,
+            "last_seen": fmt_time(last), "gone_reason": w["gone_reason"]})
+    queue = [{"candidate_id": r["id"], "description": r["description"],
+              "submitted": fmt_time(r["created_at"])}
+             for r in L.all("SELECT * FROM candidates WHERE state = 'queued' ORDER BY id")]
+    measured = []
+    for r in L.all("SELECT c.id, c.description, a.hw_class, a.val_bpb FROM candidates c "
+                   "JOIN attempts a ON a.candidate_id = c.id AND a.purpose = 'candidate'"
+                   " AND a.state = 'done' AND a.status = 'ok' WHERE c.state = 'measured'"
+                   " ORDER BY c.id"):
+        why = (f"cannot be decided: the head cannot be measured on {r['hw_class']}"
+               if r["hw_class"] in blocked else
+               f"waiting for the head's val_bpb on {r['hw_class']}")
+        measured.append({"candidate_id": r["id"], "description": r["description"],
+                         "hw_class": r["hw_class"], "val_bpb": r["val_bpb"],
+                         "waiting_for": why})
+        if r["hw_class"] in blocked:
+            problems.append(f"candidate #{r['id']} {why}")
+    candidates = [{"id": r["id"], "candidate_id": r["id"], "state": r["state"],
+                   "description": r["description"], "val_bpb": r["val_bpb"]}
+                  for r in L.all("SELECT c.id, c.state, c.description, d.val_bpb, d.verdict "
+                                 "FROM candidates c LEFT JOIN decisions d "
+                                 "ON d.candidate_id = c.id ORDER BY c.id")]
+    counts = {s: 0 for s in st.CANDIDATE_STATES}
+    for r in L.all("SELECT state, COUNT(*) FROM candidates WHERE id > 0 GROUP BY state"):
+        counts[r[0]] = r[1]
+    counts["attempts"] = L.scalar("SELECT COUNT(*) FROM attempts")
+    return {
+        "repo": str(repo_dir), "tag": L.get_meta("tag"), "branch": L.get_meta("branch"),
+        "head": head["commit_sha"], "head_commit": head["commit_sha"],
+        "head_candidate": head["candidate_id"], "heads": heads, "workers": workers,
+        "queue": queue, "running": running, "measured": measured,
+        "candidates": candidates, "counts": counts, "settings": dict(L.get_meta("settings")),
+        "problems": problems, "reconciled": list(reconciled),
+    }
+
+
+def log(ledger: Ledger, limit: int = 50) -> dict:
+    """Recent attempts and decisions, newest first (and merged, as ``entries``). An attempt
+    carries the worker's note (why its status) and, when it failed, its log's last line."""
+    L = ledger
+    attempts = []
+    for r in L.all("SELECT a.*, w.name AS worker_name, c.description FROM attempts a "
+                   "LEFT JOIN workers w ON w.worker_id = a.worker_id JOIN candidates c "
+                   "ON c.id = a.candidate_id ORDER BY COALESCE(a.finished_at, a.leased_at)"
+                   " DESC, a.rowid DESC LIMIT ?", limit):
+        summary = loads(r["summary"], {}) or {}
+        attempts.append({
+            "attempt_id": r["attempt_id"], "candidate_id": r["candidate_id"],
+            "purpose": r["purpose"], "worker_id": r["worker_id"],
+            "worker": r["worker_name"], "hw_class": r["hw_class"],
+            "state": r["state"], "status": r["status"], "val_bpb": r["val_bpb"],
+            "leased_at": fmt_time(r["leased_at"]),
+            "finished_at": fmt_time(r["finished_at"]),
+            "time": fmt_time(r["finished_at"] or r["leased_at"]),
+            "_t": r["finished_at"] or r["leased_at"],
+            "exit_code": r["exit_code"], "wall_seconds": r["wall_seconds"],
+            "peak_vram_mb": summary.get("peak_vram_mb"),
+            "num_steps": summary.get("num_steps"), "note": r["note"],
+            "log_tail": last_line(r["log_tail"]) if r["status"] != OK else None,
+            "description": f"{r['purpose']} run of #{r['candidate_id']} "
+                           f"({r['description']}) on {r['worker_name'] or r['worker_id']}",
+        })
+    decisions = []
+    for r in L.all("SELECT d.*, c.description, c.commit_sha FROM decisions d JOIN "
+                   "candidates c ON c.id = d.candidate_id ORDER BY d.id DESC LIMIT ?", limit):
+        decisions.append({
+            "candidate_id": r["candidate_id"], "verdict": r["verdict"],
+            "hw_class": r["hw_class"], "val_bpb": r["val_bpb"],
+            "head_bpb": r["head_bpb"], "head_before": r["head_before"],
+            "head_after": r["head_after"], "commit": r["commit_sha"],
+            "reason": r["reason"], "description": r["description"],
+            "attempt_ids": loads(r["attempt_ids"], []),
+            "time": fmt_time(r["decided_at"]), "_t": r["decided_at"]})
+    entries = sorted(attempts + decisions, key=lambda e: e["_t"], reverse=True)[:limit]
+    entries = [dict(e, kind="decision" if "verdict" in e else "attempt") for e in entries]
+    for e in attempts + decisions + entries:
+        e.pop("_t", None)
+    return {"attempts": attempts, "decisions": decisions, "entries": entries}
+
+
+def export_tsv(ledger: Ledger, cache: dict[int, str] | None = None) -> str:
+    """results.tsv in upstream's format: one row per decided candidate, oldest first.
+
+    ``cache`` (decision id -> rendered line) is kept by the caller across calls: a decision row
+    never changes once written, and this file is rewritten after every decision, so re-parsing
+    every attempt's summary each time would make a long run quadratic (benchmarks/scheduler.py).
+    """
+    cache = {} if cache is None else cache
+    lines = [TSV_HEADER]
+    for d in ledger.all("SELECT d.*, c.commit_sha, c.description FROM decisions d "
+                        "JOIN candidates c ON c.id = d.candidate_id ORDER BY d.id"):
+        cached = cache.get(d["id"])
+        if cached is not None:
+            lines.append(cached)
+            continue
+        ids = loads(d["attempt_ids"], []) or []
+        bpb, aid = d["val_bpb"], ids[0] if ids else None
+        if d["candidate_id"] == 0:  # the baseline: its first ok measurement, if any
+            first = ledger.one(
+                "SELECT attempt_id, val_bpb FROM attempts WHERE candidate_id = 0 AND "
+                "state = 'done' AND status = 'ok' ORDER BY finished_at LIMIT 1")
+            bpb, aid = (first["val_bpb"], first["attempt_id"]) if first else (None, None)
+        mem = 0.0
+        if d["verdict"] != st.FAILED and aid:
+            summary = loads(ledger.scalar(
+                "SELECT summary FROM attempts WHERE attempt_id = ?", aid), {}) or {}
+            peak = summary.get("peak_vram_mb")
+            if isinstance(peak, (int, float)) and not isinstance(peak, bool):
+                mem = peak / 1024
+        if d["verdict"] == st.FAILED or bpb is None:
+            bpb = 0.0
+        desc = " ".join(str(d["description"]).replace("\t", " ").split())
+        line = (f"{d['commit_sha'][:7]}\t{bpb:.6f}\t{mem:.1f}\t"
+                f"{st.TSV_STATUS[d['verdict']]}\t{desc}\n")
+        if d["candidate_id"] != 0:  # the baseline's row fills in when it is measured
+            cache[d["id"]] = line
+        lines.append(line)
+    return "".join(lines)
+
+
+__all__ = ["status", "log", "export_tsv", "candidate_summary", "classes", "head_on_class",
+           "fmt_time", "TSV_HEADER"]

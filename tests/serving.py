@@ -1,0 +1,25 @@
+"""A real Coordinator + Server on a loopback port, run in a thread of the test process."""
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def served(repo: Path, **server_kw):
+    """Yield (core, server) with ``server.run`` in a daemon thread; stop and close both after."""
+    from coordinator.core import Coordinator
+    from coordinator.server import Server
+
+    core = Coordinator(repo)
+    server = Server(core, bind="tcp://127.0.0.1:*", **server_kw)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield core, server
+    finally:
+        server.stop()
+        thread.join(20)
+        server.close()
+        core.close()

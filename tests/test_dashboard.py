@@ -1,0 +1,185 @@
+"""The live dashboard: addresses, the snapshot holder, what it refuses to show, and the page
+itself in a real headless Chromium (Debian's ``chromium``; CI installs it).
+
+The page's data comes from a real Coordinator (real ledger and git) driven in-process through a
+simulated night (tests/night.py) with one worker mid-run; the HTTP side is the real server on a
+loopback port. The screenshot lands in benchmarks/results/dashboard.png.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from coordinator.dashboard import (Dashboard, DashboardError, SnapshotHolder, parse_address,
+                                   public_status)
+from night import M1, simulate
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SECRET_BITS = ("server_key", "trusted", "fingerprint", "inv-", "secret")
+
+
+def _get(dash: Dashboard, path: str, host: str | None = None,
+         method: str = "GET") -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(dash.host, dash.port, timeout=10)
+    try:
+        headers = {"Host": host} if host else {}
+        conn.request(method, path, headers=headers)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def test_addresses():
+    assert parse_address("8080") == ("127.0.0.1", 8080, False)
+    assert parse_address("0.0.0.0:8080") == ("0.0.0.0", 8080, True)
+    assert parse_address("[::1]:9000") == ("::1", 9000, True)
+    assert parse_address("localhost:0") == ("localhost", 0, True)
+    for bad in ("", "host", "host:", ":80", "80000", "1.2.3.4:99999", "a:b:c"):
+        with pytest.raises(DashboardError):
+            parse_address(bad)
+
+
+def test_non_loopback_refused_unless_explicit(fleet_repo):
+    holder = SnapshotHolder()
+    with pytest.raises(DashboardError, match="explicitly"):
+        Dashboard(holder, fleet_repo, "0.0.0.0", 0)
+    with pytest.raises(DashboardError, match="explicitly"):
+        Dashboard(holder, fleet_repo, "example.org", 0)
+    dash = Dashboard(holder, fleet_repo, "0.0.0.0", 0, public=True).start()
+    try:
+        assert dash.port > 0
+        conn = http.client.HTTPConnection("127.0.0.1", dash.port, timeout=10)
+        conn.request("GET", "/", headers={"Host": "lab-mac.local:8080"})
+        assert conn.getresponse().status == 200      # public on purpose: any Host is fine
+        conn.close()
+    finally:
+        dash.stop()
+
+
+def test_snapshot_holder_publishes_at_most_every_interval():
+    t = [100.0]
+    holder = SnapshotHolder(interval=1.0, clock=lambda: t[0])
+    calls = []
+
+    def status():
+        calls.append(t[0])
+        return {"n": len(calls)}
+
+    assert holder.offer(status) and holder.get()[:2] == (1, {"n": 1})
+    for dt in (0.1, 0.5, 0.99):
+        t[0] = 100.0 + dt
+        assert not holder.offer(status)
+    t[0] = 101.0
+    assert holder.offer(status)
+    assert calls == [100.0, 101.0] and holder.get()[0] == 2
+
+
+def test_never_shows_keys_or_secrets(fleet_repo):
+    status = {
+        "branch": "autoresearch/x", "head": "a" * 40, "head_candidate": 0,
+        "server_key": "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7",
+        "trusted": [{"name": "alice", "role": "admin", "fingerprint": "SHA256:deadbeef"}],
+        "workers": [{"name": "m1", "hw_class": M1, "state": "idle", "worker_id": "w-123",
+                     "key": "secret-key-text", "profile": {"serial": "C02XYZ"}}],
+        "heads": [{"hw_class": M1, "val_bpb": 1.5, "commit": "a" * 40}],
+        "invite": "inv-0123456789", "counts": {"kept": 1}, "settings": {"time_budget": 300},
+    }
+    shown = json.dumps(public_status(status))
+    for bit in SECRET_BITS + ("w-123", "C02XYZ", "rq:rM"):
+        assert bit not in shown, bit
+    assert "m1" in shown and "1.5" in shown
+    holder = SnapshotHolder()
+    holder.publish(status)
+    dash = Dashboard(holder, fleet_repo).start()
+    try:
+        code, body = _get(dash, "/api/snapshot")
+        assert code == 200
+        for bit in SECRET_BITS + ("rq:rM",):
+            assert bit.encode() not in body, bit
+        assert json.loads(body)["status"]["workers"][0]["name"] == "m1"
+    finally:
+        dash.stop()
+
+
+def test_read_only_and_loopback_host_only(fleet_repo):
+    dash = Dashboard(SnapshotHolder(), fleet_repo).start()
+    try:
+        assert _get(dash, "/")[0] == 200
+        assert _get(dash, "/", host=f"localhost:{dash.port}")[0] == 200
+        # DNS rebinding: a page on evil.example resolving to 127.0.0.1 must not read it.
+        assert _get(dash, "/api/snapshot", host="evil.example:80")[0] == 421
+        assert _get(dash, "/api/snapshot", method="POST")[0] == 405
+        assert _get(dash, "/api/snapshot", method="DELETE")[0] == 405
+        assert _get(dash, "/etc/passwd")[0] == 404
+        assert _get(dash, "/../../coordinator/cli.py")[0] == 404
+        assert _get(dash, "/api/diff/1")[0] == 404           # nothing kept yet
+        body = json.loads(_get(dash, "/api/snapshot")[1])
+        assert body["status"] is None and body["seq"] == 0   # nothing published yet
+    finally:
+        dash.stop()
+
+
+@pytest.fixture
+def live_night(fleet_repo, fleet_variant):
+    """A simulated night whose worker m1-a is mid-run on a fresh candidate."""
+    n = simulate(fleet_repo, fleet_variant)
+    core = n.core
+    core.submit(fleet_variant(bpb=1.2345), "cosine learning-rate schedule")
+    core.submit(fleet_variant(bpb=1.2346), "smaller batch, more steps")
+    a = core.next_assignment("m1-a")
+    core.worker_seen("m1-a", a.attempt_id, {"step": 123, "progress": 0.42, "loss": 3.4567,
+                                            "tok_per_sec": 12345.0, "elapsed": 130.0})
+    holder = SnapshotHolder()
+    holder.publish(core.status())
+    dash = Dashboard(holder, fleet_repo).start()
+    yield n, dash, holder
+    dash.stop()
+    core.close()
+
+
+def test_snapshot_and_diffs(live_night):
+    n, dash, _ = live_night
+    snap = json.loads(_get(dash, "/api/snapshot")[1])
+    w = next(w for w in snap["status"]["workers"] if w["name"] == "m1-a")
+    assert w["state"] == "running" and w["progress"]["step"] == 123
+    hist = snap["history"]
+    assert [k["candidate_id"] for k in hist["kept"]] == n.kept
+    assert all("diff" not in k for k in hist["kept"])       # diffs come one by one
+    code, diff = _get(dash, f"/api/diff/{n.kept[0]}")
+    assert code == 200 and diff.startswith(b"diff --git a/train.py b/train.py")
+    assert _get(dash, f"/api/diff/{n.discarded[0]}")[0] == 404
+
+
+def _chromium(url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--hide-scrollbars", "--virtual-time-budget=5000", *args, url],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install "
+                                              "chromium; CI installs it)")
+def test_page_in_headless_chromium_shows_live_progress_and_the_head(live_night):
+    n, dash, holder = live_night
+    r = _chromium(dash.url, "--dump-dom")
+    assert r.returncode == 0, r.stderr[-2000:]
+    dom = r.stdout
+    assert 'data-seq="1"' in dom                             # the script ran and rendered
+    assert "m1-a" in dom and "candidate #10" in dom
+    assert "step 123" in dom and "42%" in dom and "12,345 tok/s" in dom and "left" in dom
+    head_m1 = next(h for h in holder.get()[1]["heads"] if h["hw_class"] == M1)["val_bpb"]
+    assert f"{head_m1:.4f}" in dom
+    assert "smaller batch, more steps" in dom                # the queue
+    assert "GQA with 2 kv heads" in dom                      # a kept change
+    assert dom.count("<svg") == 2                            # one plot per class
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shot = RESULTS / "dashboard.png"
+    r = _chromium(dash.url, f"--screenshot={shot}", "--window-size=1280,2000")
+    assert r.returncode == 0 and shot.read_bytes().startswith(b"\x89PNG")
