@@ -81,6 +81,15 @@ class Source(Protocol):
     def submit(self, train_py: str, description: str, base: str | None) -> dict: ...
 
 
+def with_head(snapshot: dict, head: dict) -> dict:
+    """A brief snapshot completed with the head's files (``query head``): the head's train.py
+    goes into ``head``, program.md beside it."""
+    return {**snapshot, "program_md": head.get("program_md", ""),
+            "head": {**(snapshot.get("head") or {}), "commit": head.get("commit"),
+                     "candidate_id": head.get("candidate_id"),
+                     "train_py": head.get("train_py")}}
+
+
 # ---- the command --------------------------------------------------------------------------
 
 def parse_command(command: str) -> list[str]:
@@ -466,7 +475,9 @@ class AgentRunner(_Follower):
             return False
         if self.stopping:
             return True
-        return self.max_proposals is not None and self.started >= self.max_proposals
+        # after --limit: done once the last proposals' decisions are in (or Ctrl-C)
+        return (self.max_proposals is not None and self.started >= self.max_proposals
+                and not self.pending_decisions())
 
     def run(self) -> None:
         self.say(f"{len(self.slots)} proposer(s), agent timeout {self.timeout:g}s, slack "
@@ -731,6 +742,6 @@ def install_signals(runner: AgentRunner | SweepRunner) -> None:
     signal.signal(signal.SIGTERM, on_term)
 
 
-__all__ = ["AgentRunner", "SweepRunner", "Source", "SourceUnavailable", "Refused",
+__all__ = ["AgentRunner", "SweepRunner", "with_head", "Source", "SourceUnavailable", "Refused",
            "parse_command", "expand", "judge_proposal", "is_duplicate", "Judged", "Proposal", "new_proposal",
            "start_agent", "exited", "signal_group", "install_signals", "PLACEHOLDERS", "AGENT_ENV"]
