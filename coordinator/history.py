@@ -33,6 +33,7 @@ from typing import Any, Iterator
 from coordinator import states as st
 from coordinator.ledger import ReadOnlyLedger, ledger_path, loads
 from coordinator.noise import pooled
+from coordinator.reports import classes
 from coordinator.snapshot import mean_sem
 
 STAT_FIELDS = ("n", "mean", "sem", "head_n", "head_sem", "gain", "gain_sem", "sigma",
@@ -128,12 +129,6 @@ def decision_stats(L: Any, d: Any) -> dict:
 
 
 # ---- the progress plot's data ----------------------------------------------------------------
-
-def classes(L: Any) -> list[str]:
-    return sorted({r[0] for r in L.all(
-        "SELECT hw_class FROM attempts UNION SELECT hw_class FROM decisions "
-        "WHERE hw_class IS NOT NULL")})
-
 
 def progress(L: Any) -> list[dict]:
     """One series per hardware class, the picture upstream's analysis notebook draws:

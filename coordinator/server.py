@@ -149,6 +149,9 @@ class Server:
     keypair: Any = None          # shared.keys.Keypair of the coordinator
     trust: Any = None            # coordinator.trust.TrustStore; default: opened on core.repo_dir
     dataset: Any = None          # shared.datasync.DatasetServer, or None (workers use their own)
+    # The live dashboard's coordinator.dashboard.SnapshotHolder, or None: each loop turn offers
+    # it the status (taken at most once a second); its HTTP thread only ever reads the holder.
+    snapshot: Any = None
 
     endpoint: str = ""                                   # what we actually bound (port resolved)
     workers: dict[str, WorkerConn] = field(default_factory=dict)
@@ -245,6 +248,8 @@ class Server:
                 self._check_keys()
                 self._expire(now)
                 next_beat = now + self.heartbeat_interval
+            if self.snapshot is not None:
+                self.snapshot.offer(self._dashboard_status)
 
     # ---- inbound ------------------------------------------------------------------------
 
@@ -382,7 +387,8 @@ class Server:
     def _on_heartbeat(self, identity: bytes, msg: dict, key: str | None) -> None:
         conn = self._joined(identity, msg, key)
         if conn is not None:
-            self.core.worker_seen(conn.worker_id, msg.get("attempt_id"), msg.get("progress"))
+            self.core.worker_seen(conn.worker_id, msg.get("attempt_id"), msg.get("progress"),
+                                  msg.get("paused"))
 
     def _mismatch(self, harness_fp: str | None, data_hash: str | None) -> str | None:
         """Why a worker with these must not train for us, or None. A worker that states no
@@ -555,6 +561,11 @@ class Server:
             m = self.dataset.manifest()
             data["dataset"] = {"name": m["name"], "dataset_hash": m["dataset_hash"]}
         return data
+
+    def _dashboard_status(self) -> dict:
+        """What ``status`` answers, for the dashboard's holder (which keeps only what the page
+        may show: coordinator.dashboard.public_status)."""
+        return self._q_status({})
 
     def _q_log(self, args: dict) -> Any:
         limit = args.get("limit", 50)
@@ -759,11 +770,13 @@ def describe_submission(data: Any, description: str) -> str:
 def serve(core: Any, bind: str, heartbeat_interval: float = HEARTBEAT_INTERVAL,
           liveness: int = HEARTBEAT_LIVENESS, banner: Callable[[str], None] | None = None,
           keypair: Any = None, dataset: Any = None,
-          restart_grace: float = RECONNECT_MAX) -> None:
+          restart_grace: float = RECONNECT_MAX, snapshot: Any = None) -> None:
     """Run the server until SIGINT/SIGTERM; the caller closes the core afterwards.
-    ``keypair`` None = plain TCP (insecure); ``dataset`` = a DatasetServer to serve."""
+    ``keypair`` None = plain TCP (insecure); ``dataset`` = a DatasetServer to serve;
+    ``snapshot`` = the live dashboard's SnapshotHolder, fed from the loop."""
     server = Server(core, bind=bind, heartbeat_interval=heartbeat_interval, liveness=liveness,
-                    keypair=keypair, dataset=dataset, restart_grace=restart_grace)
+                    keypair=keypair, dataset=dataset, restart_grace=restart_grace,
+                    snapshot=snapshot)
     server.install_signal_handlers()
     try:
         if banner:

@@ -144,7 +144,7 @@ function renderDecisions(hist) {
     ["head", "n"], ["confidence", "n"], ["reason"]], rows, "no decisions yet");
 }
 
-let keptKey = "";
+let keptKey = null;
 function renderKept(hist) {
   const kept = hist.kept || [];
   const key = kept.map((k) => k.commit).join(",");
@@ -238,7 +238,9 @@ function plot(s) {
   const nk = pts.filter((p) => p.verdict === "kept").length;
   let sub = `${pts.length} decided, ${nk} kept`;
   if (isNum(head)) sub += `, head ${head.toFixed(4)}`;
-  if (isNum(head) && isNum(s.baseline)) sub += ` (${(head - s.baseline).toFixed(4)} vs baseline)`;
+  if (isNum(head) && isNum(s.baseline) && Math.abs(head - s.baseline) > 1e-12) {
+    sub += ` (${(head - s.baseline).toFixed(4)} vs baseline)`;
+  }
   if (pend.length) sub += `, ${pend.length} being measured`;
   svg.appendChild(sv("text", { class: "title", x: L, y: 16 }, `${s.hw_class} — ${sub}`));
   return svg;
