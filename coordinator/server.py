@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 import zmq
 
+from coordinator import snapshot
 from coordinator.core import RetryRefused, SubmitRejected
 from coordinator.trust import FleetAuthenticator, TrustError, TrustStore
 from shared import datasync, protocol
@@ -159,6 +160,7 @@ class Server:
     awaiting: dict[str, float] = field(default_factory=dict)
     worker_keys: dict[str, str] = field(default_factory=dict)   # worker_id -> key that owns it
     _stop: bool = False
+    asker: str | None = None     # key of the query being answered (query handlers take args only)
 
     def __post_init__(self) -> None:
         self.harness_files = harness_file_hashes()
@@ -536,7 +538,8 @@ class Server:
                         f"{', '.join(QUERY_HANDLERS)}")
             return
         try:
-            data = answer(self, msg["args"], key)
+            self.asker = key   # who asks, for a handler that records it (retry)
+            data = answer(self, msg["args"])
         except QueryRefused as exc:
             self._reply(identity, req_id, error=str(exc))
             return
@@ -544,7 +547,7 @@ class Server:
 
     # ---- queries: args -> reply data (QueryRefused -> a reply with ok false) ------------
 
-    def _q_status(self, args: dict, key: str | None) -> dict:
+    def _q_status(self, args: dict) -> dict:
         data = self.core.status()
         data = dict(data, connected=sorted(c.name for c in self.workers.values()),
                     not_working={c.name: c.mismatch for c in self.workers.values()
@@ -564,23 +567,43 @@ class Server:
     def _dashboard_status(self) -> dict:
         """What ``status`` answers, for the dashboard's holder (which keeps only what the page
         may show: coordinator.dashboard.public_status)."""
-        return self._q_status({}, None)
+        return self._q_status({})
 
-    def _q_log(self, args: dict, key: str | None) -> Any:
+    def _q_log(self, args: dict) -> Any:
         limit = args.get("limit", 50)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
             raise ProtocolError("bad_field", "query log: limit must be a positive integer")
         return self.core.log(limit=limit)
 
-    def _q_export(self, args: dict, key: str | None) -> str:
+    def _q_head(self, args: dict) -> dict:
+        return snapshot.head_files(self.core.ledger, self.core.repo_dir)
+
+    def _q_brief(self, args: dict) -> dict:
+        decisions = args.get("decisions", snapshot.DEFAULT_DECISIONS)
+        if not isinstance(decisions, int) or isinstance(decisions, bool) or not \
+                0 < decisions <= snapshot.MAX_DECISIONS:
+            raise ProtocolError("bad_field", "query brief: decisions must be an integer in "
+                                f"1..{snapshot.MAX_DECISIONS}")
+        watch = args.get("watch", [])
+        if not isinstance(watch, list) or len(watch) > snapshot.MAX_WATCH or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in watch):
+            raise ProtocolError("bad_field", "query brief: watch must be a list of at most "
+                                f"{snapshot.MAX_WATCH} candidate ids")
+        data = snapshot.proposer_snapshot(self.core.ledger, self.core.repo_dir,
+                                          decisions=decisions, watch=watch)
+        # Workers that can take work: connected and not refused for a harness/data mismatch.
+        data["workers"] = sum(1 for c in self.workers.values() if not c.mismatch)
+        return data
+
+    def _q_export(self, args: dict) -> str:
         return self.core.export_tsv()
 
-    def _q_keys(self, args: dict, key: str | None) -> list:
+    def _q_keys(self, args: dict) -> list:
         if self.trust is None:
             raise QueryRefused("this coordinator runs without keys (--insecure): no trust list")
         return [e.to_dict() for e in self.trust.list()]
 
-    def _q_harness(self, args: dict, key: str | None) -> dict:
+    def _q_harness(self, args: dict) -> dict:
         return {"fingerprint": self.harness_fingerprint, "files": dict(self.harness_files)}
 
     def _q_dataset(self, what: str, args: dict) -> Any:
@@ -591,22 +614,22 @@ class Server:
         except DataSyncError as exc:
             raise QueryRefused(str(exc)) from None
 
-    def _q_dataset_manifest(self, args: dict, key: str | None) -> Any:
+    def _q_dataset_manifest(self, args: dict) -> Any:
         return self._q_dataset(datasync.QUERY_MANIFEST, args)
 
-    def _q_dataset_chunk(self, args: dict, key: str | None) -> Any:
+    def _q_dataset_chunk(self, args: dict) -> Any:
         return self._q_dataset(datasync.QUERY_CHUNK, args)
 
-    def _q_retry(self, args: dict, key: str | None) -> dict:
+    def _q_retry(self, args: dict) -> dict:
         """An admin queues a failed candidate again (args candidate_id, reason)."""
-        entry = self.trust.lookup(key) if self.trust is not None and key else None
+        entry = self.trust.lookup(self.asker) if self.trust is not None and self.asker else None
         who = entry.name if entry is not None else None
         try:
             data = self.core.retry(args.get("candidate_id"), args.get("reason"),
                                    requested_by=who)
         except RetryRefused as exc:
             raise QueryRefused(str(exc)) from None
-        self.event(f"retry #{data['candidate_id']} by {who or 'the coordinator key'}: "
+        self.event(f"retry #{data['candidate_id']} by {who or 'an admin'}: "
                    f"{data['reason']} (was {data['retried_from']}: "
                    f"{data.get('previous_reason') or '-'}); queued again")
         self._offer_work()
@@ -704,9 +727,11 @@ HANDLERS: dict[str, Callable[[Server, bytes, dict, str | None], None]] = {
     "query": Server._on_query,
     "enrol": Server._on_enrol,
 }
-QUERY_HANDLERS: dict[str, Callable[[Server, dict, str | None], Any]] = {
+QUERY_HANDLERS: dict[str, Callable[[Server, dict], Any]] = {
     "status": Server._q_status,
     "log": Server._q_log,
+    "head": Server._q_head,
+    "brief": Server._q_brief,
     "export": Server._q_export,
     "keys": Server._q_keys,
     "harness": Server._q_harness,
