@@ -124,6 +124,14 @@ def confidence(x: Any) -> str:
     return f"{100 * x:.1f}%" if 0 <= x <= 1 else f"{x:g}"
 
 
+def runs(k: dict) -> str:
+    """``3 vs 4, paired``: the candidate's runs, the head's, and the test that compared them."""
+    if not k.get("n"):
+        return "–"
+    text = str(k["n"]) + (f" vs {k['head_n']}" if k.get("head_n") else "")
+    return text + (", paired" if k.get("test") == "paired" else "")
+
+
 def _title(night: dict) -> str:
     return f"{night.get('branch') or 'autoresearch'}: val_bpb per hardware class"
 
@@ -219,14 +227,14 @@ def render(night: dict, png: bytes | None, plot_error: str | None) -> str:
     add(f"<h2>Kept changes ({len(night['kept'])})</h2>")
     if night["kept"]:
         add("<table><tr><th>#</th><th>change</th><th>class</th><th class='n'>val_bpb</th>"
-            "<th class='n'>head before</th><th class='n'>gain ± sem</th><th class='n'>runs</th>"
+            "<th class='n'>head before</th><th class='n'>gain ± sem</th><th class='n'>runs (vs head)</th>"
             "<th class='n'>confidence</th><th>kept</th><th>commit</th></tr>")
         for k in night["kept"]:
             add(f"<tr><td>#{k['candidate_id']}</td><td class='kept'>{esc(k['description'])}</td>"
                 f"<td>{esc(k['hw_class'])}</td><td class='n'>{pm(k['mean'], k['sem'])}</td>"
                 f"<td class='n'>{pm(k['head_bpb'], k['head_sem'])}</td>"
                 f"<td class='n'>{pm(k['gain'], k['gain_sem'], signed=True)}</td>"
-                f"<td class='n'>{esc(k['n'] or '–')}</td>"
+                f"<td class='n'>{esc(runs(k))}</td>"
                 f"<td class='n'>{confidence(k['confidence'])}</td>"
                 f"<td>{when(k['decided_at'])}</td><td><code>{esc(str(k['commit'])[:10])}"
                 "</code></td></tr>")
@@ -267,7 +275,7 @@ def render(night: dict, png: bytes | None, plot_error: str | None) -> str:
             add(f"<tr><td>#{d['candidate_id']}</td><td class='{esc(d['verdict'])}'>"
                 f"{esc(d['verdict'])}</td><td>{esc(d['description'])}</td>"
                 f"<td>{esc(d['hw_class'])}</td><td class='n'>{pm(d['mean'], d['sem'])}</td>"
-                f"<td class='n'>{num(d['head_bpb'])}</td><td class='n'>{esc(d['n'] or '–')}</td>"
+                f"<td class='n'>{num(d['head_bpb'])}</td><td class='n'>{esc(runs(d))}</td>"
                 f"<td class='n'>{confidence(d['confidence'])}</td><td>{esc(d['reason'])}</td>"
                 f"<td>{when(d['decided_at'])}</td></tr>")
         add("</table></details>")
