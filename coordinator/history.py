@@ -211,9 +211,11 @@ def progress(L: Any) -> list[dict]:
         if level is not None:
             step(len(points) + 1, level, "end")     # carry the last level to the edge
         pending = []
+        final = tuple(sorted(st.CANDIDATE_FINAL))
         for r in L.all("SELECT c.id, c.description, c.state FROM candidates c WHERE c.id > 0 "
-                       "AND c.state IN ('running', 'measured', 'queued') AND NOT EXISTS "
-                       "(SELECT 1 FROM decisions d WHERE d.candidate_id = c.id) ORDER BY c.id"):
+                       f"AND c.state NOT IN ({', '.join('?' * len(final))}) AND NOT EXISTS "
+                       "(SELECT 1 FROM decisions d WHERE d.candidate_id = c.id) ORDER BY c.id",
+                       *final):
             runs = _ok_runs(L, r["id"], hw, purpose=st.PURPOSE_CANDIDATE)
             if runs:
                 m, s = mean_sem(runs)

@@ -8,8 +8,9 @@ resources: the progress plot is embedded as a base64 PNG (also written beside it
 
 Sections, in the order a researcher reads them in the morning: the headline per hardware class
 (head vs baseline), the progress plot, the kept changes (gain +- sem, confidence, the train.py
-diff of each keep commit against its parent), failures by kind with their reasons, the workers
-(runs per hour, lost leases, utilisation over the night), the noise per class, every decision.
+diff of each keep commit against its parent), candidates still open, failures by kind with
+their reasons, the workers (runs per hour, lost leases, utilisation over the night), the noise
+per class, every decision.
 
 Without matplotlib (an optional extra) the page is still written, with every table and a note
 in place of the plot saying how to install it; ``ReportResult.plot_error`` carries the same
@@ -245,6 +246,18 @@ def render(night: dict, png: bytes | None, plot_error: str | None) -> str:
                 f"<p class='muted'>{esc(k['reason'])}</p>{render_diff(k['diff'])}</details>")
     else:
         add("<p class='muted'>Nothing kept yet: the head is still the baseline.</p>")
+
+    open_ = [(s["hw_class"], p) for s in night["progress"] for p in s["pending"]]
+    if open_:
+        add(f"<h2>Still open ({len(open_)})</h2><p class='muted'>Measured but not decided when "
+            "the report was made (repeats under way, or waiting for the head's runs).</p>"
+            "<table><tr><th>#</th><th>description</th><th>class</th><th class='n'>val_bpb</th>"
+            "<th class='n'>runs</th><th>state</th></tr>")
+        for hw, p in open_:
+            add(f"<tr><td>#{p['candidate_id']}</td><td>{esc(p['description'])}</td>"
+                f"<td>{esc(hw)}</td><td class='n'>{pm(p['mean'], p['sem'])}</td>"
+                f"<td class='n'>{p['n']}</td><td>{esc(p['state'])}</td></tr>")
+        add("</table>")
 
     fails = night["failures"]
     total = sum(len(v) for v in fails.values())
