@@ -777,6 +777,10 @@ def format_status(data: Any) -> str:
     counts = data.get("counts")
     if isinstance(counts, dict) and counts:
         out.append("\n" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    paused = [w for w in workers if w.get("paused")]
+    if paused:
+        out.append("\nworkers paused by their machine:")
+        out.extend(f"  {_pick(w, 'name')}: {w['paused']}" for w in paused)
     idle = data.get("not_working")
     if isinstance(idle, dict) and idle:
         out.append("\nworkers getting no work:")

@@ -362,11 +362,13 @@ class Coordinator(contextlib.AbstractContextManager):
             return reply
 
     def worker_seen(self, worker_id: str, attempt_id: str | None = None,
-                    progress: dict | None = None) -> None:
-        """A heartbeat: remember when, and the attempt's progress (memory only)."""
+                    progress: dict | None = None, paused: str | None = None) -> None:
+        """A heartbeat (or ready): remember when, the attempt's progress, and why the worker
+        takes no new work now (``paused``: its machine says no -- worker.gate; memory only)."""
         with self._mutex:
             seen = self._seen.setdefault(worker_id, {"progress": None})
             seen["last_seen"] = self._now()
+            seen["paused"] = paused if isinstance(paused, str) else None
             if attempt_id is not None and isinstance(progress, dict):
                 seen["progress"] = dict(progress, attempt_id=attempt_id)
 

@@ -84,9 +84,12 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
     for w in L.all("SELECT * FROM workers ORDER BY name, worker_id"):
         r = by_worker.get(w["worker_id"])
         last = seen.get(w["worker_id"], {}).get("last_seen") or w["last_seen"]
+        paused = seen.get(w["worker_id"], {}).get("paused") if w["state"] != "gone" else None
         workers.append({
             "worker_id": w["worker_id"], "name": w["name"], "hw_class": w["hw_class"],
-            "state": "gone" if w["state"] == "gone" else ("running" if r else "idle"),
+            "state": "gone" if w["state"] == "gone" else
+                     ("running" if r else "paused" if paused else "idle"),
+            "paused": paused,
             "attempt_id": r["attempt_id"] if r else None,
             "candidate_id": r["candidate_id"] if r else None,
             "purpose": r["purpose"] if r else None,

@@ -386,7 +386,8 @@ class Server:
     def _on_heartbeat(self, identity: bytes, msg: dict, key: str | None) -> None:
         conn = self._joined(identity, msg, key)
         if conn is not None:
-            self.core.worker_seen(conn.worker_id, msg.get("attempt_id"), msg.get("progress"))
+            self.core.worker_seen(conn.worker_id, msg.get("attempt_id"), msg.get("progress"),
+                                  msg.get("paused"))
 
     def _mismatch(self, harness_fp: str | None, data_hash: str | None) -> str | None:
         """Why a worker with these must not train for us, or None. A worker that states no

@@ -28,7 +28,8 @@ Conversation of one worker:
                                     <- welcome(...)            (or error: version mismatch)
     ready                           ->
                                     <- assign(attempt_id, train_py, settings, timeout)
-    heartbeat(attempt_id, progress) ->  (every interval while training)
+    heartbeat(attempt_id, progress) ->  (every interval while training; ``paused``: why not
+                                         taking work, while the worker's machine says no)
                                     <- heartbeat
     result(attempt_id, outcome)     ->
                                     <- ack(attempt_id, accepted)
@@ -113,8 +114,10 @@ SCHEMA: dict[str, Message] = {
     "ready": Message({"worker_id": (str,)}, _by(WORKER),
                      {"harness_fingerprint": (str,), "dataset_hash": OPT_STR}),
     # both ways; a worker's carries its worker_id, the attempt it runs and its progress
+    # ... and, while it takes no new work because of its machine (worker.gate), why
     "heartbeat": Message({}, _by(WORKER, COORDINATOR),
-                         {"worker_id": (str,), "attempt_id": OPT_STR, "progress": OPT_MAP}),
+                         {"worker_id": (str,), "attempt_id": OPT_STR, "progress": OPT_MAP,
+                          "paused": OPT_STR}),
     # outcome: shared.outcome.Outcome.to_wire(); read back only with Outcome.from_wire
     "result": Message({"worker_id": (str,), "attempt_id": (str,), "outcome": (dict,)},
                       _by(WORKER)),
