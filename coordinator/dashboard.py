@@ -130,7 +130,7 @@ def _pick(d: Any, keys: tuple[str, ...]) -> dict:
 
 
 WORKER_KEYS = ("name", "hw_class", "state", "candidate_id", "purpose", "last_seen",
-               "gone_reason", "description", "seed", "repeat")
+               "gone_reason", "paused", "seed_index")
 PROGRESS_KEYS = ("step", "progress", "loss", "tok_per_sec", "elapsed", "dt")
 HEAD_KEYS = ("hw_class", "val_bpb", "runs", "failed_runs", "state", "commit", "sem", "sigma",
              "sigma_source", "noise", "drift", "text")

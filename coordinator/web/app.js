@@ -79,7 +79,10 @@ function renderHeads(st, hist) {
 
 function progressCell(w, settings) {
   const p = w.progress;
-  if (w.state !== "running") return el("td", { class: "muted" }, w.state === "gone" ? (w.gone_reason || "") : "");
+  if (w.state !== "running") {
+    return el("td", { class: "muted" }, w.state === "gone" ? (w.gone_reason || "")
+      : w.state === "paused" ? (w.paused || "") : "");
+  }
   if (!p) return el("td", { class: "muted" }, "starting…");
   const frac = isNum(p.progress) ? Math.min(1, Math.max(0, p.progress)) : 0;
   const budget = settings && settings.time_budget;
