@@ -12,6 +12,9 @@
     autoresearch-coord status [--json] [--watch [--every S]] [--dir DIR]
     autoresearch-coord log [-n N] [--json] [--dir DIR]
     autoresearch-coord export [PATH] [--dir DIR]
+    autoresearch-coord agents --count N --command 'CMD {brief} ...' [--timeout S] [--slack K]
+                              [--out DIR]              keep N proposer agents busy
+    autoresearch-coord sweep --param NAME=SPEC ... [--count N] [--mode grid|random] [--seed S]
     autoresearch-coord report DIR [-o OUTDIR] [--no-plot] [--json]
     autoresearch-coord install DIR [start options] [--print]   background service at login
     autoresearch-coord uninstall [--print]
@@ -855,6 +858,17 @@ def _register_service() -> None:
 
 
 _register_service()
+
+
+def _register_proposers() -> None:
+    # agents / sweep live beside their loops (coordinator.proposers); they reuse the connect
+    # options and the client of this module, so they are added once it is complete.
+    from coordinator.proposers_cli import make_commands
+    for command in make_commands(connect_option, _client):
+        main.add_command(command)
+
+
+_register_proposers()
 
 
 if __name__ == "__main__":

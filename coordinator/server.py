@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 import zmq
 
+from coordinator import snapshot
 from coordinator.core import SubmitRejected
 from coordinator.trust import FleetAuthenticator, TrustError, TrustStore
 from shared import datasync, protocol
@@ -572,6 +573,26 @@ class Server:
             raise ProtocolError("bad_field", "query log: limit must be a positive integer")
         return self.core.log(limit=limit)
 
+    def _q_head(self, args: dict) -> dict:
+        return snapshot.head_files(self.core.ledger, self.core.repo_dir)
+
+    def _q_brief(self, args: dict) -> dict:
+        decisions = args.get("decisions", snapshot.DEFAULT_DECISIONS)
+        if not isinstance(decisions, int) or isinstance(decisions, bool) or not \
+                0 < decisions <= snapshot.MAX_DECISIONS:
+            raise ProtocolError("bad_field", "query brief: decisions must be an integer in "
+                                f"1..{snapshot.MAX_DECISIONS}")
+        watch = args.get("watch", [])
+        if not isinstance(watch, list) or len(watch) > snapshot.MAX_WATCH or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in watch):
+            raise ProtocolError("bad_field", "query brief: watch must be a list of at most "
+                                f"{snapshot.MAX_WATCH} candidate ids")
+        data = snapshot.proposer_snapshot(self.core.ledger, self.core.repo_dir,
+                                          decisions=decisions, watch=watch)
+        # Workers that can take work: connected and not refused for a harness/data mismatch.
+        data["workers"] = sum(1 for c in self.workers.values() if not c.mismatch)
+        return data
+
     def _q_export(self, args: dict) -> str:
         return self.core.export_tsv()
 
@@ -692,6 +713,8 @@ HANDLERS: dict[str, Callable[[Server, bytes, dict, str | None], None]] = {
 QUERY_HANDLERS: dict[str, Callable[[Server, dict], Any]] = {
     "status": Server._q_status,
     "log": Server._q_log,
+    "head": Server._q_head,
+    "brief": Server._q_brief,
     "export": Server._q_export,
     "keys": Server._q_keys,
     "harness": Server._q_harness,
