@@ -406,3 +406,25 @@ def test_a_decision_older_than_the_recent_list_is_still_reported(core, fleet_var
     drive(r, lambda: r.done, workers=[w])
     cid = r.results[0]["candidate_id"]
     assert any(ln.startswith(f"KEPT #{cid} (sweep)") for ln in lines), lines
+
+
+# ---- the commands' own refusals (no coordinator needed) ----------------------------------
+
+def _cli(*args: str):
+    import subprocess
+    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True,
+                          text=True, timeout=DEADLINE)
+
+
+def test_bad_specs_and_commands_are_one_line_errors_before_connecting():
+    nowhere = ["--connect", "tcp://127.0.0.1:9", "--insecure"]
+    r = _cli("sweep", "--param", "DEPTH=two", *nowhere)
+    assert r.returncode == 2 and "--param DEPTH=two: 'two' is not a number" in r.stderr, r
+    r = _cli("sweep", "--param", "LR=log:0.01:0.1", "--mode", "grid", *nowhere)
+    assert r.returncode == 2 and "needs a number of values" in r.stderr, r
+    r = _cli("agents", "--command", "no-such-agent-program-here {brief}", *nowhere)
+    assert r.returncode == 2 and "'no-such-agent-program-here' is not a program" in r.stderr, r
+    r = _cli("agents", "--command", "claude -p 'unbalanced", *nowhere)
+    assert r.returncode == 2 and "No closing quotation" in r.stderr, r
+    r = _cli("sweep", "--param", "DEPTH=2,3", "--connect", "tcp://127.0.0.1:9", "--insecure")
+    assert r.returncode == 1 and "no coordinator answering" in r.stderr, r
