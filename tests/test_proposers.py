@@ -305,6 +305,26 @@ def test_unreachable_coordinator_keeps_the_proposal_and_sends_it_later(core, age
     assert any("coordinator reachable again" in ln for ln in lines)
 
 
+def test_a_new_runner_sends_what_a_killed_one_could_not(core, agent, tmp_path):
+    lines: list[str] = []
+    src = CoreSource(core, workers=1)
+    out = tmp_path / "out"
+    r = runner(src, agent("edit 1.33"), out, lines, count=1, slack=0, max_proposals=1)
+    drive(r, lambda: r.started == 1)
+    src.down = True
+    drive(r, lambda: r.unsent)
+    del r                                    # the runner dies (kill -9): nothing else is kept
+    assert core.status()["counts"]["queued"] == 0
+    src.down = False
+    r2 = runner(src, agent(), out, lines, count=1, slack=0, max_proposals=0)
+    assert r2.resume_unsent() == 1
+    drive(r2, lambda: r2.records)
+    assert r2.records[0]["state"] == "submitted" and r2.records[0]["description"] == \
+        "set BPB to 1.33"
+    assert core.status()["counts"]["queued"] == 1
+    assert r2.resume_unsent() == 0           # sent: not taken up again
+
+
 def test_judge_proposal():
     head = "x = 1\n"
     assert judge_proposal(head, "x = 2\n", "d", 0, False, 5).kind == "submit"
