@@ -11,6 +11,7 @@
     autoresearch-coord submit FILE|- -m "what changed" [--connect EP] [--server-key KEY] [--json]
     autoresearch-coord status [--json] [--watch [--every S]] [--dir DIR]
     autoresearch-coord log [-n N] [--json] [--dir DIR]
+    autoresearch-coord retry ID --reason "why"          queue a failed candidate again (admin)
     autoresearch-coord export [PATH] [--dir DIR]
     autoresearch-coord agents --count N --command 'CMD {brief} ...' [--timeout S] [--slack K]
                               [--out DIR]              keep N proposer agents busy
@@ -84,9 +85,11 @@ def _repo_dir(directory: Path | None) -> Path:
 def _trust_store(directory: Path | None):
     from coordinator.trust import TrustStore
 
+    from coordinator.ledger import LedgerRefused
+
     try:
         return TrustStore.open(_repo_dir(directory))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, LedgerRefused) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -249,8 +252,9 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
     try:
         core = Coordinator(directory)
     except Exception as exc:
-        if type(exc).__name__ in ("CoordinatorBusy", "FileNotFoundError", "ValueError",
-                                  "RuntimeError"):
+        # LedgerError (a RuntimeError) covers a refused ledger: one line, file and remedy.
+        if type(exc).__name__ in ("CoordinatorBusy", "FileNotFoundError", "ValueError") \
+                or isinstance(exc, RuntimeError):
             raise click.ClickException(str(exc)) from None
         raise
     try:
@@ -268,6 +272,12 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
         p = lambda s="": click.echo(s)  # noqa: E731
         ep = join_endpoint(endpoint)
         p(f"{stamp()} coordinator for {directory.resolve()} listening on {endpoint}")
+        # What reconcile() repaired in git at this start (the ledger is the truth): said here,
+        # in the coordinator's own log, not only in `status`.
+        for fix in core.fixed:
+            p(f"{stamp()} reconciled git with the ledger: {fix}")
+        for problem in core.problems:
+            p(f"{stamp()} problem: {problem}")
         p(f"  dataset {manifest['name']} ({manifest['dataset_hash'][:12]}) from {dataset.dir}")
         if dash is not None:
             p(f"  dashboard {dash.url} (read-only; no keys shown)" + (
@@ -665,6 +675,26 @@ def log(endpoint: str | None, server_key: str | None, insecure: bool, timeout: f
         click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
         return
     click.echo(format_log(data))
+
+
+@main.command()
+@click.argument("candidate_id", metavar="ID", type=click.IntRange(min=1))
+@click.option("--reason", required=True,
+              help="Why it deserves another run (one line; recorded in the ledger, shown by log).")
+@connect_option
+@timeout_option
+@click.option("--json", "as_json", is_flag=True, help="Print the coordinator's answer as JSON.")
+def retry(candidate_id: int, reason: str, endpoint: str | None, server_key: str | None,
+          insecure: bool, timeout: float, as_json: bool) -> None:
+    """Queue failed candidate ID again (admin): e.g. one failed by lost leases on a flaky
+    machine. Its earlier attempts and decision stay in the ledger; losses start counting anew."""
+    with _client(endpoint, timeout, server_key, insecure) as c:
+        data = _call(c.query, "retry", candidate_id=candidate_id, reason=reason)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        return
+    click.echo(f"#{data.get('candidate_id')} queued again (was {data.get('retried_from')}: "
+               f"{data.get('previous_reason') or '-'})")
 
 
 @main.command()

@@ -44,7 +44,7 @@ from typing import Any, Callable
 import zmq
 
 from coordinator import snapshot
-from coordinator.core import SubmitRejected
+from coordinator.core import RetryRefused, SubmitRejected
 from coordinator.trust import FleetAuthenticator, TrustError, TrustStore
 from shared import datasync, protocol
 from shared.codec import MAX_FRAME_BYTES, CodecError, decode, encode
@@ -160,6 +160,7 @@ class Server:
     awaiting: dict[str, float] = field(default_factory=dict)
     worker_keys: dict[str, str] = field(default_factory=dict)   # worker_id -> key that owns it
     _stop: bool = False
+    asker: str | None = None     # key of the query being answered (query handlers take args only)
 
     def __post_init__(self) -> None:
         self.harness_files = harness_file_hashes()
@@ -537,6 +538,7 @@ class Server:
                         f"{', '.join(QUERY_HANDLERS)}")
             return
         try:
+            self.asker = key   # who asks, for a handler that records it (retry)
             data = answer(self, msg["args"])
         except QueryRefused as exc:
             self._reply(identity, req_id, error=str(exc))
@@ -617,6 +619,21 @@ class Server:
 
     def _q_dataset_chunk(self, args: dict) -> Any:
         return self._q_dataset(datasync.QUERY_CHUNK, args)
+
+    def _q_retry(self, args: dict) -> dict:
+        """An admin queues a failed candidate again (args candidate_id, reason)."""
+        entry = self.trust.lookup(self.asker) if self.trust is not None and self.asker else None
+        who = entry.name if entry is not None else None
+        try:
+            data = self.core.retry(args.get("candidate_id"), args.get("reason"),
+                                   requested_by=who)
+        except RetryRefused as exc:
+            raise QueryRefused(str(exc)) from None
+        self.event(f"retry #{data['candidate_id']} by {who or 'an admin'}: "
+                   f"{data['reason']} (was {data['retried_from']}: "
+                   f"{data.get('previous_reason') or '-'}); queued again")
+        self._offer_work()
+        return data
 
     # ---- timers -------------------------------------------------------------------------
 
@@ -720,6 +737,7 @@ QUERY_HANDLERS: dict[str, Callable[[Server, dict], Any]] = {
     "harness": Server._q_harness,
     "dataset_manifest": Server._q_dataset_manifest,
     "dataset_chunk": Server._q_dataset_chunk,
+    "retry": Server._q_retry,
 }
 protocol.check_handlers(protocol.COORDINATOR, HANDLERS, QUERY_HANDLERS)
 

@@ -98,6 +98,8 @@ QUERIES: dict[str, frozenset[str]] = {
     "log": CLIENTS,
     "export": CLIENTS,
     "keys": _by(ADMIN),
+    # args candidate_id (int), reason (str): queue a failed candidate again (Coordinator.retry)
+    "retry": _by(ADMIN),
     # proposers (autoresearch-coord agents / sweep): the head's train.py, commit and program.md;
     # and what a brief needs (decisions, in flight, failures, noise, workers connected), with
     # args decisions (int) and watch (candidate ids whose fate the proposer follows)
