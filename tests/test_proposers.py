@@ -23,7 +23,7 @@ from coordinator.proposers import (
     AgentRunner, Refused, SourceUnavailable, SweepRunner, is_duplicate, judge_proposal,
     parse_command, with_head,
 )
-from coordinator.snapshot import head_files, mean_sem, proposer_snapshot
+from coordinator.snapshot import head_files, proposer_snapshot
 from coordinator import sweep as S
 
 HW = "cpu/test/1GB"
@@ -405,10 +405,34 @@ def test_snapshot_from_a_real_core(core, fleet_repo, fleet_variant):
     assert snap["counts"]["queued"] == 1
 
 
-def test_mean_sem():
-    m, s = mean_sem([1.0, 1.2, 1.1])
-    assert abs(m - 1.1) < 1e-12 and abs(s - 0.0577350) < 1e-6
-    assert mean_sem([1.0]) == (1.0, None) and mean_sem([]) == (None, None)
+def test_snapshot_and_brief_under_the_sequential_rule(tmp_path, fleet_train_py,
+                                                     fleet_variant):
+    """The default rule: the head is run head_runs times, a promising candidate waits for
+    repeats -- the brief lists it with its runs so far as mean ± sem and the runs wanted."""
+    from coordinator.brief import BriefContext, render_brief
+    from coordinator.repo import init_repo
+
+    repo = tmp_path / "seq"
+    init_repo(repo, tag="seq", preset="tiny", train_py=fleet_train_py)
+    with Coordinator(repo) as c:
+        w = Worker(c)
+        while w.run_one():              # the head's runs on this class
+            pass
+        cid = c.submit(fleet_variant(bpb=1.40), "promising")["candidate_id"]
+        assert w.run_one()              # its screen run passes: repeats are wanted
+        snap = proposer_snapshot(c.ledger, c.repo_dir)
+        head = snap["head"]["values"][0]
+        assert head["runs"] >= 2 and head["sem"] is not None
+        assert snap["noise"] and snap["noise"][0]["text"].startswith("σ")
+        waiting = [x for x in snap["awaiting"] if x["candidate_id"] == cid]
+        assert waiting and waiting[0]["runs"] == 1 and waiting[0]["sem"] > 0, snap["awaiting"]
+        assert waiting[0]["runs_wanted"] and waiting[0]["runs_wanted"] > 1
+        ctx = BriefContext(proposer="p1", proposers=1, workdir="w", train_py="w/train.py",
+                           description_file="w/description.txt", timeout=60)
+        text = render_brief(snap, ctx)
+        assert f"- #{cid} 'promising': 1.4000 ± " in text and "repeats: 1 of " in text, text
+        assert f"1.5000 ± 0.0" in text         # the head's mean ± sem
+
 
 
 def test_a_decision_older_than_the_recent_list_is_still_reported(core, fleet_variant):
