@@ -285,7 +285,8 @@ an agent is one proposal.
   last decisions with mean ± sem and their reasons, what is queued, running and awaiting
   repeats right now (other agents are on those: pick something else), recent failures with
   their log tails, the noise per class, what this agent's previous proposal got back, and this
-  file. The paths are also in {env}.
+  file. The paths are also in the environment:
+  {env}.
 - Out: the edited `{TRAIN_PY_NAME}`, one line in `{DESCRIPTION_NAME}` saying what changed and
   why, and exit status 0. The runner submits it based on the head the agent started from.
 - Rules: one idea per proposal; edit only `{TRAIN_PY_NAME}`; do not train, submit or commit;
