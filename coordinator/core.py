@@ -73,6 +73,7 @@ __all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "RetryRefused", "
 MAX_DESCRIPTION = 200                 # characters kept of a submission's description
 MAX_TRAIN_PY_BYTES = 1_000_000        # a train.py is a few hundred lines; refuse a megabyte
 MAX_BASE = 256                        # characters of a submission's base (a ref or sha)
+ORIGIN_FIELDS = ("tool", "proposer", "host", "transcript")   # a submission's origin map
 # Kept by clean_description although they are format characters: they join emoji and
 # shape scripts (Persian, Indic). Every other Cf -- bidi overrides/isolates (U+202A-E,
 # U+2066-9), zero-width spaces, BOMs -- can make a description display as something else.
@@ -150,6 +151,15 @@ def clean_description(text: Any) -> str:
     if len(clean) > MAX_DESCRIPTION:
         clean = clean[: MAX_DESCRIPTION - 1].rstrip() + "…"
     return clean or "(no description)"
+
+
+def clean_origin(origin: Any) -> dict[str, str]:
+    """The ``ORIGIN_FIELDS`` of a submission's origin map that are text, each cleaned like a
+    description (one line, no control or bidi characters, capped); anything else dropped."""
+    if not isinstance(origin, dict):
+        return {}
+    return {k: clean_description(origin[k]) for k in ORIGIN_FIELDS
+            if isinstance(origin.get(k), str) and origin[k].strip()}
 
 
 def _json(obj: Any) -> str:
@@ -731,9 +741,11 @@ class Coordinator(contextlib.AbstractContextManager):
 
     # ---- clients ------------------------------------------------------------------------
 
-    def submit(self, train_py: str, description: str, base: str | None = None) -> dict:
+    def submit(self, train_py: str, description: str, base: str | None = None,
+               origin: dict | None = None) -> dict:
         """Queue a train.py variant; SubmitRejected if it cannot be run. An identical text is
-        answered with the earlier candidate (``duplicate: True``) and not queued again."""
+        answered with the earlier candidate (``duplicate: True``) and not queued again.
+        ``origin`` (tool, proposer, host, transcript) is kept beside it (``clean_origin``)."""
         if not isinstance(train_py, str):
             raise SubmitRejected("train.py must be text")
         size = len(train_py.encode("utf-8", "surrogatepass"))
@@ -743,6 +755,7 @@ class Coordinator(contextlib.AbstractContextManager):
         if err:
             raise SubmitRejected(err)
         desc = clean_description(description)
+        where = clean_origin(origin)
         sha = hashlib.sha256(train_py.encode("utf-8", "surrogatepass")).hexdigest()
         with self._mutex:
             row = self.ledger.one("SELECT * FROM candidates WHERE sha256 = ?", sha)
@@ -762,13 +775,18 @@ class Coordinator(contextlib.AbstractContextManager):
             with self.ledger.tx() as db:
                 cid = int(self.ledger.scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM candidates"))
                 tree = make_tree(self.repo_dir, base_commit, {"train.py": train_py})
+                came = "".join(f"{k}: {v}\n" for k, v in where.items())
                 commit = commit_object(self.repo_dir, tree, [base_commit],
                                        f"candidate #{cid}: {desc}\n\nbase: {base_commit}\n"
-                                       f"sha256(train.py): {sha}\n")
+                                       f"sha256(train.py): {sha}\n{came}")
                 db.execute("INSERT INTO candidates(id, description, sha256, train_py, "
                            "base_commit, commit_sha, state, created_at, updated_at) "
                            "VALUES (?,?,?,?,?,?,'queued',?,?)",
                            (cid, desc, sha, train_py, base_commit, commit, now, now))
+                if where:
+                    db.execute("INSERT INTO origins(candidate_id, tool, proposer, host, "
+                               "transcript) VALUES (?,?,?,?,?)",
+                               (cid, *(where.get(k) for k in ORIGIN_FIELDS)))
             # After the commit: a crash here leaves the ref missing; reconcile() recreates it.
             update_ref(self.repo_dir, candidate_ref(cid), commit, reason="autoresearch submit")
             row = self.ledger.candidate(cid)

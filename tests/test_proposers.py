@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -83,11 +84,12 @@ class CoreSource:
         return with_head({**snap, "workers": self.workers},
                          head_files(self.core.ledger, self.core.repo_dir))
 
-    def submit(self, train_py: str, description: str, base: str | None) -> dict:
+    def submit(self, train_py: str, description: str, base: str | None,
+               origin: dict | None = None) -> dict:
         if self.down:
             raise SourceUnavailable("no coordinator answering (test)")
         try:
-            return self.core.submit(train_py, description, base)
+            return self.core.submit(train_py, description, base, origin=origin)
         except SubmitRejected as exc:
             raise Refused(str(exc)) from None
 
@@ -185,6 +187,16 @@ def test_scripted_agents_cycle_submit_and_learn_from_decisions(core, agent, tmp_
     assert f"submitted as #{ids[1]}" in brief and f"#{ids[1]} now: DISCARDED" in brief
     assert f"KEPT #{ids[0]} 'set BPB to 1.40'" in brief
     assert core.ledger.candidate(ids[1])["description"] == "set BPB to 1.60"
+    # the coordinator keeps where it came from: the log points at the transcript
+    where = core.candidate(ids[1])["origin"]
+    assert where["tool"] == "agents" and where["proposer"] == "p1"
+    assert Path(where["transcript"]) == Path(recs[1]["dir"]) / "transcript.txt"
+    logged = {d["candidate_id"]: d for d in core.log(limit=20)["decisions"]}
+    assert logged[ids[1]]["origin"]["transcript"] == where["transcript"]
+    msg = subprocess.run(["git", "-C", str(core.repo_dir), "log", "-1", "--format=%B",
+                          f"refs/autoresearch/candidates/{ids[1]}"], capture_output=True,
+                         text=True, check=True).stdout
+    assert f"transcript: {where['transcript']}" in msg
 
 
 def test_unchanged_broken_and_failing_agents_are_fed_back(core, agent, tmp_path):
@@ -323,6 +335,15 @@ def test_a_new_runner_sends_what_a_killed_one_could_not(core, agent, tmp_path):
         "set BPB to 1.33"
     assert core.status()["counts"]["queued"] == 1
     assert r2.resume_unsent() == 0           # sent: not taken up again
+
+
+def test_origin_is_cleaned_and_optional():
+    from coordinator.core import clean_origin
+
+    assert clean_origin(None) == {} and clean_origin("p1") == {}
+    assert clean_origin({"tool": "agents", "proposer": "p\u202e1\n", "host": 7,
+                         "transcript": " /x/t.txt ", "other": "dropped"}) == \
+        {"tool": "agents", "proposer": "p1", "transcript": "/x/t.txt"}
 
 
 def test_judge_proposal():

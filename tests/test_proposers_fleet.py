@@ -134,7 +134,14 @@ def test_agents_drive_a_fleet_for_several_cycles(fleet, tmp_path):
     briefs = [(Path(r["dir"]) / "work" / "brief.md").read_text() for r in records]
     assert any("KEPT #" in b and "'p1: BPB 1.40'" in b for b in briefs[2:]), briefs[-1]
     assert any("ran out of time" in b for b in briefs)
-    assert "p1: BPB 1.40" in cli("log", "--connect", ep, "--json").stdout
+    # the log points at each agent's transcript on the machine that ran it
+    first = submitted[0]
+    logged = json.loads(cli("log", "--connect", ep, "--json").stdout)
+    by_id = {d["candidate_id"]: d for d in logged["decisions"]}
+    assert by_id[first["candidate_id"]]["origin"]["transcript"] == \
+        str(Path(first["dir"]) / "transcript.txt")
+    assert by_id[first["candidate_id"]]["description"] == "p1: BPB 1.40"
+    assert str(Path(first["dir"]) / "transcript.txt") in cli("log", "--connect", ep).stdout
 
 
 def test_ctrl_c_stops_agents_cleanly(fleet, tmp_path):
