@@ -153,7 +153,7 @@ def test_ctrl_c_stops_agents_cleanly(fleet, tmp_path):
     script.write_text(AGENT)
     agents = Proc([sys.executable, "-m", "coordinator.cli", "agents", "--command",
                    f"{sys.executable} {script} {plans} {{brief}}", "--timeout", "600",
-                   "--out", str(tmp_path / "out"), "--connect", ep], "agents")
+                   "--out", str(tmp_path / "out"), "--connect", ep, "--json"], "agents")
     try:
         agents.wait_for(r"p1: agent started")
         end = time.monotonic() + DEADLINE
@@ -167,6 +167,9 @@ def test_ctrl_c_stops_agents_cleanly(fleet, tmp_path):
         assert agents.wait() == 0
     finally:
         agents.stop()
+    records = json.loads(agents.text[agents.text.index("\n[") + 1:])   # --json: stdout's end
+    assert [r["state"] for r in records] == ["agent_failed"]
+    assert records[0]["detail"] == "stopped by the runner"
     pid = int((plans / "hung.pid").read_text())
     end = time.monotonic() + DEADLINE
     while _alive(pid):
