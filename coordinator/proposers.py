@@ -30,8 +30,9 @@ Stopping: ``stop(kill=False)`` (first Ctrl-C) starts nothing new and lets runnin
 and be submitted; ``stop(kill=True)`` (second Ctrl-C, or SIGTERM) kills their groups now. State
 that matters is the coordinator's: a submission either reached it or is still on disk in its
 proposal directory (``proposal.json`` state ``unsent``, sent by the next runner on the same
-OUT: ``resume_unsent``), so ``kill -9`` of the runner loses nothing the coordinator accepted. On Linux an agent is also killed if the runner dies
-(``PR_SET_PDEATHSIG``); on macOS a killed runner leaves its agents to finish on their own.
+OUT: ``resume_unsent``), so ``kill -9`` of the runner loses nothing the coordinator accepted. On Linux the agent process itself is killed when the runner
+dies (``PR_SET_PDEATHSIG``; processes the agent started may outlive a ``kill -9`` of the runner,
+nothing can reach them then); on macOS a killed runner leaves its agents to finish on their own.
 
 Command: ``shlex.split`` once, no shell: placeholders are replaced inside each argument, so a
 path with spaces stays one argument and nothing in a path is ever interpreted. Write
