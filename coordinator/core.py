@@ -327,8 +327,15 @@ class Coordinator(contextlib.AbstractContextManager):
     # ---- workers ------------------------------------------------------------------------
 
     def worker_hello(self, worker_id: str, name: str, profile: dict, hw_class: str,
-                     attempt_id: str | None) -> HelloReply:
-        """A worker (re)joins, saying which attempt it is running (or None)."""
+                     attempt_id: str | None, in_flight: str | None = None) -> HelloReply:
+        """A worker (re)joins, saying which attempt it is running (or None).
+
+        ``in_flight``: the attempt the server has just sent this worker an assign for, which
+        this hello may have crossed -- still its lease (the server sends the assign again). A
+        live lease the worker does not hold otherwise never reached it (an assign lost with a
+        connection or with the previous coordinator process): cancelled, requeued, no strike.
+        The same worker id is the same worker process, so this is never the candidate's fault.
+        """
         with self._mutex:
             now = self._now()
             requeued: list[int] = []
@@ -344,13 +351,16 @@ class Coordinator(contextlib.AbstractContextManager):
                     (worker_id, name, hw_class, _json(profile if isinstance(profile, dict) else {}),
                      now, now))
                 lease = self.ledger.live_lease(worker_id)
-                if lease is not None and attempt_id == lease["attempt_id"]:
+                held = attempt_id if attempt_id is not None else in_flight
+                if lease is not None and held == lease["attempt_id"]:
                     db.execute("UPDATE workers SET attempt_id = ? WHERE worker_id = ?",
-                               (attempt_id, worker_id))
+                               (held, worker_id))
                     reply.reattached = True
                 else:
                     if lease is not None:  # it came back without the attempt we leased it
-                        cid, dec = self._lose(lease, st.LOST, "worker restarted without it")
+                        cid, dec = self._lose(lease, st.CANCELLED,
+                                              "the worker does not hold it: the assign never "
+                                              "reached it")
                         requeued += [cid] if cid is not None else []
                         decided = dec is not None
                     if attempt_id:

@@ -8,8 +8,13 @@ declares lost the ones silent for ``interval * liveness`` seconds. All state cha
 Identity mapping: a worker's ROUTER identity changes every time it reconnects (new DEALER
 socket), so the ``worker_id`` inside each message is the truth and the identity is just where
 replies go. A worker the server does not know (it restarted, or the worker's lease was lost)
-that sends anything but hello/result/bye is answered with ``error`` code ``hello_first``, and the
-worker says hello again, carrying the attempt it still holds.
+that sends anything but hello/result/bye is answered with ``error`` code ``hello_first`` (with
+this process's ``incarnation``, which ``welcome`` carries too), and the worker says hello once,
+carrying the attempt it still holds. A hello that carries no attempt while an assign to that
+worker is in flight crossed the assign: the lease is kept and the assign sent again (as for a
+ready that crossed one). A hello without the lease the ledger holds means the assign never
+reached the worker: cancelled and requeued, never a strike (the same worker id is the same live
+process; a worker that crashed comes back with a new id, and its old one goes silent).
 
 Security (``keypair`` given; the CLI always gives one unless ``start --insecure``): the ROUTER is
 a CURVE server; ``coordinator.trust.FleetAuthenticator`` (ZAP, in the server's own zmq.Context)
@@ -38,6 +43,7 @@ import signal
 import socket as pysocket
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -158,6 +164,8 @@ class Server:
     _stop: bool = False
 
     def __post_init__(self) -> None:
+        # Names this process to workers (welcome, hello_first): they say hello once to each.
+        self.incarnation = uuid.uuid4().hex[:12]
         self.harness_files = harness_file_hashes()
         self.harness_fingerprint = harness_fingerprint(self.harness_files)
         self.dataset_hash = self.dataset.manifest()["dataset_hash"] if self.dataset else None
@@ -347,7 +355,8 @@ class Server:
         conn = self._heard(identity, wid, key)
         if conn is None:
             self._send(identity, protocol.make(
-                "error", code=HELLO_FIRST, message=f"worker {wid} unknown here: send hello"))
+                "error", code=HELLO_FIRST, message=f"worker {wid} unknown here: send hello",
+                incarnation=self.incarnation))
         return conn
 
     def _on_ready(self, identity: bytes, msg: dict, key: str | None) -> None:
@@ -404,6 +413,15 @@ class Server:
         old = self.workers.get(wid)
         if old is not None:
             self.by_identity.pop(old.identity, None)
+        # A hello without an attempt from a worker we just sent an assign crossed that assign
+        # (the worker says hello when told hello_first, before the assign reaches it): keep
+        # the lease and send the assign again, as for a ready that crossed one. A worker that
+        # already has it ignores the duplicate; one that lost it starts it.
+        in_flight = None
+        if (old is not None and msg["attempt_id"] is None and old.attempt_id is not None
+                and old.assign_msg is not None
+                and old.assign_msg["attempt_id"] == old.attempt_id):
+            in_flight = old.attempt_id
         if key is not None:
             self.worker_keys[wid] = key
         conn = WorkerConn(wid, identity, msg["name"], msg["hw_class"], self.clock(),
@@ -412,7 +430,7 @@ class Server:
                           dataset_hash=msg.get("dataset_hash"))
         conn.mismatch = self._mismatch(conn.harness_fingerprint, conn.dataset_hash)
         reply = self.core.worker_hello(wid, msg["name"], msg["profile"], msg["hw_class"],
-                                       msg["attempt_id"])
+                                       msg["attempt_id"], in_flight=in_flight)
         self.workers[wid] = conn
         self.by_identity[identity] = wid
         self.awaiting.pop(wid, None)
@@ -422,9 +440,13 @@ class Server:
             extra["dataset_name"] = str(self.dataset.manifest()["name"])
         self._send(identity, protocol.make(
             "welcome", heartbeat_interval=self.heartbeat_interval, liveness=self.liveness,
-            **extra))
+            incarnation=self.incarnation, **extra))
         held = f", holding {msg['attempt_id']}" if msg["attempt_id"] else ""
         self.event(f"worker {msg['name']} ({wid}) joined [{msg['hw_class']}]{held}")
+        if in_flight is not None and reply.reattached:
+            conn.attempt_id, conn.assign_msg = in_flight, old.assign_msg
+            self._send(identity, conn.assign_msg)
+            self.event(f"re-sent assign {in_flight} to {conn.name}: its hello crossed the assign")
         cancel = getattr(reply, "cancel_attempt", None)
         if cancel:
             conn.attempt_id = None

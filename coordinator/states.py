@@ -11,8 +11,9 @@ failed (crashed, went nan/oom/timeout, or took a worker down too often):
 An *attempt* is one lease of a candidate (or of the head, to measure it) to one worker:
 
     leased -> done        a result arrived from that worker while the lease was live
-    leased -> lost        the worker went silent / restarted without it: not counted
-    leased -> cancelled   the worker left cleanly (bye) or cancelled it itself: not counted
+    leased -> lost        the worker went silent: not counted
+    leased -> cancelled   the worker left cleanly (bye), cancelled it itself, or never got
+                          it (its hello did not carry it): not counted
     lost | cancelled -> stale   a result arrived anyway, too late: stored, never counted
 
 Only ``coordinator.core`` moves these states (one ledger transaction per change). It asks

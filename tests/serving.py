@@ -7,13 +7,14 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def served(repo: Path, **server_kw):
-    """Yield (core, server) with ``server.run`` in a daemon thread; stop and close both after."""
+def served(repo: Path, bind: str = "tcp://127.0.0.1:*", **server_kw):
+    """Yield (core, server) with ``server.run`` in a daemon thread; stop and close both after.
+    ``bind`` the endpoint of an earlier one to restart "it" on the same port."""
     from coordinator.core import Coordinator
     from coordinator.server import Server
 
     core = Coordinator(repo)
-    server = Server(core, bind="tcp://127.0.0.1:*", **server_kw)
+    server = Server(core, bind=bind, **server_kw)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

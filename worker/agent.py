@@ -229,6 +229,8 @@ class Agent:
         self.last_heard = 0.0
         self.next_beat = 0.0
         self.next_ready = 0.0              # idle: when to send ready again
+        self.hello_at: float | None = None  # when our last hello went out, until its welcome
+        self.incarnation: str | None = None  # the coordinator process that welcomed us last
 
         # the attempt (running / reporting)
         self.proc: Any = None              # the running AttemptProcess
@@ -348,6 +350,7 @@ class Agent:
         return self.pending["attempt_id"] if self.pending else None
 
     def _hello(self) -> None:
+        self.hello_at = self.clock()
         self._send("hello", worker_id=self.worker_id, name=self.cfg.name, profile=self.profile,
                    hw_class=self.hw_class, attempt_id=self._held_attempt(),
                    harness_fingerprint=self.harness_fp, dataset_hash=self.have_hash)
@@ -530,10 +533,15 @@ class Agent:
         pass   # receiving it refreshed our liveness (``_drain``)
 
     def _on_welcome(self, msg: dict) -> None:
+        self.hello_at = None
         self.interval = float(msg["heartbeat_interval"])
         self.liveness = int(msg["liveness"])
+        incarnation = msg.get("incarnation")
+        again = (" (the coordinator restarted)" if self.incarnation is not None
+                 and incarnation is not None and incarnation != self.incarnation else "")
+        self.incarnation = incarnation
         self.event(f"connected to {self.cfg.endpoint} (heartbeat {self.interval:g}s, "
-                   f"liveness {self.liveness})")
+                   f"liveness {self.liveness}){again}")
         self._on_welcome_info(msg)
         if self.state == REPORTING:
             self._send_pending()
@@ -596,6 +604,14 @@ class Agent:
             handler(self, msg)
 
     def _on_hello_first(self, msg: dict) -> None:
+        """The coordinator does not know us (it restarted, or declared us lost): one hello.
+        While that hello is unanswered, further hello_first errors answer what we sent before
+        it and are ignored; a second hello (without the attempt an assign may be bringing)
+        would cost a lease. Only a hello unanswered for a whole window (lost with a dropped
+        connection) is sent again."""
+        if self.hello_at is not None and self.clock() - self.hello_at < self.window:
+            return
+        self.event("the coordinator does not know us (it restarted, or lost us): hello again")
         self._unwelcomed()
         self._hello()
 

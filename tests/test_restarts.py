@@ -1,0 +1,157 @@
+"""The wire across coordinator restarts: no false strikes, no forgotten workers, no stolen ids.
+
+Real sockets on loopback throughout. The coordinator is a real ``Server`` + ``Coordinator`` in a
+thread (``tests/serving.served``); a restart is closing it and starting a new one on the same
+endpoint and repo, which is what a kill -9 and restart look like from the wire (the ledger is
+what survives). Workers are raw DEALER peers (``test_wire.Peer``, every frame exactly what the
+test says) or a real ``worker.agent.Agent``; where the worker's own behaviour is under test, a
+scripted ROUTER (``test_dealer.Router``) plays the coordinator.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from serving import served
+from shared import protocol
+from shared.client import Client
+from shared.codec import encode
+from test_dealer import Router
+from test_wire import Peer, hello, outcome
+
+DEADLINE = 20.0
+
+
+def recv_type(peer: Peer, want: str, timeout: float = DEADLINE) -> dict:
+    """The next message of type ``want`` (others, heartbeats included, skipped)."""
+    end = time.monotonic() + timeout
+    while True:
+        msg = peer.recv(skip=("heartbeat",), timeout=max(0.01, end - time.monotonic()))
+        if msg["type"] == want:
+            return msg
+
+
+def attempts(core) -> list[dict]:
+    return [dict(r) for r in core.ledger.all("SELECT * FROM attempts ORDER BY leased_at")]
+
+
+# ---- item 1: a hello that crossed an assign is not a lost lease ---------------------------
+
+def test_a_hello_crossing_our_assign_keeps_the_lease_and_gets_the_assign_again(
+        fleet_repo, fleet_variant):
+    """Worker: ready ... hello (sent before the assign arrived, e.g. its second hello after a
+    restart). The coordinator must not conclude "restarted without it": it keeps the lease and
+    sends the same assign again, as it does for a ready that crossed an assign."""
+    with served(fleet_repo, heartbeat_interval=0.1, liveness=50) as (core, server):
+        peer = Peer(server.endpoint)
+        try:
+            peer.send(hello("w1-cross"))
+            recv_type(peer, "welcome")
+            peer.send(protocol.make("ready", worker_id="w1-cross"))
+            head = recv_type(peer, "assign")
+            peer.send(protocol.make("result", worker_id="w1-cross",
+                                    attempt_id=head["attempt_id"], outcome=outcome(1.5)))
+            assert recv_type(peer, "ack")["accepted"]
+            with Client(server.endpoint, timeout=10) as c:
+                cid = c.submit(fleet_variant(bpb=1.4), "better")["candidate_id"]
+            peer.send(protocol.make("ready", worker_id="w1-cross"))
+            got = recv_type(peer, "assign")
+            assert got["candidate_id"] == cid
+            # the crossing: a hello carrying no attempt, sent before that assign arrived
+            peer.send(hello("w1-cross"))
+            recv_type(peer, "welcome")
+            again = recv_type(peer, "assign")
+            assert again["attempt_id"] == got["attempt_id"]     # the same lease, not a new one
+            rows = {a["attempt_id"]: a for a in attempts(core)}
+            assert rows[got["attempt_id"]]["state"] == "leased", rows
+            assert not [a for a in rows.values() if a["state"] in ("lost", "cancelled")], rows
+            peer.send(protocol.make("result", worker_id="w1-cross",
+                                    attempt_id=got["attempt_id"], outcome=outcome(1.4)))
+            ack = recv_type(peer, "ack")
+            assert ack["accepted"] is True, ack
+        finally:
+            peer.close()
+
+
+def test_a_hello_without_a_lease_from_an_earlier_incarnation_is_no_strike(
+        fleet_repo, fleet_variant):
+    """After a restart there is no assign to re-send: a hello without the lease the ledger
+    holds for that worker means the assign never reached it -- cancelled (requeued, no strike),
+    never lost: the same worker id is the same live process."""
+    with served(fleet_repo, heartbeat_interval=0.1, liveness=50) as (core, server):
+        endpoint = server.endpoint
+        peer = Peer(endpoint)
+        peer.send(hello("w1-early"))
+        recv_type(peer, "welcome")
+        peer.send(protocol.make("ready", worker_id="w1-early"))
+        head = recv_type(peer, "assign")
+        peer.send(protocol.make("result", worker_id="w1-early", attempt_id=head["attempt_id"],
+                                outcome=outcome(1.5)))
+        recv_type(peer, "ack")
+        with Client(endpoint, timeout=10) as c:
+            cid = c.submit(fleet_variant(bpb=1.4), "better")["candidate_id"]
+        peer.send(protocol.make("ready", worker_id="w1-early"))
+        lease = recv_type(peer, "assign")["attempt_id"]
+    with served(fleet_repo, bind=endpoint, heartbeat_interval=0.1, liveness=50) as (core, _):
+        peer.send(hello("w1-early"))     # its assign was lost with the old coordinator
+        recv_type(peer, "welcome")
+        row = core.ledger.attempt(lease)
+        assert row["state"] == "cancelled" and "never reached" in row["note"], dict(row)
+        assert core.ledger.candidate(cid)["state"] in ("queued", "running")
+        peer.send(protocol.make("ready", worker_id="w1-early"))
+        assert recv_type(peer, "assign")["candidate_id"] == cid
+    peer.close()
+
+
+# ---- item 1: one hello per coordinator incarnation ------------------------------------------
+
+def test_the_worker_says_hello_once_per_coordinator_incarnation(tmp_path):
+    """A scripted coordinator answers every heartbeat with hello_first and welcomes the first
+    hello only after a while (as a busy, just-restarted coordinator does); then it "restarts"
+    (a new incarnation that knows nobody) and does the same again. A real Agent must send
+    exactly one hello to each incarnation, not one per hello_first error."""
+    from worker.agent import Agent, AgentConfig
+
+    phase = {"incarnation": "inc-A"}
+    knows_at: dict[str, float] = {}   # incarnation -> when it has processed our hello
+    hellos: list[tuple[float, str]] = []
+
+    def answer(msg):
+        inc, now = phase["incarnation"], time.monotonic()
+        if msg["type"] == "hello":
+            hellos.append((now, inc))
+            knows_at.setdefault(inc, now + 0.8)
+            welcome = protocol.make("welcome", heartbeat_interval=0.1, liveness=30,
+                                    incarnation=inc)
+            return [(max(0.0, knows_at[inc] - now), encode(welcome))]
+        if msg["type"] in ("heartbeat", "ready") and now < knows_at.get(inc, float("inf")):
+            return [(0, encode(protocol.make("error", code=protocol.ERROR_HELLO_FIRST,
+                                             message="unknown here: send hello",
+                                             incarnation=inc)))]
+        return []
+
+    router = Router(answer)
+    said: list[str] = []
+    agent = Agent(AgentConfig(router.endpoint, "once", tmp_path / "c", heartbeat_interval=0.1,
+                              liveness=30, ready_resend=0.2),
+                  {"hw_class": "Test/8GB/cpu"}, event=said.append,
+                  run_root=tmp_path / "runs", env={})
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        end = time.monotonic() + DEADLINE
+        while time.monotonic() < end and agent.state != "idle":
+            time.sleep(0.02)
+        assert agent.state == "idle", said
+        time.sleep(0.5)                       # ready + heartbeats: no more hellos
+        assert [inc for _, inc in hellos] == ["inc-A"], said
+        phase["incarnation"] = "inc-B"        # a restart: nobody is known there
+        while time.monotonic() < end and len(hellos) < 2:
+            time.sleep(0.02)
+        time.sleep(1.5)                       # welcome B after 0.8 s, errors meanwhile
+        assert agent.state == "idle", said
+        assert [inc for _, inc in hellos] == ["inc-A", "inc-B"], (hellos, said)
+    finally:
+        agent.interrupts = 2
+        thread.join(DEADLINE)
+        router.close()
