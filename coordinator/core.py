@@ -410,6 +410,13 @@ class Coordinator(contextlib.AbstractContextManager):
             return {r[0] for r in self.ledger.all(
                 "SELECT DISTINCT worker_id FROM attempts WHERE state = 'leased'")}
 
+    def live_workers(self) -> set[str]:
+        """Workers the ledger believes alive: not marked gone, or holding a live lease. After a
+        restart each gets one window to say hello, else it is marked gone."""
+        with self._mutex:
+            return self.leased_workers() | {r[0] for r in self.ledger.all(
+                "SELECT worker_id FROM workers WHERE state != 'gone'")}
+
     # ---- scheduling ---------------------------------------------------------------------
 
     def next_assignment(self, worker_id: str) -> Assignment | None:

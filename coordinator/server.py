@@ -146,7 +146,7 @@ class Server:
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     liveness: int = HEARTBEAT_LIVENESS
     event: Callable[[str], None] = default_event_sink
-    # Extra seconds, after a restart, for workers that held leases to come back (their
+    # Extra seconds, after a restart, for the workers it believed alive to come back (their
     # reconnect backoff tops out at RECONNECT_MAX).
     restart_grace: float = RECONNECT_MAX
     clock: Callable[[], float] = time.monotonic
@@ -158,7 +158,7 @@ class Server:
     endpoint: str = ""                                   # what we actually bound (port resolved)
     workers: dict[str, WorkerConn] = field(default_factory=dict)
     by_identity: dict[bytes, str] = field(default_factory=dict)
-    # Workers that held leases when we (re)started: they get one window to say hello again.
+    # Workers the ledger believed alive when we (re)started: one window to say hello again.
     awaiting: dict[str, float] = field(default_factory=dict)
     worker_keys: dict[str, str] = field(default_factory=dict)   # worker_id -> key that owns it
     _stop: bool = False
@@ -221,12 +221,16 @@ class Server:
 
     def run(self) -> None:
         now = self.clock()
-        for wid in sorted(self.core.leased_workers()):
-            # One liveness window is not enough: a worker that saw us go silent is in its
-            # reconnect backoff (up to RECONNECT_MAX) with its socket closed, still training.
+        leased = self.core.leased_workers()
+        for wid in sorted(self.core.live_workers()):
+            # Every worker the ledger believes alive, lease or not (an idle one that died just
+            # before the restart would otherwise stay "idle" forever). One liveness window is
+            # not enough: a worker that saw us go silent is in its reconnect backoff (up to
+            # RECONNECT_MAX) with its socket closed, still training.
             wait = self.window + self.restart_grace
             self.awaiting[wid] = now + wait
-            self.event(f"waiting {wait:.1f}s for worker {wid} (held a lease before restart)")
+            why = "held a lease" if wid in leased else "was connected"
+            self.event(f"waiting {wait:.1f}s for worker {wid} ({why} before restart)")
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         next_beat = now + self.heartbeat_interval

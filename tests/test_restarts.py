@@ -155,3 +155,28 @@ def test_the_worker_says_hello_once_per_coordinator_incarnation(tmp_path):
         agent.interrupts = 2
         thread.join(DEADLINE)
         router.close()
+
+
+# ---- item 3: after a restart every worker believed alive is watched ------------------------
+
+def test_an_idle_worker_that_died_before_a_restart_is_marked_gone(fleet_repo):
+    """An idle worker (no lease) dies; the coordinator restarts before noticing. The new one
+    must watch every worker row it believes alive, not only lease holders: after the window
+    plus the restart grace the row is gone, not idle forever with a frozen last-seen."""
+    with served(fleet_repo, heartbeat_interval=0.1, liveness=50) as (core, server):
+        endpoint = server.endpoint
+        peer = Peer(endpoint)
+        peer.send(hello("w1-idle"))
+        recv_type(peer, "welcome")
+        peer.close()    # dies idle; the coordinator is gone before its window ends
+    events: list[str] = []
+    with served(fleet_repo, bind=endpoint, heartbeat_interval=0.1, liveness=3,
+                restart_grace=0.3, event=events.append) as (core, server):
+        end = time.monotonic() + DEADLINE
+        while time.monotonic() < end and not any("w1-idle lost" in e for e in events):
+            time.sleep(0.05)
+        workers = {w["worker_id"] if "worker_id" in w else w["name"]: w
+                   for w in core.status()["workers"]}
+    assert any("waiting" in e and "w1-idle" in e for e in events), events
+    assert any("w1-idle lost: did not return after restart" in e for e in events), events
+    assert [w["state"] for w in workers.values()] == ["gone"], workers
