@@ -41,6 +41,7 @@ from __future__ import annotations
 import ipaddress
 import signal
 import socket as pysocket
+import sqlite3
 import sys
 import time
 import uuid
@@ -49,6 +50,7 @@ from typing import Any, Callable
 
 import zmq
 
+from coordinator import states as st
 from coordinator.core import SubmitRejected
 from coordinator.trust import FleetAuthenticator, TrustError, TrustStore
 from shared import datasync, protocol
@@ -161,6 +163,9 @@ class Server:
     # Workers the ledger believed alive when we (re)started: one window to say hello again.
     awaiting: dict[str, float] = field(default_factory=dict)
     worker_keys: dict[str, str] = field(default_factory=dict)   # worker_id -> key that owns it
+    # Workers gone on the wire whose ledger record failed (worker_id -> (name, lease state,
+    # reason)), retried every heartbeat: see _record_gone.
+    deferred: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     _stop: bool = False
 
     def __post_init__(self) -> None:
@@ -253,6 +258,7 @@ class Server:
             now = self.clock()
             if now >= next_beat:
                 self._send_heartbeats()
+                self._retry_deferred()
                 self._check_keys()
                 self._expire(now)
                 next_beat = now + self.heartbeat_interval
@@ -438,6 +444,7 @@ class Server:
         self.workers[wid] = conn
         self.by_identity[identity] = wid
         self.awaiting.pop(wid, None)
+        self.deferred.pop(wid, None)   # back before its loss was recorded: it is not lost
         extra: dict[str, Any] = {"harness_fingerprint": self.harness_fingerprint}
         if self.dataset is not None:
             extra["dataset_hash"] = self.dataset_hash
@@ -475,10 +482,17 @@ class Server:
 
     def _offer_work(self) -> None:
         """Something changed (submission, requeue, head measured): wake idle workers now
-        rather than when their next ``ready`` comes round."""
+        rather than when their next ``ready`` comes round. Also called from the timer paths:
+        a lease that cannot be written now (sqlite3.OperationalError) waits for the worker's
+        next ``ready``."""
         for conn in list(self.workers.values()):
             if conn.waiting and conn.attempt_id is None:
-                conn.waiting = not self._assign(conn)
+                try:
+                    conn.waiting = not self._assign(conn)
+                except sqlite3.OperationalError as exc:
+                    self.event(f"ledger write failed ({exc}): no assignment now; "
+                               "idle workers get one on their next ready")
+                    return
 
     def _on_result(self, identity: bytes, msg: dict, key: str | None) -> None:
         wid = self._worker_id(identity, msg, key)
@@ -640,8 +654,8 @@ class Server:
             message = verdict.message if verdict is not None and verdict.message else reason
             code = verdict.code if verdict is not None and verdict.code else "revoked"
             self._send(conn.identity, protocol.make("error", code=code, message=message))
-            requeued = self.core.worker_lost(wid, reason)
             self._forget(wid)
+            done, requeued = self._record_gone(wid, conn.name, st.LOST, reason)
             name = entry.name if entry is not None else fingerprint(key)
             self.event(f"worker {conn.name} ({wid}) cut off: {reason} ({name})"
                        f"{_requeued(requeued)}")
@@ -655,17 +669,52 @@ class Server:
         for wid, conn in list(self.workers.items()):
             silent = now - conn.last_seen
             if silent > self.window:
-                requeued = self.core.worker_lost(wid, f"silent for {silent:.1f}s")
                 self._forget(wid)
+                done, requeued = self._record_gone(wid, conn.name, st.LOST,
+                                                   f"silent for {silent:.1f}s")
                 self.event(f"worker {conn.name} ({wid}) lost: silent {silent:.1f}s"
                            f"{_requeued(requeued)}")
         for wid, deadline in list(self.awaiting.items()):
             if now >= deadline:
                 del self.awaiting[wid]
                 # Our restart, not the candidate's fault: cancelled, no strike toward LOST_LIMIT.
-                requeued = self.core.worker_bye(wid, "did not return after coordinator restart")
+                done, requeued = self._record_gone(wid, wid, st.CANCELLED,
+                                                   "did not return after coordinator restart")
                 self.event(f"worker {wid} lost: did not return after restart{_requeued(requeued)}")
         if len(self.workers) + len(self.awaiting) != before:
+            self._offer_work()
+
+    def _record_gone(self, wid: str, name: str, lease_state: str,
+                     reason: str) -> tuple[bool, list[int]]:
+        """Record in the ledger that a worker is gone (its lease lost, or cancelled: no strike).
+        Called from the timer paths, where nothing else would catch an exception: a failed
+        write (disk full, the ledger write-locked by another process beyond the busy timeout)
+        must not end the coordinator. Then the change waits in ``deferred`` -- the worker is
+        already forgotten on the wire -- and is retried every heartbeat (``_retry_deferred``);
+        what it waits for is said once. Returns (recorded, requeued candidate ids)."""
+        gone = self.core.worker_lost if lease_state == st.LOST else self.core.worker_bye
+        try:
+            requeued = gone(wid, reason)
+        except sqlite3.OperationalError as exc:
+            if wid not in self.deferred:
+                self.event(f"ledger write failed ({exc}): worker {name} ({wid}) gone but not "
+                           f"yet recorded; retrying every {self.heartbeat_interval:g}s")
+            self.deferred[wid] = (name, lease_state, reason)
+            return False, []
+        if self.deferred.pop(wid, None) is not None:
+            self.event(f"ledger writable again: recorded worker {name} ({wid}) "
+                       f"{'lost' if lease_state == st.LOST else 'gone'}: {reason}"
+                       f"{_requeued(requeued)}")
+        return True, list(requeued or [])
+
+    def _retry_deferred(self) -> None:
+        recorded = False
+        for wid, (name, lease_state, reason) in list(self.deferred.items()):
+            done, _ = self._record_gone(wid, name, lease_state, reason)
+            if not done:
+                return   # still failing: the rest would fail the same way
+            recorded = True
+        if recorded:
             self._offer_work()
 
     # ---- helpers ------------------------------------------------------------------------

@@ -9,6 +9,8 @@ scripted ROUTER (``test_dealer.Router``) plays the coordinator.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -180,3 +182,54 @@ def test_an_idle_worker_that_died_before_a_restart_is_marked_gone(fleet_repo):
     assert any("waiting" in e and "w1-idle" in e for e in events), events
     assert any("w1-idle lost: did not return after restart" in e for e in events), events
     assert [w["state"] for w in workers.values()] == ["gone"], workers
+
+
+# ---- item 2: a failed ledger write in a timer path does not stop the coordinator -----------
+
+def test_a_write_locked_ledger_while_a_worker_goes_silent_is_waited_out(fleet_repo):
+    """Another process holds BEGIN IMMEDIATE on the ledger while the only worker goes silent:
+    recording the lost lease fails (database is locked) in the server's timer path. The
+    coordinator keeps serving, says what it is waiting to record, and records it once the
+    lock is gone."""
+    from coordinator.ledger import ledger_path
+    from coordinator.repo import state_dir
+
+    events: list[str] = []
+    holder = None
+    with served(fleet_repo, heartbeat_interval=0.1, liveness=3,
+                event=events.append) as (core, server):
+        core.ledger.db.execute("PRAGMA busy_timeout = 100")   # fail in 0.1 s, not 10 s
+        peer = Peer(server.endpoint)
+        peer.send(hello("w1-quiet"))
+        recv_type(peer, "welcome")
+        peer.send(protocol.make("ready", worker_id="w1-quiet"))
+        lease = recv_type(peer, "assign")["attempt_id"]
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sqlite3, sys\n"
+             f"c = sqlite3.connect({str(ledger_path(state_dir(fleet_repo)))!r}, "
+             "isolation_level=None)\n"
+             "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True)\n"
+             "sys.stdin.read(); c.execute('ROLLBACK')\n"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            peer.close()                                    # the only worker goes silent
+            end = time.monotonic() + DEADLINE
+            while time.monotonic() < end and not any("not yet recorded" in e for e in events):
+                time.sleep(0.05)
+            waiting = [e for e in events if "not yet recorded" in e]
+            assert waiting and "w1-quiet" in waiting[0] and "locked" in waiting[0], events
+            time.sleep(1.0)                                 # several failed retries
+            assert sum("not yet recorded" in e for e in events) == 1   # said once, not per tick
+            with Client(server.endpoint, timeout=10) as c:  # still serving meanwhile
+                assert c.query("status")["workers"][0]["state"] != "gone"
+            assert core.ledger.attempt(lease)["state"] == "leased"
+        finally:
+            holder.stdin.close()
+            holder.wait(30)
+        while time.monotonic() < end and not any("recorded worker" in e for e in events):
+            time.sleep(0.05)
+        assert any("recorded worker w1 (w1-quiet) lost" in e for e in events), events
+        assert core.ledger.attempt(lease)["state"] == "lost"
+        with Client(server.endpoint, timeout=10) as c:
+            assert c.query("status")["workers"][0]["state"] == "gone"
