@@ -22,7 +22,8 @@ lets every well-formed key finish the handshake and stamps each frame with the s
 key, and every message is judged by ``TrustStore.check`` (roles, revocation) before it is
 handled. Unknown keys may only ``enrol`` (redeem an invite); anything else is answered with
 error ``untrusted`` carrying the peer's key and the admin command that trusts it. A worker_id is
-bound to the key that said hello with it, so one trusted worker cannot speak for another's
+bound to the key that first spoke for it (kept in the ledger, ``trust_worker_ids``, so it holds
+across our restarts and after a revoke), so one trusted worker cannot speak for another's
 lease; a key may own several worker_ids (several workers on one machine). Every heartbeat tick
 the keys of connected workers are looked up again (SQLite reads), so ``autoresearch-coord
 revoke`` -- which writes the same ledger from another process -- cuts a worker off within one
@@ -162,7 +163,6 @@ class Server:
     by_identity: dict[bytes, str] = field(default_factory=dict)
     # Workers the ledger believed alive when we (re)started: one window to say hello again.
     awaiting: dict[str, float] = field(default_factory=dict)
-    worker_keys: dict[str, str] = field(default_factory=dict)   # worker_id -> key that owns it
     # Workers gone on the wire whose ledger record failed (worker_id -> (name, lease state,
     # reason)), retried every heartbeat: see _record_gone.
     deferred: dict[str, tuple[str, str, str]] = field(default_factory=dict)
@@ -337,16 +337,24 @@ class Server:
             self._send(identity, protocol.make(
                 "error", code="bad_field", message="heartbeat: worker_id required from workers"))
             return None
-        owner = self.worker_keys.get(wid)
+        owner = self._owner(wid)
         if key is not None and owner is not None and owner != key:
             raise ProtocolError("forbidden", f"worker id {wid} belongs to another key "
                                 f"({fingerprint(owner)}); a worker speaks only for itself")
         return wid
 
+    def _owner(self, wid: str) -> str | None:
+        """The key that owns worker id ``wid`` (kept in the ledger: it survives our restarts,
+        so right after one no other key can claim a worker id), or None."""
+        return self.trust.worker_owner(wid) if self.trust is not None else None
+
+    def _bind(self, wid: str, key: str | None) -> None:
+        if key is not None and self.trust is not None and self._owner(wid) is None:
+            self.trust.bind_worker(wid, key)
+
     def _heard(self, identity: bytes, wid: str, key: str | None) -> WorkerConn | None:
         """A worker spoke (anything but hello): refresh its liveness and follow its socket."""
-        if key is not None and wid not in self.worker_keys:
-            self.worker_keys[wid] = key   # e.g. a result arriving before hello after our restart
+        self._bind(wid, key)   # e.g. a result arriving before hello after our restart
         conn = self.workers.get(wid)
         if conn is not None:
             conn.last_seen = self.clock()
@@ -432,8 +440,7 @@ class Server:
                 and old.assign_msg is not None
                 and old.assign_msg["attempt_id"] == old.attempt_id):
             in_flight = old.attempt_id
-        if key is not None:
-            self.worker_keys[wid] = key
+        self._bind(wid, key)
         conn = WorkerConn(wid, identity, msg["name"], msg["hw_class"], self.clock(),
                           msg["attempt_id"], key=key,
                           harness_fingerprint=msg.get("harness_fingerprint"),
@@ -659,8 +666,6 @@ class Server:
             name = entry.name if entry is not None else fingerprint(key)
             self.event(f"worker {conn.name} ({wid}) cut off: {reason} ({name})"
                        f"{_requeued(requeued)}")
-        for wid in [w for w, k in self.worker_keys.items() if k == key]:
-            self.worker_keys.pop(wid, None)
         if lost:
             self._offer_work()
 

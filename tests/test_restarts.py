@@ -14,6 +14,8 @@ import sys
 import threading
 import time
 
+import zmq
+
 from serving import served
 from shared import protocol
 from shared.client import Client
@@ -233,3 +235,52 @@ def test_a_write_locked_ledger_while_a_worker_goes_silent_is_waited_out(fleet_re
         assert core.ledger.attempt(lease)["state"] == "lost"
         with Client(server.endpoint, timeout=10) as c:
             assert c.query("status")["workers"][0]["state"] == "gone"
+
+
+# ---- the worker id -> key binding survives a restart ---------------------------------------
+
+class KeyedPeer(Peer):
+    """A CURVE DEALER with its own key, pinned to the coordinator's."""
+
+    def __init__(self, endpoint: str, keypair, server_key):
+        from shared.dealer import make_dealer
+        self.sock = make_dealer(zmq.Context.instance(), endpoint, keypair, server_key)
+
+
+def test_a_worker_id_stays_bound_to_its_key_across_a_restart(fleet_repo, tmp_path):
+    """Right after a restart, before the owner says hello again, another trusted worker key
+    must not be able to claim (and so speak for the lease of) its worker id."""
+    from coordinator.trust import TrustStore
+    from shared.keys import coordinator_key_dir, load_or_create_keypair
+
+    server_kp = load_or_create_keypair(coordinator_key_dir(fleet_repo), "coordinator")
+    owner_kp = load_or_create_keypair(tmp_path / "a", "worker")
+    other_kp = load_or_create_keypair(tmp_path / "b", "worker")
+    with TrustStore.open(fleet_repo) as store:
+        store.trust(owner_kp.public, "owner", "worker")
+        store.trust(other_kp.public, "other", "worker")
+    kw = dict(heartbeat_interval=0.1, liveness=50, keypair=server_kp)
+    with served(fleet_repo, **kw) as (core, server):
+        endpoint = server.endpoint
+        owner = KeyedPeer(endpoint, owner_kp, server_kp.public)
+        owner.send(hello("wa-1"))
+        recv_type(owner, "welcome")
+        other = KeyedPeer(endpoint, other_kp, server_kp.public)
+        other.send(hello("wa-1"))
+        err = recv_type(other, "error")
+        assert err["code"] == "forbidden" and "belongs to another key" in err["message"]
+        other.close()
+        owner.close()
+    with served(fleet_repo, bind=endpoint, **kw) as (core, server):
+        other = KeyedPeer(endpoint, other_kp, server_kp.public)
+        for msg in (hello("wa-1"), protocol.make("ready", worker_id="wa-1"),
+                    protocol.make("result", worker_id="wa-1", attempt_id="0" * 32,
+                                  outcome=outcome(1.0))):
+            other.send(msg)
+            err = recv_type(other, "error")
+            assert err["code"] == "forbidden" and "belongs to another key" in err["message"]
+        other.close()
+        owner = KeyedPeer(endpoint, owner_kp, server_kp.public)
+        owner.send(hello("wa-1"))
+        assert recv_type(owner, "welcome")["incarnation"] == server.incarnation
+        owner.close()
