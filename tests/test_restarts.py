@@ -284,3 +284,45 @@ def test_a_worker_id_stays_bound_to_its_key_across_a_restart(fleet_repo, tmp_pat
         owner.send(hello("wa-1"))
         assert recv_type(owner, "welcome")["incarnation"] == server.incarnation
         owner.close()
+
+
+# ---- a worker blocked for a harness mismatch unblocks on a matching welcome ----------------
+
+def test_a_blocked_worker_takes_work_after_a_welcome_that_matches(fleet_repo, tmp_path):
+    """The coordinator runs another harness: the worker is blocked. The coordinator is upgraded
+    (restarted with the worker's harness): the next welcome matches and the worker asks for,
+    and gets, work."""
+    from worker.agent import Agent, AgentConfig
+    from worker.runner import LowDiskSpace
+
+    started: list[str] = []
+
+    def start(spec, run_root, env):
+        started.append(spec.attempt_id)
+        raise LowDiskSpace("stand-in: no trainer in this test")
+
+    said: list[str] = []
+    with served(fleet_repo, heartbeat_interval=0.1, liveness=50) as (core, server):
+        endpoint = server.endpoint
+        server.harness_fingerprint = "f" * 64          # an older coordinator release
+        agent = Agent(AgentConfig(endpoint, "blk", tmp_path / "c", heartbeat_interval=0.1,
+                                  ready_resend=0.2),
+                      {"hw_class": "Test/8GB/cpu"}, event=said.append, start_attempt=start,
+                      run_root=tmp_path / "runs", env={})
+        thread = threading.Thread(target=agent.run, daemon=True)
+        thread.start()
+        end = time.monotonic() + DEADLINE
+        while time.monotonic() < end and agent.state != "blocked":
+            time.sleep(0.02)
+        assert agent.state == "blocked", said
+        time.sleep(0.5)
+        assert not started
+    try:
+        with served(fleet_repo, bind=endpoint, heartbeat_interval=0.1, liveness=50) as _:
+            while time.monotonic() < end and not started:
+                time.sleep(0.02)
+            assert started, said                       # it asked for work and got an assign
+            assert any("matches the coordinator's now" in s for s in said), said
+    finally:
+        agent.interrupts = 2
+        thread.join(DEADLINE)

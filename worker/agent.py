@@ -549,8 +549,17 @@ class Agent:
             self._settle()
 
     def _on_welcome_info(self, msg: dict) -> None:
+        """What the welcome says about the coordinator's harness and dataset. Every welcome
+        decides afresh (this machine's harness is hashed again): a worker blocked for a
+        mismatch takes work again once a later welcome matches (the coordinator upgraded, or
+        the same release reinstalled here)."""
         self.coord_harness = msg.get("harness_fingerprint")
-        if self.coord_harness is not None and self.coord_harness != self.harness_fp:
+        self.harness_fp = local_harness_fingerprint()
+        if self.coord_harness is None or self.coord_harness == self.harness_fp:
+            if self.block_reason:
+                self.event("harness matches the coordinator's now: taking work again")
+            self.block_reason = None
+        else:
             self.block_reason = (f"this machine's trainer harness ({self.harness_fp[:12]}) "
                                  f"differs from the coordinator's ({self.coord_harness[:12]})")
             self.event(f"taking no work: {self.block_reason}; install the same "
