@@ -9,6 +9,7 @@ scripted ROUTER (``test_dealer.Router``) plays the coordinator.
 """
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from shared import protocol
 from shared.client import Client
 from shared.codec import encode
 from test_dealer import Router
+from test_fleet import fleet, submit  # noqa: F401  (fleet is a fixture)
 from test_wire import Peer, hello, outcome
 
 DEADLINE = 20.0
@@ -326,3 +328,44 @@ def test_a_blocked_worker_takes_work_after_a_welcome_that_matches(fleet_repo, tm
     finally:
         agent.interrupts = 2
         thread.join(DEADLINE)
+
+
+# ---- end to end: the issue's sequence with the real CLI ------------------------------------
+
+def test_coordinator_kill9_and_restart_inside_the_window_costs_no_lease(fleet, fleet_variant):
+    """Coordinator + one worker as real processes; four variants; while they run, the
+    coordinator is kill -9'd and restarted on the same endpoint three times, each time back
+    inside the worker's liveness window. The one worker process never dies, so no lease may be
+    lost, no result may be stale (a run repeated for nothing) and every variant is decided.
+    (The crossing that cost leases here is a race this sequence hits only now and then; the
+    tests above force it deterministically. This one checks the whole path end to end.)"""
+    from coordinator.core import Coordinator
+
+    slow = ["--heartbeat-interval", "0.2", "--liveness", "25"]    # a 5 s window
+    coord, ep = fleet.started_coord()
+    coord.stop()
+    coord = fleet.coord(ep, *slow)
+    coord.wait_for(r"listening on")
+    worker = fleet.worker(ep, "w1")
+    coord.wait_for(r"result \S+ from \S+: ok val_bpb 1\.5000, accepted")
+    ids = [submit(ep, fleet_variant(bpb=1.40 + i / 100, sleep=2.0), f"v{i}")["candidate_id"]
+           for i in range(4)]
+    for _ in range(3):
+        # a candidate is running: just assigned, or re-attached after the last restart
+        coord.wait_for(r"assign \S+ candidate #|joined .*, holding ")
+        time.sleep(1.0)
+        coord.signal(signal.SIGKILL)
+        coord.wait()
+        time.sleep(0.5)
+        coord = fleet.coord(ep, *slow)
+        coord.wait_for(r"listening on")
+    coord.wait_for(rf"(KEEP|DISCARD) #{ids[-1]}\b", timeout=90)   # the queue runs in order
+    assert worker.p.poll() is None
+    coord.stop()
+    worker.stop()
+    with Coordinator(fleet.repo) as core:
+        rows = [dict(r) for r in core.ledger.all("SELECT * FROM attempts")]
+        assert all(core.ledger.decision(cid) is not None for cid in ids)
+    assert not [r for r in rows if r["state"] == "lost"], rows
+    assert not [r for r in rows if r["state"] == "stale"], rows
+    assert worker.count(r"ignoring assign") == 0, worker.text
