@@ -7,6 +7,7 @@ failed (crashed, went nan/oom/timeout, or took a worker down too often):
     queued -> running -> measured -> kept | discarded
                  |  \\-> failed
                  \\---> queued            (its worker was lost or left: try again elsewhere)
+    failed -> queued                   (an admin's `retry`, with the reason recorded)
 
 An *attempt* is one lease of a candidate (or of the head, to measure it) to one worker:
 
@@ -47,8 +48,13 @@ CANDIDATE_TRANSITIONS: dict[str, frozenset[str]] = {
     MEASURED: frozenset({KEPT, DISCARDED}),
     KEPT: frozenset(),
     DISCARDED: frozenset(),
-    FAILED: frozenset(),
+    # Final for the machine; only an admin's retry (Coordinator.retry) takes it back.
+    FAILED: frozenset({QUEUED}),
 }
+
+# Candidates an admin may send back to the queue (``autoresearch-coord retry``): a failure can
+# be the fleet's fault (lost leases on a flaky machine), not the candidate's.
+RETRYABLE = frozenset({FAILED})
 
 # ---- attempts ------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from coordinator import states as st
 LEGAL_CANDIDATE = {
     ("queued", "running"), ("running", "measured"), ("running", "failed"),
     ("running", "queued"), ("measured", "kept"), ("measured", "discarded"),
+    ("failed", "queued"),   # only by an admin's retry (Coordinator.retry)
 }
 LEGAL_ATTEMPT = {
     ("leased", "done"), ("leased", "lost"), ("leased", "cancelled"),
@@ -36,8 +37,9 @@ def test_attempt_transitions(old, new):
 
 
 def test_final_states_go_nowhere_and_unknown_states_are_refused():
-    for s in ("kept", "discarded", "failed"):
+    for s in ("kept", "discarded"):
         assert not st.CANDIDATE_TRANSITIONS[s]
+    assert st.CANDIDATE_TRANSITIONS["failed"] == {"queued"} and st.RETRYABLE == {"failed"}
     with pytest.raises(st.IllegalTransition, match="unknown state 'paused'"):
         st.check_candidate("queued", "paused")
     with pytest.raises(st.IllegalTransition, match="unknown state"):
