@@ -24,3 +24,26 @@ def served(repo: Path, bind: str = "tcp://127.0.0.1:*", **server_kw):
         thread.join(20)
         server.close()
         core.close()
+
+
+@contextlib.contextmanager
+def write_locked(path: Path):
+    """Another process holds ``BEGIN IMMEDIATE`` on the SQLite file at ``path`` (a stuck
+    ``autoresearch-coord`` command, say) until the block ends."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys\n"
+         f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+         "c.execute('BEGIN IMMEDIATE')\n"
+         "print('held', flush=True)\n"
+         "sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(30)

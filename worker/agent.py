@@ -283,11 +283,14 @@ class Agent:
         self.exit_code = code
 
     def _settle(self) -> None:
-        """Welcomed and holding nothing: move to the waiting state the facts say (or leave,
-        if the operator asked)."""
+        """Holding nothing: move to the waiting state the facts say (or leave, if the operator
+        asked) -- or back to ``connecting`` while our hello is unanswered: the coordinator
+        may not know us yet, and the welcome settles again."""
         now = self.clock()
         if self.interrupts:
             self._leave()
+        elif self.hello_at is not None:
+            self._to(CONNECTING)
         elif self.block_reason:
             self._to(BLOCKED)
         elif now < self.hold_until:
@@ -297,8 +300,9 @@ class Agent:
         elif self._gate(now):
             self._to(PAUSED)
         else:
+            if self.state != IDLE:   # a second welcome while idle sends no second ready
+                self.next_ready = now
             self._to(IDLE)
-            self.next_ready = now
 
     def _gate(self, now: float, force: bool = False) -> str | None:
         """Why the machine's conditions say no new work (``worker.gate``), re-read at most every
