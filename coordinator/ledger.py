@@ -9,17 +9,40 @@ Tables (times are epoch seconds, REAL; JSON columns are TEXT):
 
     meta       key -> value (JSON): schema_version, settings, tag, branch, preset, ...
     candidates id, description, sha256 (UNIQUE), train_py, base_commit, commit, state,
-               created_at, updated_at. Candidate 0 is the run's baseline (state kept).
+               created_at, updated_at, hw_class (the class its runs are on, once it has
+               one: a decision uses one class only), runs_wanted (runs the rule asked for
+               in all, on that class). Candidate 0 is the run's baseline (state kept).
     attempts   attempt_id, candidate_id, purpose (head|candidate), worker_id, hw_class,
                commit (what was measured), leased_at, finished_at, state (leased|done|lost|
                cancelled|stale), prior_state (for stale: lost|cancelled), status (outcome:
                ok|crash|nan|oom|timeout|cancelled), val_bpb, summary (harness result JSON),
-               log_tail, exit_code, wall_seconds, note
+               log_tail, exit_code, wall_seconds, note, seed_index (repeat i ran with seed i
+               of the run's sequence, coordinator.seeds), text_sha (sha256 of the train.py
+               it ran: runs of different texts are never pooled)
     workers    worker_id, name, hw_class, profile JSON, first_seen, last_seen, attempt_id,
                state (connected|gone), gone_reason
-    decisions  id, candidate_id (UNIQUE), hw_class, verdict (kept|discarded|failed),
-               head_before, head_after, val_bpb, head_bpb, reason, attempt_ids JSON, decided_at
-    head       one row: commit, candidate_id, updated_at
+    decisions  id, candidate_id (UNIQUE), hw_class (the one class whose runs decided it),
+               verdict (kept|discarded|failed), head_before, head_after, val_bpb (the
+               candidate's mean), head_bpb (the head's mean), reason, attempt_ids JSON,
+               decided_at, n_candidate, n_head (runs each side), sigma (σ used), confidence
+               (that the candidate is better by more than the margin), rule (which test
+               decided, e.g. sequential/paired), details JSON (coordinator.rule.Comparison
+               and the paired differences)
+    head       one row: commit, candidate_id, updated_at, text_sha (of the train.py its runs
+               ran; NULL: the head candidate's own text, so all its runs are the head's)
+    retries    id, candidate_id, reason, requested_by, retried_at, from_state, decision (the
+               superseded decision row, JSON), attempts_before (attempts rowid at the retry:
+               losses before it no longer count toward the candidate's limit)
+
+Schema 1 ledgers (before repeats) are upgraded in place on open: the new columns are added
+empty, and a run without a ``policy`` setting keeps deciding greedily (repo.decision_settings).
+
+Opening an existing ledger first runs ``check_ledger`` (read-only, before sqlite may create
+or change anything): an empty file, a file that is not SQLite, a damaged database
+(``PRAGMA quick_check``), one without this schema, or one whose write lock another process
+holds past the busy timeout is refused with ``LedgerRefused`` -- one line naming the file and
+what to do -- and the file is left exactly as it was (sqlite would otherwise turn a
+zero-length file into an empty database on the first pragma).
 """
 from __future__ import annotations
 
@@ -29,8 +52,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added by each schema version, applied in order to an older ledger on open.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE candidates ADD COLUMN hw_class TEXT",
+        "ALTER TABLE candidates ADD COLUMN runs_wanted INTEGER",
+        "ALTER TABLE attempts ADD COLUMN seed_index INTEGER",
+        "ALTER TABLE attempts ADD COLUMN text_sha TEXT",
+        "ALTER TABLE decisions ADD COLUMN n_candidate INTEGER",
+        "ALTER TABLE decisions ADD COLUMN n_head INTEGER",
+        "ALTER TABLE decisions ADD COLUMN sigma REAL",
+        "ALTER TABLE decisions ADD COLUMN confidence REAL",
+        "ALTER TABLE decisions ADD COLUMN rule TEXT",
+        "ALTER TABLE decisions ADD COLUMN details TEXT",
+        "ALTER TABLE head ADD COLUMN text_sha TEXT"),
+}
 LEDGER_NAME = "ledger.sqlite3"
+BUSY_TIMEOUT = 10.0            # seconds a statement waits for another process's write lock
+TABLES = ("meta", "candidates", "attempts", "workers", "decisions", "head")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -46,7 +85,9 @@ CREATE TABLE IF NOT EXISTS candidates (
     commit_sha  TEXT,
     state       TEXT NOT NULL,
     created_at  REAL NOT NULL,
-    updated_at  REAL NOT NULL
+    updated_at  REAL NOT NULL,
+    hw_class    TEXT,
+    runs_wanted INTEGER
 );
 CREATE INDEX IF NOT EXISTS candidates_state ON candidates(state, id);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -66,7 +107,9 @@ CREATE TABLE IF NOT EXISTS attempts (
     log_tail     TEXT,
     exit_code    INTEGER,
     wall_seconds REAL,
-    note         TEXT
+    note         TEXT,
+    seed_index   INTEGER,
+    text_sha     TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_cand ON attempts(candidate_id, hw_class, state);
 CREATE INDEX IF NOT EXISTS attempts_worker ON attempts(worker_id, state);
@@ -92,19 +135,117 @@ CREATE TABLE IF NOT EXISTS decisions (
     head_bpb     REAL,
     reason       TEXT NOT NULL,
     attempt_ids  TEXT NOT NULL,
-    decided_at   REAL NOT NULL
+    decided_at   REAL NOT NULL,
+    n_candidate  INTEGER,
+    n_head       INTEGER,
+    sigma        REAL,
+    confidence   REAL,
+    rule         TEXT,
+    details      TEXT
 );
 CREATE TABLE IF NOT EXISTS head (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
     commit_sha   TEXT NOT NULL,
     candidate_id INTEGER NOT NULL REFERENCES candidates(id),
-    updated_at   REAL NOT NULL
+    updated_at   REAL NOT NULL,
+    text_sha     TEXT
+);
+CREATE TABLE IF NOT EXISTS retries (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate_id    INTEGER NOT NULL REFERENCES candidates(id),
+    reason          TEXT NOT NULL,
+    requested_by    TEXT,
+    retried_at      REAL NOT NULL,
+    from_state      TEXT NOT NULL,
+    decision        TEXT,
+    attempts_before INTEGER NOT NULL
 );
 """
 
 
 class LedgerError(RuntimeError):
     pass
+
+
+class LedgerRefused(LedgerError):
+    """The ledger file cannot be used as it is; the message names it and the remedy."""
+
+
+# What to do when the ledger cannot be used: the branch and candidate refs in git hold every
+# candidate, so a lost ledger loses the record, not the code.
+_RESTORE = ("restore it from a backup, or move it aside and start a new run in another "
+            "directory (`autoresearch-coord init NEWDIR`); the file was not changed")
+
+
+def check_ledger(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
+    """Refuse (LedgerRefused) a ledger file that cannot be opened as this run's ledger.
+
+    Reads only: the checks run on a read-only connection, and the lock probe (``BEGIN
+    IMMEDIATE`` then ``ROLLBACK``) on a file already known to be a sound ledger writes nothing.
+    The file itself is never opened outside SQLite: closing any other descriptor of it would
+    drop the POSIX locks this process's SQLite connections hold on it (the coordinator opens
+    its trust list while its ledger is open), and a peer that then believes itself the last
+    connection deletes the WAL under them -- SQLite's own corruption warning.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size   # stat, not open: see above
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise LedgerRefused(f"cannot read the ledger {path}: {exc.strerror or exc}: fix its "
+                            "permissions (the coordinator's user must read and write it)") \
+            from None
+    if size == 0:
+        raise LedgerRefused(f"the ledger {path} is empty (0 bytes; a full disk or a copy that "
+                            f"failed?): {_RESTORE}")
+    try:
+        ro = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                             timeout=busy_timeout, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise LedgerRefused(f"cannot open the ledger {path}: {exc}: {_RESTORE}") from None
+    try:
+        try:
+            rows = [r[0] for r in ro.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc):
+                raise _locked(path, busy_timeout) from None
+            rows = [str(exc)]
+        except sqlite3.DatabaseError as exc:
+            if "not a database" in str(exc):
+                raise LedgerRefused(f"the ledger {path} is not an SQLite database ({size} "
+                                    f"bytes): {_RESTORE}") from None
+            rows = [str(exc)]
+        if rows != ["ok"]:
+            more = f" (+{len(rows) - 1} more)" if len(rows) > 1 else ""
+            raise LedgerRefused(
+                f"the ledger {path} is damaged (quick_check: {rows[0]}{more}): {_RESTORE}; "
+                f"`sqlite3 {path} .recover` may salvage a copy")
+        have = {r[0] for r in ro.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        missing = [t for t in TABLES if t not in have]
+        if missing:
+            raise LedgerRefused(f"{path} is an SQLite database but not an autoresearch ledger "
+                                f"(no table {', '.join(missing)}): {_RESTORE}")
+    finally:
+        ro.close()
+    rw = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None)
+    try:
+        rw.execute("BEGIN IMMEDIATE")
+        rw.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise _locked(path, busy_timeout) from None
+        raise LedgerRefused(f"cannot write the ledger {path}: {exc}: check the disk and the "
+                            "file's permissions") from None
+    finally:
+        rw.close()
+
+
+def _locked(path: Path, waited: float) -> LedgerRefused:
+    return LedgerRefused(
+        f"the ledger {path} is locked by another process (waited {waited:g}s for it): stop "
+        "whatever holds it (another coordinator, an open `sqlite3` shell or a backup job) and "
+        "start again; nothing was changed")
 
 
 def ledger_path(state_dir: Path) -> Path:
@@ -114,14 +255,17 @@ def ledger_path(state_dir: Path) -> Path:
 class Ledger:
     """One SQLite connection. Not thread-safe by itself: the Coordinator serialises calls."""
 
-    def __init__(self, path: Path, create: bool = False):
+    def __init__(self, path: Path, create: bool = False, busy_timeout: float = BUSY_TIMEOUT):
         self.path = Path(path)
-        if not create and not self.path.exists():
-            raise FileNotFoundError(f"no ledger at {self.path}: run `autoresearch-coord init` first")
+        if not create:
+            if not self.path.exists():
+                raise FileNotFoundError(f"no ledger at {self.path}: run `autoresearch-coord "
+                                        "init` first")
+            check_ledger(self.path, busy_timeout)   # before sqlite may write anything
         # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so a transaction is
         # exactly what a `with ledger.tx():` block says. check_same_thread=False: the server may
         # drive the core from a thread other than the one that opened it (calls are serialised).
-        self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0,
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=busy_timeout,
                                   check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -135,9 +279,27 @@ class Ledger:
                 if self.get_meta("schema_version") is None:
                     self.set_meta("schema_version", SCHEMA_VERSION)
         version = self.get_meta("schema_version")
+        if isinstance(version, int) and not isinstance(version, bool) \
+                and 1 <= version < SCHEMA_VERSION:
+            version = self._migrate(version)
         if version != SCHEMA_VERSION:
             raise LedgerError(f"{self.path}: ledger schema {version!r}, this release reads "
                               f"{SCHEMA_VERSION}: use the release that made this run")
+        if not create:
+            # IF NOT EXISTS: a no-op on a current ledger; adds tables added since (retries)
+            # to a ledger made by an earlier build of this schema version.
+            self.db.executescript(SCHEMA)
+
+    def _migrate(self, version: int) -> int:
+        """Bring an older ledger up to SCHEMA_VERSION, one transaction per version (a kill
+        between two leaves a consistent older version, upgraded again on the next open)."""
+        while version < SCHEMA_VERSION:
+            version += 1
+            with self.tx() as db:
+                for statement in MIGRATIONS.get(version, ()):
+                    db.execute(statement)
+                self.set_meta("schema_version", version)
+        return version
 
     def close(self) -> None:
         self.db.close()

@@ -10,6 +10,11 @@ from coordinator import states as st
 LEGAL_CANDIDATE = {
     ("queued", "running"), ("running", "measured"), ("running", "failed"),
     ("running", "queued"), ("measured", "kept"), ("measured", "discarded"),
+    # repeats (coordinator.rule asks for more runs; decided when all its leases are in)
+    ("running", "repeating"), ("running", "kept"), ("running", "discarded"),
+    ("measured", "repeating"), ("repeating", "running"), ("repeating", "measured"),
+    ("repeating", "kept"), ("repeating", "discarded"),
+    ("failed", "queued"),   # only by an admin's retry (Coordinator.retry)
 }
 LEGAL_ATTEMPT = {
     ("leased", "done"), ("leased", "lost"), ("leased", "cancelled"),
@@ -36,8 +41,9 @@ def test_attempt_transitions(old, new):
 
 
 def test_final_states_go_nowhere_and_unknown_states_are_refused():
-    for s in ("kept", "discarded", "failed"):
+    for s in ("kept", "discarded"):
         assert not st.CANDIDATE_TRANSITIONS[s]
+    assert st.CANDIDATE_TRANSITIONS["failed"] == {"queued"} and st.RETRYABLE == {"failed"}
     with pytest.raises(st.IllegalTransition, match="unknown state 'paused'"):
         st.check_candidate("queued", "paused")
     with pytest.raises(st.IllegalTransition, match="unknown state"):
