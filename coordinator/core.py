@@ -376,8 +376,15 @@ class Coordinator(contextlib.AbstractContextManager):
     # ---- workers ------------------------------------------------------------------------
 
     def worker_hello(self, worker_id: str, name: str, profile: dict, hw_class: str,
-                     attempt_id: str | None) -> HelloReply:
-        """A worker (re)joins, saying which attempt it is running (or None)."""
+                     attempt_id: str | None, in_flight: str | None = None) -> HelloReply:
+        """A worker (re)joins, saying which attempt it is running (or None).
+
+        ``in_flight``: the attempt the server has just sent this worker an assign for, which
+        this hello may have crossed -- still its lease (the server sends the assign again). A
+        live lease the worker does not hold otherwise never reached it (an assign lost with a
+        connection or with the previous coordinator process): cancelled, requeued, no strike.
+        The same worker id is the same worker process, so this is never the candidate's fault.
+        """
         with self._mutex:
             now = self._now()
             requeued: list[int] = []
@@ -393,13 +400,16 @@ class Coordinator(contextlib.AbstractContextManager):
                     (worker_id, name, hw_class, _json(profile if isinstance(profile, dict) else {}),
                      now, now))
                 lease = self.ledger.live_lease(worker_id)
-                if lease is not None and attempt_id == lease["attempt_id"]:
+                held = attempt_id if attempt_id is not None else in_flight
+                if lease is not None and held == lease["attempt_id"]:
                     db.execute("UPDATE workers SET attempt_id = ? WHERE worker_id = ?",
-                               (attempt_id, worker_id))
+                               (held, worker_id))
                     reply.reattached = True
                 else:
                     if lease is not None:  # it came back without the attempt we leased it
-                        cid, dec = self._lose(lease, st.LOST, "worker restarted without it")
+                        cid, dec = self._lose(lease, st.CANCELLED,
+                                              "the worker does not hold it: the assign never "
+                                              "reached it")
                         requeued += [cid] if cid is not None else []
                         decided = dec is not None
                     if attempt_id:
@@ -450,6 +460,13 @@ class Coordinator(contextlib.AbstractContextManager):
         with self._mutex:
             return {r[0] for r in self.ledger.all(
                 "SELECT DISTINCT worker_id FROM attempts WHERE state = 'leased'")}
+
+    def live_workers(self) -> set[str]:
+        """Workers the ledger believes alive: not marked gone, or holding a live lease. After a
+        restart each gets one window to say hello, else it is marked gone."""
+        with self._mutex:
+            return self.leased_workers() | {r[0] for r in self.ledger.all(
+                "SELECT worker_id FROM workers WHERE state != 'gone'")}
 
     # ---- scheduling ---------------------------------------------------------------------
 
@@ -533,7 +550,9 @@ class Coordinator(contextlib.AbstractContextManager):
             (attempt_id, cid, purpose, worker_id, hw, commit, now, index, text_sha))
         self.ledger.db.execute("UPDATE workers SET attempt_id = ?, last_seen = ? "
                                "WHERE worker_id = ?", (attempt_id, now, worker_id))
-        self._seen.setdefault(worker_id, {})["progress"] = None
+        # The in-memory heartbeat agrees with the ledger's last_seen written just above (status
+        # reads the former on a live run and the latter on a stopped one).
+        self._seen.setdefault(worker_id, {}).update(progress=None, last_seen=now)
         settings = {k: self.settings[k] for k in RUN_FIELDS}
         settings["seed"] = seeds.seed_for(int(self.settings["seed"]), index)
         return Assignment(attempt_id=attempt_id, candidate_id=cid, commit=commit,
