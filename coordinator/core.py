@@ -25,6 +25,13 @@ A candidate measured on hardware class C before the head is decided when the hea
 C arrives (``_decide_waiting``). The worker's note (why its status) is stored on the attempt and
 leads a failure's reason.
 
+The worker's machine readings at the start and end of a run (``Outcome.conditions``) and the
+run's tok/s are stored on the attempt; an ok run its machine slowed (``coordinator.slowdown``)
+is marked ``flagged`` -- stored, never counted (``scheduling.is_run``) -- and the candidate is
+leased again (``_requeue``). An ``oom`` candidate is routed (``coordinator.routing``): requeued,
+unbound from its class, for workers with more usable memory than the class it failed on
+(``candidates.min_memory``, a ``routes`` row), or failed when no connected class has more.
+
 Choices worth knowing:
   * candidate 0 is the baseline (state kept, with a "baseline" decision row) so head
     assignments carry an integer candidate id like everything else;
