@@ -11,7 +11,11 @@
     autoresearch-coord submit FILE|- -m "what changed" [--connect EP] [--server-key KEY] [--json]
     autoresearch-coord status [--json] [--watch [--every S]] [--dir DIR]
     autoresearch-coord log [-n N] [--json] [--dir DIR]
+    autoresearch-coord retry ID --reason "why"          queue a failed candidate again (admin)
     autoresearch-coord export [PATH] [--dir DIR]
+    autoresearch-coord agents --count N --command 'CMD {brief} ...' [--timeout S] [--slack K]
+                              [--out DIR]              keep N proposer agents busy
+    autoresearch-coord sweep --param NAME=SPEC ... [--count N] [--mode grid|random] [--seed S]
     autoresearch-coord report DIR [-o OUTDIR] [--no-plot] [--json]
     autoresearch-coord install DIR [start options] [--print]   background service at login
     autoresearch-coord uninstall [--print]
@@ -81,9 +85,11 @@ def _repo_dir(directory: Path | None) -> Path:
 def _trust_store(directory: Path | None):
     from coordinator.trust import TrustStore
 
+    from coordinator.ledger import LedgerRefused
+
     try:
         return TrustStore.open(_repo_dir(directory))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, LedgerRefused) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -277,8 +283,9 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
     try:
         core = Coordinator(directory)
     except Exception as exc:
-        if type(exc).__name__ in ("CoordinatorBusy", "FileNotFoundError", "ValueError",
-                                  "RuntimeError"):
+        # LedgerError (a RuntimeError) covers a refused ledger: one line, file and remedy.
+        if type(exc).__name__ in ("CoordinatorBusy", "FileNotFoundError", "ValueError") \
+                or isinstance(exc, RuntimeError):
             raise click.ClickException(str(exc)) from None
         raise
     try:
@@ -296,6 +303,12 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
         p = lambda s="": click.echo(s)  # noqa: E731
         ep = join_endpoint(endpoint)
         p(f"{stamp()} coordinator for {directory.resolve()} listening on {endpoint}")
+        # What reconcile() repaired in git at this start (the ledger is the truth): said here,
+        # in the coordinator's own log, not only in `status`.
+        for fix in core.fixed:
+            p(f"{stamp()} reconciled git with the ledger: {fix}")
+        for problem in core.problems:
+            p(f"{stamp()} problem: {problem}")
         p(f"  dataset {manifest['name']} ({manifest['dataset_hash'][:12]}) from {dataset.dir}")
         if dash is not None:
             p(f"  dashboard {dash.url} (read-only; no keys shown)" + (
@@ -696,6 +709,26 @@ def log(endpoint: str | None, server_key: str | None, insecure: bool, timeout: f
 
 
 @main.command()
+@click.argument("candidate_id", metavar="ID", type=click.IntRange(min=1))
+@click.option("--reason", required=True,
+              help="Why it deserves another run (one line; recorded in the ledger, shown by log).")
+@connect_option
+@timeout_option
+@click.option("--json", "as_json", is_flag=True, help="Print the coordinator's answer as JSON.")
+def retry(candidate_id: int, reason: str, endpoint: str | None, server_key: str | None,
+          insecure: bool, timeout: float, as_json: bool) -> None:
+    """Queue failed candidate ID again (admin): e.g. one failed by lost leases on a flaky
+    machine. Its earlier attempts and decision stay in the ledger; losses start counting anew."""
+    with _client(endpoint, timeout, server_key, insecure) as c:
+        data = _call(c.query, "retry", candidate_id=candidate_id, reason=reason)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        return
+    click.echo(f"#{data.get('candidate_id')} queued again (was {data.get('retried_from')}: "
+               f"{data.get('previous_reason') or '-'})")
+
+
+@main.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path), default="results.tsv")
 @connect_option
 @timeout_option
@@ -922,6 +955,17 @@ def _register_service() -> None:
 
 
 _register_service()
+
+
+def _register_proposers() -> None:
+    # agents / sweep live beside their loops (coordinator.proposers); they reuse the connect
+    # options and the client of this module, so they are added once it is complete.
+    from coordinator.proposers_cli import make_commands
+    for command in make_commands(connect_option, _client):
+        main.add_command(command)
+
+
+_register_proposers()
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ Choices worth knowing:
     lost (``LOST_LIMIT`` losses fail the candidate);
   * a candidate keeps its first measurement: no re-runs or seeds yet (DESIGN.md plans them on
     top; every attempt is stored for that);
-  * an identical train.py text is never queued twice, whatever its earlier fate.
+  * an identical train.py text is never queued twice, whatever its earlier fate; only an
+    admin's ``retry`` queues a failed candidate again (the reason and the superseded decision go
+    to the ``retries`` table, its attempts stay, and losses toward ``LOST_LIMIT`` count anew).
 
 Heartbeats (``worker_seen``) are kept in memory only: liveness is the server's business and
 writing SQLite once a second per worker would buy nothing after a restart.
@@ -72,8 +74,8 @@ from coordinator.repo import (
 )
 from shared.outcome import CANCELLED, OK, OOM, Outcome, plain
 
-__all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "HelloReply", "Assignment",
-           "Decision", "ResultAck", "clean_description"]
+__all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "RetryRefused", "HelloReply",
+           "Assignment", "Decision", "ResultAck", "clean_description"]
 
 MAX_DESCRIPTION = 200                 # characters kept of a submission's description
 MAX_TRAIN_PY_BYTES = 1_000_000        # a train.py is a few hundred lines; refuse a megabyte
@@ -86,6 +88,10 @@ KEEP_FORMAT_CHARS = {"\u200c", "\u200d"}
 
 class SubmitRejected(ValueError):
     """A submission the coordinator refuses; the message says why (e.g. the syntax error)."""
+
+
+class RetryRefused(ValueError):
+    """A retry the coordinator refuses (unknown candidate, not failed); the message says why."""
 
 
 @dataclass
@@ -340,9 +346,12 @@ class Coordinator(contextlib.AbstractContextManager):
             return None, None  # a head lease: the next worker of that class measures it
         cid = att["candidate_id"]
         if new_state == st.LOST:
+            # Losses since the candidate's last retry (an admin's retry starts a fresh count).
             times = self.ledger.scalar(
                 "SELECT COUNT(*) FROM attempts WHERE candidate_id = ? AND purpose = 'candidate' "
-                "AND (state = 'lost' OR (state = 'stale' AND prior_state = 'lost'))", cid)
+                "AND (state = 'lost' OR (state = 'stale' AND prior_state = 'lost')) AND rowid > "
+                "(SELECT COALESCE(MAX(attempts_before), 0) FROM retries WHERE candidate_id = ?)",
+                cid, cid)
             if times >= decide.LOST_LIMIT:
                 ids = [r[0] for r in self.ledger.all(
                     "SELECT attempt_id FROM attempts WHERE candidate_id = ? ORDER BY leased_at",
@@ -848,6 +857,46 @@ class Coordinator(contextlib.AbstractContextManager):
         with self._mutex:
             row = self.ledger.candidate(cid)
             return None if row is None else reports.candidate_summary(self.ledger, row)
+
+    # ---- admin --------------------------------------------------------------------------
+
+    def retry(self, cid: Any, reason: Any, requested_by: str | None = None) -> dict:
+        """An admin sends a failed candidate back to the queue (RetryRefused otherwise).
+
+        One transaction: a ``retries`` row keeps the reason and the superseded decision, the
+        decision row goes (a candidate has at most one), the candidate is queued again. Its
+        attempts stay in the ledger; only losses after the retry count toward its limit."""
+        if isinstance(cid, bool) or not isinstance(cid, int):
+            raise RetryRefused(f"candidate id must be an integer, not {cid!r}")
+        why = clean_description(reason)
+        if why == "(no description)":
+            raise RetryRefused("say why the candidate is retried (--reason)")
+        with self._mutex:
+            row = self.ledger.candidate(cid)
+            if row is None or cid == 0:
+                raise RetryRefused(f"no candidate #{cid}" if row is None else
+                                   "#0 is the baseline: it is never retried")
+            if row["state"] not in st.RETRYABLE:
+                raise RetryRefused(f"candidate #{cid} is {row['state']}: only "
+                                   f"{' or '.join(sorted(st.RETRYABLE))} candidates can be "
+                                   "retried")
+            with self.ledger.tx() as db:
+                old = self.ledger.decision(cid)
+                db.execute(
+                    "INSERT INTO retries(candidate_id, reason, requested_by, retried_at, "
+                    "from_state, decision, attempts_before) VALUES (?,?,?,?,?,?,"
+                    "(SELECT COALESCE(MAX(rowid), 0) FROM attempts))",
+                    (cid, why, requested_by, self._now(), row["state"],
+                     None if old is None else json.dumps(dict(old), sort_keys=True)))
+                db.execute("DELETE FROM decisions WHERE candidate_id = ?", (cid,))
+                self._set_candidate(cid, st.QUEUED)
+            if old is not None:
+                self._tsv_rows.pop(old["id"], None)
+            self._after_change(wrote_decision=True, head_moved=False)   # results.tsv
+            out = reports.candidate_summary(self.ledger, self.ledger.candidate(cid))
+            out.update(retried_from=row["state"], reason=why,
+                       previous_reason=None if old is None else old["reason"])
+            return out
 
     # ---- reports (coordinator.reports, under this coordinator's lock) -------------------
 

@@ -35,8 +35,9 @@ Conversation of one worker:
                                     <- ack(attempt_id, accepted)
     ready                           ->  ...
 
-Clients (``autoresearch-coord submit/status/log/export``) send a request carrying ``req_id``
-and wait for the reply carrying the same ``req_id``.
+Clients (``autoresearch-coord submit/status/log/export``, and the proposers ``agents`` and
+``sweep``, which ask ``query head`` and ``query brief``) send a request carrying ``req_id`` and
+wait for the reply carrying the same ``req_id``.
 
 With keys (the default), every message is judged by the coordinator's trust list
 (coordinator.trust): an unknown key may only ``enrol`` (redeem an invite; answered with
@@ -97,6 +98,13 @@ QUERIES: dict[str, frozenset[str]] = {
     "log": CLIENTS,
     "export": CLIENTS,
     "keys": _by(ADMIN),
+    # args candidate_id (int), reason (str): queue a failed candidate again (Coordinator.retry)
+    "retry": _by(ADMIN),
+    # proposers (autoresearch-coord agents / sweep): the head's train.py, commit and program.md;
+    # and what a brief needs (decisions, in flight, failures, noise, workers connected), with
+    # args decisions (int) and watch (candidate ids whose fate the proposer follows)
+    "head": CLIENTS,
+    "brief": CLIENTS,
     # the worker's dataset fetch (shared.datasync) and its harness diagnosis
     "dataset_manifest": _by(WORKER),
     "dataset_chunk": _by(WORKER),

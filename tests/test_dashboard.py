@@ -264,3 +264,21 @@ def test_start_refuses_a_bad_or_taken_dashboard_address(fleet_repo, prepared_sam
     # the coordinator's lock was released: a later start is not refused as busy
     from coordinator.core import Coordinator
     Coordinator(fleet_repo).close()
+
+
+def test_the_poll_loop_publishes_the_status_into_the_holder(fleet_repo):
+    """Server(snapshot=holder): each loop turn offers the holder the status (whatever status
+    answers, secrets included -- the page filters); nothing else touches the holder."""
+    import time
+
+    from serving import served
+
+    holder = SnapshotHolder(interval=0.05)
+    with served(fleet_repo, snapshot=holder) as (core, server):
+        end = time.monotonic() + 30
+        while holder.get()[0] < 3 and time.monotonic() < end:
+            time.sleep(0.02)
+        seq, data, _ = holder.get()
+        assert seq >= 3, "the loop did not keep publishing"
+        assert data["branch"] == core.branch and data["security"] == "insecure"
+        assert public_status(data)["branch"] == core.branch

@@ -149,19 +149,33 @@ def test_stats_from_repeats_and_from_the_rule(fleet_repo, fleet_variant):
     """Repeats give mean +- sem; statistics the decision rule stores on its row win."""
     n = simulate(fleet_repo, fleet_variant)
     core = n.core
-    # A rule that records its own numbers (issue 14): extra columns on the decision row.
+    # A rule that records its own numbers (issue 14): n, sigma, confidence columns and its
+    # comparison as JSON details on the decision row (added here if this schema lacks them).
+    have = {r[1] for r in core.ledger.all("PRAGMA table_info(decisions)")}
     with core.ledger.tx() as db:
-        db.execute("ALTER TABLE decisions ADD COLUMN confidence REAL")
-        db.execute("ALTER TABLE decisions ADD COLUMN sem REAL")
-        db.execute("UPDATE decisions SET confidence = 0.973, sem = 0.0042 WHERE candidate_id = ?",
-                   (n.kept[0],))
+        for col, kind in (("n_candidate", "INTEGER"), ("n_head", "INTEGER"), ("sigma", "REAL"),
+                          ("confidence", "REAL"), ("details", "TEXT")):
+            if col not in have:
+                db.execute(f"ALTER TABLE decisions ADD COLUMN {col} {kind}")
+        db.execute("UPDATE decisions SET confidence = 0.973, n_candidate = 3, n_head = 4, "
+                   "sigma = 0.021, details = ? WHERE candidate_id = ?",
+                   (json.dumps({"test": "paired", "candidate_mean": 1.4321,
+                                "candidate_sem": 0.0042, "head_sem": 0.0038,
+                                "difference": -0.0311, "se": 0.0051, "pairs": 3}),
+                    n.kept[0]))
     core.close()
     with history.read_run(fleet_repo) as L:
         kept = history.kept(L, fleet_repo)
     first = next(k for k in kept if k["candidate_id"] == n.kept[0])
     assert first["confidence"] == pytest.approx(0.973) and first["sem"] == pytest.approx(0.0042)
+    assert first["mean"] == pytest.approx(1.4321) and first["gain"] == pytest.approx(0.0311)
+    assert first["gain_sem"] == pytest.approx(0.0051) and (first["n"], first["head_n"]) == (3, 4)
     others = [k for k in kept if k["candidate_id"] != n.kept[0]]
-    assert all(k["confidence"] is None for k in others)
+    assert all(k["gain"] > 0 for k in others)
+    if "confidence" not in have:       # no rule statistics: computed ones, no confidence
+        assert all(k["confidence"] is None for k in others)
+    text = write_report(fleet_repo, fleet_repo.parent / "out").html_path.read_text()
+    assert "+0.0311 ± 0.0051" in text and "97.3%" in text and "3 vs 4, paired" in text
 
 
 # ---- the HTML report -------------------------------------------------------------------------

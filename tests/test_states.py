@@ -14,6 +14,7 @@ LEGAL_CANDIDATE = {
     ("running", "repeating"), ("running", "kept"), ("running", "discarded"),
     ("measured", "repeating"), ("repeating", "running"), ("repeating", "measured"),
     ("repeating", "kept"), ("repeating", "discarded"),
+    ("failed", "queued"),   # only by an admin's retry (Coordinator.retry)
 }
 LEGAL_ATTEMPT = {
     ("leased", "done"), ("leased", "lost"), ("leased", "cancelled"),
@@ -40,8 +41,9 @@ def test_attempt_transitions(old, new):
 
 
 def test_final_states_go_nowhere_and_unknown_states_are_refused():
-    for s in ("kept", "discarded", "failed"):
+    for s in ("kept", "discarded"):
         assert not st.CANDIDATE_TRANSITIONS[s]
+    assert st.CANDIDATE_TRANSITIONS["failed"] == {"queued"} and st.RETRYABLE == {"failed"}
     with pytest.raises(st.IllegalTransition, match="unknown state 'paused'"):
         st.check_candidate("queued", "paused")
     with pytest.raises(st.IllegalTransition, match="unknown state"):
