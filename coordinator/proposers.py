@@ -29,8 +29,8 @@ the proposals being written stay within the workers that take work plus ``slack`
 Stopping: ``stop(kill=False)`` (first Ctrl-C) starts nothing new and lets running agents finish
 and be submitted; ``stop(kill=True)`` (second Ctrl-C, or SIGTERM) kills their groups now. State
 that matters is the coordinator's: a submission either reached it or is still on disk in its
-proposal directory (``proposal.json`` state ``unsent``), so ``kill -9`` of the runner loses
-nothing the coordinator accepted. On Linux an agent is also killed if the runner dies
+proposal directory (``proposal.json`` state ``unsent``, sent by the next runner on the same
+OUT: ``resume_unsent``), so ``kill -9`` of the runner loses nothing the coordinator accepted. On Linux an agent is also killed if the runner dies
 (``PR_SET_PDEATHSIG``); on macOS a killed runner leaves its agents to finish on their own.
 
 Command: ``shlex.split`` once, no shell: placeholders are replaced inside each argument, so a
@@ -437,6 +437,31 @@ class AgentRunner(_Follower):
         self.killing = False
         self.records: list[dict] = []
 
+    def resume_unsent(self) -> int:
+        """Take up the proposals a previous runner on this OUT finished but could not send
+        (``proposal.json`` state ``unsent``: the coordinator was unreachable, then the runner
+        died). Resending is safe: the coordinator answers a text it has with that candidate."""
+        found = 0
+        for state_file in sorted(self.out_dir.glob("*/proposal.json")):
+            try:
+                rec = json.loads(state_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if rec.get("state") != "unsent" or not isinstance(rec.get("head_commit"), str):
+                continue
+            slot = next((x for x in self.slots if x.name == rec.get("slot")), self.slots[0])
+            p = Proposal(slot=slot.name, dir=state_file.parent, head_commit=rec["head_commit"],
+                         head_train_py="", started=float(rec.get("started") or 0))
+            if not p.train_py.is_file():
+                continue
+            self.unsent.append((slot, p, Judged("submit", "", str(rec.get("description") or
+                                                                 f"{slot.name}: (no description)"))))
+            found += 1
+        if found:
+            self.say(f"found {found} finished proposal(s) not yet submitted in {self.out_dir}: "
+                     "sending them first")
+        return found
+
     # -- control --
 
     def stop(self, kill: bool = False) -> None:
@@ -482,6 +507,7 @@ class AgentRunner(_Follower):
     def run(self) -> None:
         self.say(f"{len(self.slots)} proposer(s), agent timeout {self.timeout:g}s, slack "
                  f"{self.slack}; proposals in {self.out_dir}")
+        self.resume_unsent()
         while not self.done:
             self.step()
             time.sleep(POLL_SECONDS)

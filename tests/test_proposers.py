@@ -305,6 +305,26 @@ def test_unreachable_coordinator_keeps_the_proposal_and_sends_it_later(core, age
     assert any("coordinator reachable again" in ln for ln in lines)
 
 
+def test_a_new_runner_sends_what_a_killed_one_could_not(core, agent, tmp_path):
+    lines: list[str] = []
+    src = CoreSource(core, workers=1)
+    out = tmp_path / "out"
+    r = runner(src, agent("edit 1.33"), out, lines, count=1, slack=0, max_proposals=1)
+    drive(r, lambda: r.started == 1)
+    src.down = True
+    drive(r, lambda: r.unsent)
+    del r                                    # the runner dies (kill -9): nothing else is kept
+    assert core.status()["counts"]["queued"] == 0
+    src.down = False
+    r2 = runner(src, agent(), out, lines, count=1, slack=0, max_proposals=0)
+    assert r2.resume_unsent() == 1
+    drive(r2, lambda: r2.records)
+    assert r2.records[0]["state"] == "submitted" and r2.records[0]["description"] == \
+        "set BPB to 1.33"
+    assert core.status()["counts"]["queued"] == 1
+    assert r2.resume_unsent() == 0           # sent: not taken up again
+
+
 def test_judge_proposal():
     head = "x = 1\n"
     assert judge_proposal(head, "x = 2\n", "d", 0, False, 5).kind == "submit"
@@ -406,3 +426,25 @@ def test_a_decision_older_than_the_recent_list_is_still_reported(core, fleet_var
     drive(r, lambda: r.done, workers=[w])
     cid = r.results[0]["candidate_id"]
     assert any(ln.startswith(f"KEPT #{cid} (sweep)") for ln in lines), lines
+
+
+# ---- the commands' own refusals (no coordinator needed) ----------------------------------
+
+def _cli(*args: str):
+    import subprocess
+    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True,
+                          text=True, timeout=DEADLINE)
+
+
+def test_bad_specs_and_commands_are_one_line_errors_before_connecting():
+    nowhere = ["--connect", "tcp://127.0.0.1:9", "--insecure"]
+    r = _cli("sweep", "--param", "DEPTH=two", *nowhere)
+    assert r.returncode == 2 and "--param DEPTH=two: 'two' is not a number" in r.stderr, r
+    r = _cli("sweep", "--param", "LR=log:0.01:0.1", "--mode", "grid", *nowhere)
+    assert r.returncode == 2 and "needs a number of values" in r.stderr, r
+    r = _cli("agents", "--command", "no-such-agent-program-here {brief}", *nowhere)
+    assert r.returncode == 2 and "'no-such-agent-program-here' is not a program" in r.stderr, r
+    r = _cli("agents", "--command", "claude -p 'unbalanced", *nowhere)
+    assert r.returncode == 2 and "No closing quotation" in r.stderr, r
+    r = _cli("sweep", "--param", "DEPTH=2,3", "--connect", "tcp://127.0.0.1:9", "--insecure")
+    assert r.returncode == 1 and "no coordinator answering" in r.stderr, r

@@ -174,6 +174,9 @@ def test_sweep_of_three_values_yields_three_candidates(fleet, tmp_path):
     env = submitter_env(fleet, tmp_path, "sweeper")
     base = [sys.executable, "-m", "coordinator.cli", "sweep", "--param", "BPB=1.3,1.45,1.5,1.6",
             "--slack", "0", "--connect", ep, "--server-key", server_key(fleet)]
+    nope = Proc(base[:5] + ["NOT_IN_TRAIN_PY=1,2"] + base[6:], "nope", env=env)
+    assert nope.wait() == 2 and "NOT_IN_TRAIN_PY: not a constant of the head's train.py" \
+        in nope.text, nope.text
     dry = Proc(base + ["--dry-run"], "dry", env=env)
     assert dry.wait() == 0, dry.text
     assert "sweep: BPB=1.3\nsweep: BPB=1.45\nsweep: BPB=1.6\n3 point(s)" in dry.text + "\n"
