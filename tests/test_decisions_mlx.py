@@ -1,7 +1,14 @@
 """The sequential rule with the real MLX trainer: a loopback fleet (coordinator and two workers as
 real processes) on the tiny preset with a 2 s budget. The variant changes nothing numerically
-(one unused constant), its screen is wide open (every first run is repeated) and a keep needs
-99.9 %: it gets its repeat with the head's second seed, is decided once, and is not kept.
+(one unused constant) and its screen is wide open (every first run is repeated): it gets its
+repeat with the head's second seed, both sides' real runs pair by seed, it is decided once on
+the two means, and is not kept.
+
+The σ prior is wide (0.2) on purpose: on this shared 2-core machine the load of other processes
+moves a 2 s run's val_bpb by up to ~0.15 between rounds (measured: head 2.91, 2.74 with both
+workers busy; the same text 2.69, 2.66 a minute later), a drift no seed pairing removes. What
+is tested here is the mechanics with real runs; the statistics are tests/test_rule.py's and
+benchmarks/decisions.py's.
 """
 from __future__ import annotations
 
@@ -22,7 +29,8 @@ def fleet_repo(tmp_path):
 
     repo = tmp_path / "research"
     init_repo(repo, tag="mlx", preset="tiny", time_budget=2, head_runs=2, max_repeats=2,
-              screen=-100.0, confidence=0.999, remeasure_every=0, remeasure_seconds=0)
+              screen=-100.0, confidence=0.999, noise_prior=0.2, remeasure_every=0,
+              remeasure_seconds=0)
     return repo
 
 
@@ -51,7 +59,7 @@ def test_real_runs_of_a_do_nothing_variant_pair_by_seed_and_are_not_kept(fleet):
         assert [(i, s) for i, s, _ in cand] == [(0, 42), (1, 43)]
         assert all(math.isfinite(v) and 0 < v < 20 for *_, v in head + cand)
         d = db.execute("SELECT * FROM decisions WHERE candidate_id = ?", (cid,)).fetchall()
-        assert len(d) == 1 and d[0]["verdict"] == "discarded", dict(d[0])
+        assert len(d) == 1 and d[0]["verdict"] == "discarded", (d[0]["reason"], head, cand)
         assert (d[0]["n_candidate"], d[0]["n_head"]) == (2, 2)
         assert d[0]["rule"].startswith("sequential/") and d[0]["confidence"] < 0.999
         assert d[0]["val_bpb"] == pytest.approx(sum(v for *_, v in cand) / 2)
