@@ -935,6 +935,10 @@ def _what_happened(r: dict) -> Any:
     note = r.get("note")
     if r.get("kind") != "decision" and isinstance(note, str) and note:
         return f"{text}: {note}" if text else note
+    origin = r.get("origin")
+    if r.get("kind") == "decision" and isinstance(origin, dict) and origin.get("transcript"):
+        who = " on ".join(str(origin[k]) for k in ("proposer", "host") if origin.get(k))
+        return f"{text} ({who + ': ' if who else ''}{origin['transcript']})"
     return text
 
 

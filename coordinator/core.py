@@ -80,6 +80,7 @@ __all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "RetryRefused", "
 MAX_DESCRIPTION = 200                 # characters kept of a submission's description
 MAX_TRAIN_PY_BYTES = 1_000_000        # a train.py is a few hundred lines; refuse a megabyte
 MAX_BASE = 256                        # characters of a submission's base (a ref or sha)
+ORIGIN_FIELDS = ("tool", "proposer", "host", "transcript")   # a submission's origin map
 # Kept by clean_description although they are format characters: they join emoji and
 # shape scripts (Persian, Indic). Every other Cf -- bidi overrides/isolates (U+202A-E,
 # U+2066-9), zero-width spaces, BOMs -- can make a description display as something else.
@@ -157,6 +158,15 @@ def clean_description(text: Any) -> str:
     if len(clean) > MAX_DESCRIPTION:
         clean = clean[: MAX_DESCRIPTION - 1].rstrip() + "…"
     return clean or "(no description)"
+
+
+def clean_origin(origin: Any) -> dict[str, str]:
+    """The ``ORIGIN_FIELDS`` of a submission's origin map that are text, each cleaned like a
+    description (one line, no control or bidi characters, capped); anything else dropped."""
+    if not isinstance(origin, dict):
+        return {}
+    return {k: clean_description(origin[k]) for k in ORIGIN_FIELDS
+            if isinstance(origin.get(k), str) and origin[k].strip()}
 
 
 def _json(obj: Any) -> str:
@@ -378,8 +388,15 @@ class Coordinator(contextlib.AbstractContextManager):
     # ---- workers ------------------------------------------------------------------------
 
     def worker_hello(self, worker_id: str, name: str, profile: dict, hw_class: str,
-                     attempt_id: str | None) -> HelloReply:
-        """A worker (re)joins, saying which attempt it is running (or None)."""
+                     attempt_id: str | None, in_flight: str | None = None) -> HelloReply:
+        """A worker (re)joins, saying which attempt it is running (or None).
+
+        ``in_flight``: the attempt the server has just sent this worker an assign for, which
+        this hello may have crossed -- still its lease (the server sends the assign again). A
+        live lease the worker does not hold otherwise never reached it (an assign lost with a
+        connection or with the previous coordinator process): cancelled, requeued, no strike.
+        The same worker id is the same worker process, so this is never the candidate's fault.
+        """
         with self._mutex:
             now = self._now()
             requeued: list[int] = []
@@ -395,13 +412,16 @@ class Coordinator(contextlib.AbstractContextManager):
                     (worker_id, name, hw_class, _json(profile if isinstance(profile, dict) else {}),
                      now, now))
                 lease = self.ledger.live_lease(worker_id)
-                if lease is not None and attempt_id == lease["attempt_id"]:
+                held = attempt_id if attempt_id is not None else in_flight
+                if lease is not None and held == lease["attempt_id"]:
                     db.execute("UPDATE workers SET attempt_id = ? WHERE worker_id = ?",
-                               (attempt_id, worker_id))
+                               (held, worker_id))
                     reply.reattached = True
                 else:
                     if lease is not None:  # it came back without the attempt we leased it
-                        cid, dec = self._lose(lease, st.LOST, "worker restarted without it")
+                        cid, dec = self._lose(lease, st.CANCELLED,
+                                              "the worker does not hold it: the assign never "
+                                              "reached it")
                         requeued += [cid] if cid is not None else []
                         decided = dec is not None
                     if attempt_id:
@@ -452,6 +472,13 @@ class Coordinator(contextlib.AbstractContextManager):
         with self._mutex:
             return {r[0] for r in self.ledger.all(
                 "SELECT DISTINCT worker_id FROM attempts WHERE state = 'leased'")}
+
+    def live_workers(self) -> set[str]:
+        """Workers the ledger believes alive: not marked gone, or holding a live lease. After a
+        restart each gets one window to say hello, else it is marked gone."""
+        with self._mutex:
+            return self.leased_workers() | {r[0] for r in self.ledger.all(
+                "SELECT worker_id FROM workers WHERE state != 'gone'")}
 
     # ---- scheduling ---------------------------------------------------------------------
 
@@ -808,9 +835,11 @@ class Coordinator(contextlib.AbstractContextManager):
 
     # ---- clients ------------------------------------------------------------------------
 
-    def submit(self, train_py: str, description: str, base: str | None = None) -> dict:
+    def submit(self, train_py: str, description: str, base: str | None = None,
+               origin: dict | None = None) -> dict:
         """Queue a train.py variant; SubmitRejected if it cannot be run. An identical text is
-        answered with the earlier candidate (``duplicate: True``) and not queued again."""
+        answered with the earlier candidate (``duplicate: True``) and not queued again.
+        ``origin`` (tool, proposer, host, transcript) is kept beside it (``clean_origin``)."""
         if not isinstance(train_py, str):
             raise SubmitRejected("train.py must be text")
         size = len(train_py.encode("utf-8", "surrogatepass"))
@@ -820,6 +849,7 @@ class Coordinator(contextlib.AbstractContextManager):
         if err:
             raise SubmitRejected(err)
         desc = clean_description(description)
+        where = clean_origin(origin)
         sha = hashlib.sha256(train_py.encode("utf-8", "surrogatepass")).hexdigest()
         with self._mutex:
             row = self.ledger.one("SELECT * FROM candidates WHERE sha256 = ?", sha)
@@ -839,13 +869,18 @@ class Coordinator(contextlib.AbstractContextManager):
             with self.ledger.tx() as db:
                 cid = int(self.ledger.scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM candidates"))
                 tree = make_tree(self.repo_dir, base_commit, {"train.py": train_py})
+                came = "".join(f"{k}: {v}\n" for k, v in where.items())
                 commit = commit_object(self.repo_dir, tree, [base_commit],
                                        f"candidate #{cid}: {desc}\n\nbase: {base_commit}\n"
-                                       f"sha256(train.py): {sha}\n")
+                                       f"sha256(train.py): {sha}\n{came}")
                 db.execute("INSERT INTO candidates(id, description, sha256, train_py, "
                            "base_commit, commit_sha, state, created_at, updated_at) "
                            "VALUES (?,?,?,?,?,?,'queued',?,?)",
                            (cid, desc, sha, train_py, base_commit, commit, now, now))
+                if where:
+                    db.execute("INSERT INTO origins(candidate_id, tool, proposer, host, "
+                               "transcript) VALUES (?,?,?,?,?)",
+                               (cid, *(where.get(k) for k in ORIGIN_FIELDS)))
             # After the commit: a crash here leaves the ref missing; reconcile() recreates it.
             update_ref(self.repo_dir, candidate_ref(cid), commit, reason="autoresearch submit")
             row = self.ledger.candidate(cid)

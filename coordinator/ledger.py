@@ -40,6 +40,9 @@ Tables (times are epoch seconds, REAL; JSON columns are TEXT):
     retries    id, candidate_id, reason, requested_by, retried_at, from_state, decision (the
                superseded decision row, JSON), attempts_before (attempts rowid at the retry:
                losses before it no longer count toward the candidate's limit)
+    origins    candidate_id, tool (agents|sweep|...), proposer, host, transcript: where a
+               submission came from, when its client said (the proposers do), so the log
+               points at the agent's transcript on the machine that ran it
 
 Older ledgers are upgraded in place on open (``MIGRATIONS``). Schema 1 (before repeats): the new columns are added
 empty, and a run without a ``policy`` setting keeps deciding greedily (repo.decision_settings).
@@ -185,6 +188,13 @@ CREATE TABLE IF NOT EXISTS retries (
     from_state      TEXT NOT NULL,
     decision        TEXT,
     attempts_before INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS origins (
+    candidate_id INTEGER PRIMARY KEY REFERENCES candidates(id),
+    tool         TEXT,
+    proposer     TEXT,
+    host         TEXT,
+    transcript   TEXT
 );
 """
 

@@ -66,6 +66,17 @@ def prior_sigma(ledger: Ledger) -> float:
     return float(decision_settings(ledger.get_meta("settings") or {})["noise_prior"])
 
 
+def origin_of(ledger: Ledger, cid: int) -> dict | None:
+    """Where candidate ``cid`` came from (tool, proposer, host, transcript), if its client
+    said; None for a hand submission, or a ledger read-only from before the origins table."""
+    try:
+        r = ledger.one("SELECT tool, proposer, host, transcript FROM origins "
+                       "WHERE candidate_id = ?", cid)
+    except sqlite3.OperationalError:
+        return None
+    return None if r is None else {k: r[k] for k in r.keys() if r[k] is not None}
+
+
 def candidate_summary(ledger: Ledger, row: Mapping, duplicate: bool = False) -> dict:
     """One candidate row as a submitter sees it: state, commit, val_bpb (the mean of its runs
     on its class: the decision's once decided), how many runs, verdict."""
@@ -88,6 +99,7 @@ def candidate_summary(ledger: Ledger, row: Mapping, duplicate: bool = False) -> 
         out["verdict"], out["reason"] = d["verdict"], d["reason"]
         if d["val_bpb"] is not None and d["candidate_id"] != 0:
             out["val_bpb"], out["runs"] = d["val_bpb"], d["n_candidate"] or out["runs"]
+    out["origin"] = origin_of(ledger, row["id"])
     return out
 
 
@@ -148,7 +160,7 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
             "progress": r["progress"] if r else None,
             "last_seen": fmt_time(last), "gone_reason": w["gone_reason"]})
     queue = [{"candidate_id": r["id"], "description": r["description"],
-              "submitted": fmt_time(r["created_at"])}
+              "submitted": fmt_time(r["created_at"]), "origin": origin_of(L, r["id"])}
              for r in L.all("SELECT * FROM candidates WHERE state = 'queued' ORDER BY id")]
     measured, in_progress = [], []
     for r in L.all("SELECT * FROM candidates WHERE state IN ('running', 'measured', "
@@ -244,6 +256,7 @@ def log(ledger: Ledger, limit: int = 50) -> dict:
             "confidence": scheduling.field_of(r, "confidence"),
             "rule": scheduling.field_of(r, "rule"),
             "runs": runs_text(details, "candidate"), "head_runs": runs_text(details, "head"),
+            "origin": origin_of(L, r["candidate_id"]),
             "time": fmt_time(r["decided_at"]), "_t": r["decided_at"]})
     retries = []
     # An older ledger opened read-only may lack the table (the coordinator adds it on open).

@@ -21,9 +21,10 @@ its leases are in (coordinator.rule on its runs and the head's, on its class).
 An *attempt* is one lease of a candidate (or of the head, to measure it) to one worker:
 
     leased -> done        a result arrived from that worker while the lease was live
-    leased -> lost        the worker went silent / restarted without it: not counted
-    leased -> cancelled   the worker left cleanly (bye) or cancelled it itself, or the
-                          candidate was decided (failed) while it ran: not counted
+    leased -> lost        the worker went silent: not counted
+    leased -> cancelled   the worker left cleanly (bye), cancelled it itself, or never got
+                          it (its hello did not carry it), or the candidate was decided
+                          (failed) while it ran: not counted
     lost | cancelled -> stale   a result arrived anyway, too late: stored, never counted
 
 Only ``coordinator.core`` moves these states (one ledger transaction per change). It asks
