@@ -188,12 +188,23 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
     for r in L.all("SELECT state, COUNT(*) FROM candidates WHERE id > 0 GROUP BY state"):
         counts[r[0]] = r[1]
     counts["attempts"] = L.scalar("SELECT COUNT(*) FROM attempts")
+    routed = []
+    try:   # a ledger read offline may predate schema 3 (no flags, no routes)
+        counts["flagged"] = L.scalar("SELECT COUNT(*) FROM attempts WHERE flagged IS NOT NULL")
+        routed = [{"candidate_id": r["candidate_id"], "from_class": r["from_class"],
+                   "memory": r["memory"], "reason": r["reason"], "state": r["state"],
+                   "routed_at": fmt_time(r["routed_at"])}
+                  for r in L.all("SELECT r.*, c.state FROM routes r JOIN candidates c "
+                                 "ON c.id = r.candidate_id ORDER BY r.id")]
+    except sqlite3.OperationalError:
+        pass
     return {
         "repo": str(repo_dir), "tag": L.get_meta("tag"), "branch": L.get_meta("branch"),
         "head": head["commit_sha"], "head_commit": head["commit_sha"],
         "head_candidate": head["candidate_id"], "heads": heads, "workers": workers,
         "queue": queue, "running": running, "measured": measured, "in_progress": in_progress,
         "candidates": candidates, "counts": counts, "settings": dict(L.get_meta("settings")),
+        "routed": routed,
         "problems": problems, "reconciled": list(reconciled),
     }
 
@@ -221,6 +232,9 @@ def log(ledger: Ledger, limit: int = 50) -> dict:
             "exit_code": r["exit_code"], "wall_seconds": r["wall_seconds"],
             "peak_vram_mb": summary.get("peak_vram_mb"),
             "num_steps": summary.get("num_steps"), "note": r["note"],
+            "flagged": scheduling.field_of(r, "flagged"),
+            "tok_per_sec": scheduling.field_of(r, "tok_per_sec"),
+            "conditions": loads(scheduling.field_of(r, "conditions"), None),
             "log_tail": last_line(r["log_tail"]) if r["status"] != OK else None,
             "description": f"{r['purpose']} run of #{r['candidate_id']} "
                            f"({r['description']}) on {r['worker_name'] or r['worker_id']}",
