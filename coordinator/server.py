@@ -568,7 +568,8 @@ class Server:
     def _on_submit(self, identity: bytes, msg: dict, key: str | None) -> None:
         req_id = msg["req_id"]
         try:
-            data = self.core.submit(msg["train_py"], msg["description"], msg.get("base"))
+            data = self.core.submit(msg["train_py"], msg["description"], msg.get("base"),
+                                    origin=msg.get("origin"))
         except SubmitRejected as exc:
             self._reply(identity, req_id, error=str(exc))
             self.event(f"submission refused: {_first_line(str(exc))}")

@@ -52,8 +52,10 @@ CANDIDATE_FINAL = frozenset({KEPT, DISCARDED, FAILED})
 
 CANDIDATE_TRANSITIONS: dict[str, frozenset[str]] = {
     QUEUED: frozenset({RUNNING}),
-    # decided when its last lease is in; back to the queue when its only lease is lost with no
-    # run counted; failed on a bad outcome or too many losses
+    # decided when its last lease is in; back to the queue when its only lease is lost (or its
+    # run flagged as slowed by the machine) with no run counted, or when it ran out of memory
+    # and a connected class has more (coordinator.routing); failed on a bad outcome or too
+    # many losses
     RUNNING: frozenset({MEASURED, REPEATING, KEPT, DISCARDED, FAILED, QUEUED}),
     # waits here until the head has enough runs on the candidate's hardware class
     MEASURED: frozenset({REPEATING, KEPT, DISCARDED}),

@@ -149,7 +149,10 @@ SCHEMA: dict[str, Message] = {
                      {"req_id": (str,), "incarnation": (str,)}),
     # client <-> coordinator (workers also query: their dataset fetch)
     "submit": Message({"req_id": (str,), "train_py": (str,), "description": (str,),
-                       "base": OPT_STR}, CLIENTS),
+                       "base": OPT_STR}, CLIENTS,
+                      # where it came from (tool, proposer, host, transcript: str each); the
+                      # proposers send it so the log can point at the agent's transcript
+                      {"origin": OPT_MAP}),
     "query": Message({"req_id": (str,), "what": (str,), "args": (dict,)},
                      frozenset().union(*QUERIES.values())),
     "reply": Message({"req_id": (str,), "ok": (bool,), "data": (object,)}, _by(COORDINATOR)),
