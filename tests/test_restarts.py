@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 
+import pytest
 import zmq
 
 from serving import served, write_locked
@@ -318,6 +319,7 @@ def test_a_blocked_worker_takes_work_after_a_welcome_that_matches(fleet_repo, tm
 
 # ---- end to end: the issue's sequence with the real CLI ------------------------------------
 
+@pytest.mark.slow
 def test_coordinator_kill9_and_restart_inside_the_window_costs_no_lease(fleet, fleet_variant):
     """Coordinator + one worker as real processes; four variants; while they run, the
     coordinator is kill -9'd and restarted on the same endpoint three times, each time back
