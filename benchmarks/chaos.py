@@ -5,7 +5,8 @@ two keyed workers through the real CLIs on loopback, random ``kill -9`` of all t
 stream of short legitimate runs (the fast stand-in train.py), then the invariants checked from
 the ledger and git. Per seed it reports kills (coordinator / worker), candidates (submitted,
 kept, discarded, failed), attempts by state, violations of the invariants, and spurious strikes
-(lost leases recorded against a worker process that was never killed), with the load average.
+(lost leases held against a worker process that was alive: never killed, or not yet), with the
+load average.
 
     python benchmarks/chaos.py                         # seeds 1..3, 90 s of kills each
     python benchmarks/chaos.py --seed 7 --duration 120

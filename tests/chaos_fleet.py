@@ -24,7 +24,8 @@ Invariants (``check``), each a list of violations, empty when it holds:
   results.tsv     one row per decision, in order, with the decision's commit and verdict.
 
 Spurious strikes are reported apart: a lost lease (attempt ``lost``, or ``stale`` after ``lost``)
-recorded against a worker process that this session never killed. Each worker process gets a name
+that its worker process did not cause by dying -- the process was never killed, or it was still
+alive when the lease was declared lost (lost before its kill, or it sent the result late). Each worker process gets a name
 of its own (``w1g3``: slot 1, third life), so its worker id (``<name>-<hex>``) says which process
 held the lease. Runs wasted on such a process (its attempt ended ``stale`` or ``cancelled``
 under it) are reported too; neither is a violation of the invariants.
@@ -393,15 +394,23 @@ def check(repo: Path, acked: dict[str, int], tried: set[str], lives: list[Life])
     if have != want:
         bad.append(f"results.tsv rows {have} are not the decisions {want}")
 
-    # spurious strikes: a lost lease on a worker process we never killed
-    killed = {life.name for life in lives if life.killed is not None}
+    # spurious strikes: a lost lease its worker process did not cause by dying. Legitimate only
+    # if the process was killed while it held the lease (leased before the kill, declared lost
+    # after it); lost while it still lived, or answered with a late (stale) result -- a dead
+    # process sends none -- it was a strike against a live worker.
+    killed_at = {life.name: life.killed for life in lives if life.killed is not None}
+    killed = set(killed_at)
     worker_names = {life.name for life in lives if life.role == "worker"}
     for aid, a in attempts.items():
         lost = a["state"] == "lost" or (a["state"] == "stale" and a["prior_state"] == "lost")
         name = workers.get(a["worker_id"]) or a["worker_id"].rsplit("-", 1)[0]
-        if lost and name in worker_names and name not in killed:
+        if not lost or name not in worker_names:
+            pass
+        elif name not in killed or a["state"] == "stale" or not (
+                a["leased_at"] <= killed_at[name] <= (a["finished_at"] or float("inf"))):
             report.spurious_strikes.append({"attempt_id": aid, "candidate_id": a["candidate_id"],
-                                            "worker": name, "note": a["note"]})
+                                            "worker": name, "killed": name in killed,
+                                            "state": a["state"], "note": a["note"]})
         # A run an innocent worker made for nothing (its lease ended under it): not a strike,
         # but work wasted; reported, not a violation.
         if a["state"] in ("stale", "cancelled") and name in worker_names and name not in killed:
