@@ -395,9 +395,10 @@ def check(repo: Path, acked: dict[str, int], tried: set[str], lives: list[Life])
         bad.append(f"results.tsv rows {have} are not the decisions {want}")
 
     # spurious strikes: a lost lease its worker process did not cause by dying. Legitimate only
-    # if the process was killed while it held the lease (leased before the kill, declared lost
-    # after it); lost while it still lived, or answered with a late (stale) result -- a dead
-    # process sends none -- it was a strike against a live worker.
+    # if the process had been killed when the lease was declared lost (leased before the kill,
+    # or after it: the coordinator cannot know yet); declared lost while it still lived, or
+    # answered with a late (stale) result -- a dead process sends none -- it was a strike
+    # against a live worker. (Kill times are taken just before the SIGKILL.)
     killed_at = {life.name: life.killed for life in lives if life.killed is not None}
     killed = set(killed_at)
     worker_names = {life.name for life in lives if life.role == "worker"}
@@ -406,8 +407,8 @@ def check(repo: Path, acked: dict[str, int], tried: set[str], lives: list[Life])
         name = workers.get(a["worker_id"]) or a["worker_id"].rsplit("-", 1)[0]
         if not lost or name not in worker_names:
             pass
-        elif name not in killed or a["state"] == "stale" or not (
-                a["leased_at"] <= killed_at[name] <= (a["finished_at"] or float("inf"))):
+        elif name not in killed or a["state"] == "stale" or \
+                (a["finished_at"] or float("inf")) < killed_at[name]:
             report.spurious_strikes.append({"attempt_id": aid, "candidate_id": a["candidate_id"],
                                             "worker": name, "killed": name in killed,
                                             "state": a["state"], "note": a["note"]})
