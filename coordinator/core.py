@@ -25,6 +25,13 @@ A candidate measured on hardware class C before the head is decided when the hea
 C arrives (``_decide_waiting``). The worker's note (why its status) is stored on the attempt and
 leads a failure's reason.
 
+The worker's machine readings at the start and end of a run (``Outcome.conditions``) and the
+run's tok/s are stored on the attempt; an ok run its machine slowed (``coordinator.slowdown``)
+is marked ``flagged`` -- stored, never counted (``scheduling.is_run``) -- and the candidate is
+leased again (``_requeue``). An ``oom`` candidate is routed (``coordinator.routing``): requeued,
+unbound from its class, for workers with more usable memory than the class it failed on
+(``candidates.min_memory``, a ``routes`` row), or failed when no connected class has more.
+
 Choices worth knowing:
   * candidate 0 is the baseline (state kept, with a "baseline" decision row) so head
     assignments carry an integer candidate id like everything else;
@@ -55,15 +62,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from coordinator import decide, reports, scheduling
+from coordinator import decide, reports, routing, rule, scheduling, seeds, slowdown
+from coordinator import noise as noise_model
 from coordinator import states as st
-from coordinator.ledger import Ledger, LedgerError, ledger_path
+from coordinator.ledger import Ledger, LedgerError, ledger_path, loads
 from coordinator.repo import (
     CANDIDATE_REFS, DISPLACED_REFS, RUN_FIELDS, ZERO, CoordinatorBusy, GitError, acquire_lock,
-    candidate_ref, clear_stale_ref_locks, commit_object, commit_tree_of, is_ancestor, list_refs,
-    load_run, make_tree, rev_parse, state_dir, sync_worktree, update_ref, write_results_tsv,
+    candidate_ref, clear_stale_ref_locks, commit_object, commit_tree_of, decision_settings,
+    is_ancestor, list_refs, load_run, make_tree, read_blob, rev_parse, state_dir,
+    sync_worktree, update_ref, write_results_tsv,
 )
-from shared.outcome import CANCELLED, OK, Outcome, plain
+from shared.outcome import CANCELLED, OK, OOM, Outcome, plain
 
 __all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "RetryRefused", "HelloReply",
            "Assignment", "Decision", "ResultAck", "clean_description"]
@@ -71,6 +80,7 @@ __all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "RetryRefused", "
 MAX_DESCRIPTION = 200                 # characters kept of a submission's description
 MAX_TRAIN_PY_BYTES = 1_000_000        # a train.py is a few hundred lines; refuse a megabyte
 MAX_BASE = 256                        # characters of a submission's base (a ref or sha)
+ORIGIN_FIELDS = ("tool", "proposer", "host", "transcript")   # a submission's origin map
 # Kept by clean_description although they are format characters: they join emoji and
 # shape scripts (Persian, Indic). Every other Cf -- bidi overrides/isolates (U+202A-E,
 # U+2066-9), zero-width spaces, BOMs -- can make a description display as something else.
@@ -114,6 +124,10 @@ class Decision:
     head_after: str
     reason: str
     description: str = ""
+    runs: str | None = None             # the candidate's runs: "1.4100 ± 0.0141 (2)"
+    head_runs: str | None = None        # the head's: "1.5000 ± 0.0115 (3)"
+    confidence: float | None = None     # that it is better by more than the margin
+    rule: str | None = None             # which test decided, e.g. "sequential/welch"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,6 +158,15 @@ def clean_description(text: Any) -> str:
     if len(clean) > MAX_DESCRIPTION:
         clean = clean[: MAX_DESCRIPTION - 1].rstrip() + "…"
     return clean or "(no description)"
+
+
+def clean_origin(origin: Any) -> dict[str, str]:
+    """The ``ORIGIN_FIELDS`` of a submission's origin map that are text, each cleaned like a
+    description (one line, no control or bidi characters, capped); anything else dropped."""
+    if not isinstance(origin, dict):
+        return {}
+    return {k: clean_description(origin[k]) for k in ORIGIN_FIELDS
+            if isinstance(origin.get(k), str) and origin[k].strip()}
 
 
 def _json(obj: Any) -> str:
@@ -183,6 +206,9 @@ class Coordinator(contextlib.AbstractContextManager):
                 raise RuntimeError(f"{self.repo_dir}: run.json and the ledger disagree on the run "
                                    f"settings ({self.config.settings} vs {stored})")
             self.settings: dict = dict(stored)
+            # How this run decides (defaults filled in; a schema-1 run stays greedy).
+            self.decision: dict = decision_settings(self.settings)
+            self.rule_settings = rule.RuleSettings.from_settings(self.decision)
             self.tag: str = self.ledger.get_meta("tag")
             self.branch: str = self.ledger.get_meta("branch")
             self.fixed: list[str] = self.reconcile()
@@ -292,20 +318,32 @@ class Coordinator(contextlib.AbstractContextManager):
 
     def _insert_decision(self, cid: int, verdict: str, hw_class: str | None,
                          head_before: str | None, head_after: str, val_bpb: float | None,
-                         head_bpb: float | None, reason: str, attempt_ids: list[str]) -> Decision:
+                         head_bpb: float | None, reason: str, attempt_ids: list[str],
+                         numbers: dict | None = None) -> Decision:
+        """One decision row; ``numbers`` (from ``_numbers``) holds the test that decided it."""
+        n = numbers or {}
         self.ledger.db.execute(
             "INSERT INTO decisions(candidate_id, hw_class, verdict, head_before, head_after, "
-            "val_bpb, head_bpb, reason, attempt_ids, decided_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "val_bpb, head_bpb, reason, attempt_ids, decided_at, n_candidate, n_head, sigma, "
+            "confidence, rule, details) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (cid, hw_class, verdict, head_before, head_after, val_bpb, head_bpb, reason,
-             json.dumps(attempt_ids), self._now()))
+             json.dumps(attempt_ids), self._now(), n.get("n_candidate"), n.get("n_head"),
+             n.get("sigma"), n.get("confidence"), n.get("rule"),
+             json.dumps(n["details"]) if n.get("details") else None))
         desc = self.ledger.scalar("SELECT description FROM candidates WHERE id = ?", cid)
+        details = n.get("details") or {}
         return Decision(cid, verdict, hw_class, val_bpb, head_bpb, head_before, head_after,
-                        reason, desc or "")
+                        reason, desc or "", reports.runs_text(details, "candidate"),
+                        reports.runs_text(details, "head"), n.get("confidence"), n.get("rule"))
 
     def _fail_candidate(self, cid: int, hw_class: str, reason: str,
                         attempt_ids: list[str]) -> Decision:
         head = self.ledger.head()
         hv = decide.head_value(list(self._head_on(hw_class).values))
+        # Its other repeats still running count for nothing now: their results become stale.
+        for r in self.ledger.all("SELECT attempt_id FROM attempts WHERE candidate_id = ? AND "
+                                 "state = 'leased'", cid):
+            self._set_attempt(r[0], st.CANCELLED, note="candidate failed on another run")
         self._set_candidate(cid, st.FAILED)
         return self._insert_decision(cid, st.FAILED, hw_class, head["commit_sha"],
                                      head["commit_sha"], None, hv, reason, attempt_ids)
@@ -330,14 +368,35 @@ class Coordinator(contextlib.AbstractContextManager):
                     cid)]
                 return None, self._fail_candidate(cid, att["hw_class"],
                                                   decide.lost_reason(times), ids)
-        self._set_candidate(cid, st.QUEUED)
+        self._requeue(cid, att["hw_class"])
         return cid, None
+
+    def _requeue(self, cid: int, hw: str) -> None:
+        """A run of candidate ``cid`` on ``hw`` did not count (lost, cancelled, flagged as
+        slowed by its machine): lease it again."""
+        if self.ledger.scalar("SELECT COUNT(*) FROM attempts WHERE candidate_id = ? AND "
+                              "state = 'leased'", cid):
+            return  # other repeats of it are still running: it stays running
+        if self._candidate_runs(self.ledger.candidate(cid), hw):
+            # It has runs on its class: the missing repeat is leased again there.
+            self._set_candidate(cid, st.REPEATING)
+            return
+        self._set_candidate(cid, st.QUEUED)
+        self.ledger.db.execute("UPDATE candidates SET hw_class = NULL, runs_wanted = NULL "
+                               "WHERE id = ?", (cid,))
 
     # ---- workers ------------------------------------------------------------------------
 
     def worker_hello(self, worker_id: str, name: str, profile: dict, hw_class: str,
-                     attempt_id: str | None) -> HelloReply:
-        """A worker (re)joins, saying which attempt it is running (or None)."""
+                     attempt_id: str | None, in_flight: str | None = None) -> HelloReply:
+        """A worker (re)joins, saying which attempt it is running (or None).
+
+        ``in_flight``: the attempt the server has just sent this worker an assign for, which
+        this hello may have crossed -- still its lease (the server sends the assign again). A
+        live lease the worker does not hold otherwise never reached it (an assign lost with a
+        connection or with the previous coordinator process): cancelled, requeued, no strike.
+        The same worker id is the same worker process, so this is never the candidate's fault.
+        """
         with self._mutex:
             now = self._now()
             requeued: list[int] = []
@@ -353,13 +412,16 @@ class Coordinator(contextlib.AbstractContextManager):
                     (worker_id, name, hw_class, _json(profile if isinstance(profile, dict) else {}),
                      now, now))
                 lease = self.ledger.live_lease(worker_id)
-                if lease is not None and attempt_id == lease["attempt_id"]:
+                held = attempt_id if attempt_id is not None else in_flight
+                if lease is not None and held == lease["attempt_id"]:
                     db.execute("UPDATE workers SET attempt_id = ? WHERE worker_id = ?",
-                               (attempt_id, worker_id))
+                               (held, worker_id))
                     reply.reattached = True
                 else:
                     if lease is not None:  # it came back without the attempt we leased it
-                        cid, dec = self._lose(lease, st.LOST, "worker restarted without it")
+                        cid, dec = self._lose(lease, st.CANCELLED,
+                                              "the worker does not hold it: the assign never "
+                                              "reached it")
                         requeued += [cid] if cid is not None else []
                         decided = dec is not None
                     if attempt_id:
@@ -411,6 +473,13 @@ class Coordinator(contextlib.AbstractContextManager):
             return {r[0] for r in self.ledger.all(
                 "SELECT DISTINCT worker_id FROM attempts WHERE state = 'leased'")}
 
+    def live_workers(self) -> set[str]:
+        """Workers the ledger believes alive: not marked gone, or holding a live lease. After a
+        restart each gets one window to say hello, else it is marked gone."""
+        with self._mutex:
+            return self.leased_workers() | {r[0] for r in self.ledger.all(
+                "SELECT worker_id FROM workers WHERE state != 'gone'")}
+
     # ---- scheduling ---------------------------------------------------------------------
 
     def next_assignment(self, worker_id: str) -> Assignment | None:
@@ -425,33 +494,83 @@ class Coordinator(contextlib.AbstractContextManager):
                     return None  # one lease per worker
                 hw = w["hw_class"]
                 head = self.ledger.head()
+                on_head = self._head_on(hw)
+                memory = routing.worker_memory(loads(w["profile"], {}))
                 queued = [r[0] for r in self.ledger.all(
-                    "SELECT id FROM candidates WHERE state = 'queued' ORDER BY id")]
-                choice = scheduling.choose(head["candidate_id"], self._head_on(hw), queued)
+                    "SELECT id, min_memory FROM candidates WHERE state = 'queued' ORDER BY id")
+                    if routing.fits(r[1], memory)]   # routed here for more memory, or not
+                choice = scheduling.choose(
+                    head["candidate_id"], on_head, queued,
+                    head_runs=int(self.decision["head_runs"]),
+                    remeasure=self._remeasure_due(hw, on_head),
+                    in_progress=self._in_progress(hw))
                 if choice is None:
                     return None
                 cand = self.ledger.candidate(choice.candidate_id)
                 if choice.purpose == st.PURPOSE_HEAD:
-                    return self._lease(worker_id, hw, cand["id"], head["commit_sha"],
-                                       cand["train_py"], st.PURPOSE_HEAD)
-                self._set_candidate(cand["id"], st.RUNNING)
+                    train_py = self._text_of(head["commit_sha"], cand["train_py"])
+                    return self._lease(worker_id, hw, cand["id"], head["commit_sha"], train_py,
+                                       st.PURPOSE_HEAD, on_head.seeds)
+                if cand["state"] == st.QUEUED:  # its first run binds it to this class
+                    self.ledger.db.execute("UPDATE candidates SET hw_class = ?, runs_wanted = 1 "
+                                           "WHERE id = ?", (hw, cand["id"]))
+                if cand["state"] != st.RUNNING:
+                    self._set_candidate(cand["id"], st.RUNNING)
+                busy = scheduling.busy_seeds(self.ledger.class_attempts(cand["id"], hw),
+                                             self._candidate_sha(cand))
                 return self._lease(worker_id, hw, cand["id"], cand["commit_sha"],
-                                   cand["train_py"], st.PURPOSE_CANDIDATE)
+                                   cand["train_py"], st.PURPOSE_CANDIDATE, busy)
+
+    def _in_progress(self, hw: str) -> list[scheduling.InProgress]:
+        """Candidates bound to class ``hw`` that may want repeats there, oldest first."""
+        out = []
+        for c in self.ledger.all("SELECT * FROM candidates WHERE hw_class = ? AND state IN "
+                                 "('running', 'repeating') ORDER BY id", hw):
+            rows = self.ledger.class_attempts(c["id"], hw)
+            out.append(scheduling.InProgress(
+                c["id"], int(c["runs_wanted"] or 1),
+                len(scheduling.runs_of(rows, self._candidate_sha(c))),
+                sum(1 for r in rows if r["state"] == st.LEASED)))
+        return out
+
+    def _remeasure_due(self, hw: str, on_head: scheduling.HeadOnClass) -> bool:
+        if on_head.last_run_at is None:
+            return False
+        since = int(self.ledger.scalar(
+            "SELECT COUNT(*) FROM decisions WHERE hw_class = ? AND decided_at > ? AND "
+            "candidate_id != ?", hw, on_head.last_run_at, self.ledger.head()["candidate_id"]))
+        return scheduling.remeasure_due(on_head, since, self._now(),
+                                        int(self.decision["remeasure_every"]),
+                                        float(self.decision["remeasure_seconds"]))
+
+    def _text_of(self, commit: str, fallback: str) -> str:
+        """train.py as it is in ``commit`` (a keep commit holds the candidate as measured)."""
+        try:
+            return read_blob(self.repo_dir, commit)
+        except GitError:
+            return fallback
 
     def _lease(self, worker_id: str, hw: str, cid: int, commit: str, train_py: str,
-               purpose: str) -> Assignment:
+               purpose: str, busy_seeds: frozenset[int] = frozenset()) -> Assignment:
         attempt_id = uuid.uuid4().hex
         now = self._now()
+        # Repeat i of a text on a class runs with seed i of the run's sequence (coordinator.seeds)
+        index = scheduling.seed_index_for(busy_seeds)
+        text_sha = hashlib.sha256(train_py.encode("utf-8", "surrogatepass")).hexdigest()
         self.ledger.db.execute(
             "INSERT INTO attempts(attempt_id, candidate_id, purpose, worker_id, hw_class, "
-            "commit_sha, leased_at, state) VALUES (?,?,?,?,?,?,?,'leased')",
-            (attempt_id, cid, purpose, worker_id, hw, commit, now))
+            "commit_sha, leased_at, state, seed_index, text_sha) "
+            "VALUES (?,?,?,?,?,?,?,'leased',?,?)",
+            (attempt_id, cid, purpose, worker_id, hw, commit, now, index, text_sha))
         self.ledger.db.execute("UPDATE workers SET attempt_id = ?, last_seen = ? "
                                "WHERE worker_id = ?", (attempt_id, now, worker_id))
-        self._seen.setdefault(worker_id, {})["progress"] = None
+        # The in-memory heartbeat agrees with the ledger's last_seen written just above (status
+        # reads the former on a live run and the latter on a stopped one).
+        self._seen.setdefault(worker_id, {}).update(progress=None, last_seen=now)
+        settings = {k: self.settings[k] for k in RUN_FIELDS}
+        settings["seed"] = seeds.seed_for(int(self.settings["seed"]), index)
         return Assignment(attempt_id=attempt_id, candidate_id=cid, commit=commit,
-                          train_py=train_py,
-                          settings={k: self.settings[k] for k in RUN_FIELDS},
+                          train_py=train_py, settings=settings,
                           timeout=float(self.settings["timeout"]), purpose=purpose)
 
     # ---- results and decisions ----------------------------------------------------------
@@ -495,83 +614,232 @@ class Coordinator(contextlib.AbstractContextManager):
                     decisions += [dec] if dec else []
                 else:
                     self._set_attempt(attempt_id, st.DONE)
-                    if att["purpose"] == st.PURPOSE_CANDIDATE:
-                        if status == OK:
-                            self._set_candidate(att["candidate_id"], st.MEASURED)
+                    judged = self._judge_slowdown(att, oc) if status == OK else None
+                    if judged is not None and judged.flagged:
+                        note = judged.reason
+                        if att["purpose"] == st.PURPOSE_CANDIDATE:
+                            self._requeue(att["candidate_id"], att["hw_class"])
+                    elif att["purpose"] == st.PURPOSE_CANDIDATE and status != OK:
+                        route = self._route_oom(att) if status == OOM else None
+                        if route is not None and route.requeue:
+                            self._apply_route(att, route)
+                            note = route.reason
                         else:
                             reason = decide.failure_reason(oc, att["hw_class"])
+                            if route is not None:   # ran out of memory on the largest class
+                                reason = f"{reason}; {route.reason}"
                             decisions.append(self._fail_candidate(
                                 att["candidate_id"], att["hw_class"], reason, [attempt_id]))
-                    decisions += self._decide_waiting(att["hw_class"])
+                    elif att["purpose"] == st.PURPOSE_HEAD and status == OK:
+                        note = self._check_drift(att)
+                    decisions += self._decide_class(att["hw_class"])
                 new_head = self.ledger.head()["commit_sha"]
             if new_head != old_head:
                 self._move_branch(old_head, new_head)
             self._after_change(wrote_decision=True, head_moved=new_head != old_head)
-            if not note:
-                note = "; ".join(f"#{d.candidate_id} {d.verdict}" for d in decisions)
+            verdicts = "; ".join(f"#{d.candidate_id} {d.verdict}" for d in decisions)
+            if not note or verdicts:
+                note = "; ".join(x for x in (note, verdicts) if x)
                 if not note and status == OK:
-                    note = ("measured: waiting for the head's number on this class"
+                    note = (self._waiting_note(att["candidate_id"])
                             if att["purpose"] == st.PURPOSE_CANDIDATE else
                             f"head #{att['candidate_id']} measured on {att['hw_class']}")
                 elif not note:
                     note = f"head #{att['candidate_id']} measurement failed: {status}"
             return ResultAck(True, note, decisions)
 
+    def _waiting_note(self, cid: int) -> str:
+        c = self.ledger.candidate(cid)
+        state = c["state"] if c is not None else "?"
+        if state == st.REPEATING:
+            return f"measured: repeats wanted ({c['runs_wanted']} runs in all)"
+        if state == st.RUNNING:
+            return "measured: its other repeats are still running"
+        return "measured: waiting for the head's runs on this class"
+
+    def _check_drift(self, att) -> str:
+        """A head re-run beyond the noise: say so on the attempt (the log shows its note)."""
+        hw = att["hw_class"]
+        on_head = self._head_on(hw)
+        sigma = reports.class_noise(self.ledger, hw, float(self.decision["noise_prior"])).sigma
+        d = noise_model.drift(list(on_head.values), sigma)
+        if d is None or on_head.runs[-1].attempt_id != att["attempt_id"]:
+            return ""
+        text = f"head drift on {hw}: {d.describe()}"
+        self.ledger.db.execute("UPDATE attempts SET note = ? WHERE attempt_id = ?",
+                               (text, att["attempt_id"]))
+        return text
+
     def _store_outcome(self, att, oc: Outcome) -> None:
-        """The outcome as the worker classified it, note included (it says why the status)."""
+        """The outcome as the worker classified it, note included (it says why the status),
+        with the worker's machine readings and the run's average tok/s."""
         self.ledger.db.execute(
             "UPDATE attempts SET status = ?, val_bpb = ?, summary = ?, log_tail = ?, "
-            "exit_code = ?, wall_seconds = ?, note = COALESCE(?, note) WHERE attempt_id = ?",
+            "exit_code = ?, wall_seconds = ?, note = COALESCE(?, note), conditions = ?, "
+            "tok_per_sec = ? WHERE attempt_id = ?",
             (oc.status, oc.val_bpb, _json(oc.result), oc.log_tail or None, oc.exit_code,
-             oc.wall_seconds, oc.note or None, att["attempt_id"]))
+             oc.wall_seconds, oc.note or None, _json(oc.conditions) if oc.conditions else None,
+             slowdown.run_tok_per_sec(oc.result), att["attempt_id"]))
 
-    def _decide_waiting(self, hw: str) -> list[Decision]:
-        """Decide measured candidates on class ``hw``, oldest first, while the head has a
-        number there. A keep makes that candidate the head (its own run is the head's number),
-        so the next waiting one is judged against it."""
+    def _judge_slowdown(self, att, oc: Outcome) -> slowdown.Judgement:
+        """Did the worker's machine slow this ok run (``coordinator.slowdown``)? A flagged run
+        is marked (``attempts.flagged``: ``scheduling.is_run`` leaves it out of everything)
+        and its note says why; a run counted despite machine evidence says that too."""
+        same_text = [r for r in self.ledger.class_attempts(att["candidate_id"], att["hw_class"])
+                     if r["attempt_id"] != att["attempt_id"]
+                     and (r["text_sha"] is None or att["text_sha"] is None
+                          or r["text_sha"] == att["text_sha"])]
+        refs = [r["tok_per_sec"] for r in same_text
+                if scheduling.is_run(r) and r["tok_per_sec"] is not None]
+        judged = slowdown.judge(oc.result, oc.conditions, refs,
+                                sum(1 for r in same_text if r["flagged"]))
+        if judged.reason:
+            self.ledger.db.execute(
+                "UPDATE attempts SET flagged = ?, note = TRIM(COALESCE(note || '; ', '') || ?) "
+                "WHERE attempt_id = ?",
+                (judged.reason if judged.flagged else None, judged.reason, att["attempt_id"]))
+        return judged
+
+    def _route_oom(self, att) -> routing.Route:
+        """Where a candidate goes after running out of memory on ``att``'s class."""
+        me = self.ledger.worker(att["worker_id"])
+        memory = routing.worker_memory(loads(me["profile"], {})) if me is not None else None
+        cand = self.ledger.candidate(att["candidate_id"])
+        connected = [(w["hw_class"], routing.worker_memory(loads(w["profile"], {})))
+                     for w in self.ledger.all("SELECT hw_class, profile FROM workers "
+                                              "WHERE state = 'connected'")]
+        return routing.after_oom(att["hw_class"], memory, cand["min_memory"], connected)
+
+    def _apply_route(self, att, route: routing.Route) -> None:
+        """Requeue an out-of-memory candidate for workers with more memory than ``route``
+        says it needs: unbound from this class (measured from scratch where it lands), its
+        other leases here cancelled (they would run out of memory too)."""
+        cid = att["candidate_id"]
+        for r in self.ledger.all("SELECT attempt_id FROM attempts WHERE candidate_id = ? AND "
+                                 "state = 'leased'", cid):
+            self._set_attempt(r[0], st.CANCELLED, note="candidate routed to more memory")
+        self.ledger.db.execute(
+            "INSERT INTO routes(candidate_id, from_class, memory, reason, routed_at) "
+            "VALUES (?,?,?,?,?)", (cid, att["hw_class"], route.min_memory, route.reason,
+                                   self._now()))
+        if self.ledger.candidate(cid)["state"] != st.QUEUED:
+            self._set_candidate(cid, st.QUEUED)
+        self.ledger.db.execute("UPDATE candidates SET hw_class = NULL, runs_wanted = NULL, "
+                               "min_memory = ? WHERE id = ?", (route.min_memory, cid))
+
+    def _candidate_sha(self, cand) -> str:
+        """sha256 of the text a candidate's runs must have to count for it (its own train.py:
+        the text it would be kept as)."""
+        return cand["sha256"]
+
+    def _candidate_runs(self, cand, hw: str) -> tuple[rule.Run, ...]:
+        return scheduling.runs_of(self.ledger.class_attempts(cand["id"], hw),
+                                  self._candidate_sha(cand))
+
+    def _decide_class(self, hw: str) -> list[Decision]:
+        """Apply the rule to every candidate on class ``hw`` whose leases are all in, oldest
+        first. A keep changes the head, so the rest are then judged against the new head (and
+        wait for its runs there)."""
         out: list[Decision] = []
-        margin = float(self.settings.get("margin", 0.0))
+        done: set[int] = set()
         while True:
-            c = self.ledger.one(
-                "SELECT c.id, c.description, c.commit_sha, c.base_commit, a.attempt_id, "
-                "a.val_bpb FROM candidates c JOIN attempts a ON a.candidate_id = c.id "
-                "WHERE c.state = 'measured' AND a.purpose = 'candidate' AND a.state = 'done' "
-                "AND a.status = 'ok' AND a.hw_class = ? ORDER BY c.id LIMIT 1", hw)
-            if c is None:
+            rows = [c for c in self.ledger.all(
+                "SELECT * FROM candidates WHERE hw_class = ? AND state IN ('running', "
+                "'measured', 'repeating') ORDER BY id", hw) if c["id"] not in done]
+            head_moved = False
+            for c in rows:
+                if self.ledger.scalar("SELECT COUNT(*) FROM attempts WHERE candidate_id = ? "
+                                      "AND state = 'leased'", c["id"]):
+                    continue  # decided when all its runs are in
+                done.add(c["id"])
+                d = self._evaluate(c, hw)
+                if d is not None:
+                    out.append(d)
+                    if d.verdict == st.KEPT:
+                        head_moved = True
+                        break
+            if not head_moved:
                 return out
-            head = self.ledger.head()
-            m = self._head_on(hw)
-            hv = decide.head_value(list(m.values))
-            if hv is None:
-                return out  # waits in measured until the head's number on hw arrives
-            v = decide.judge(c["val_bpb"], hv, margin, hw, len(m.values))
-            ids = [c["attempt_id"]] + list(m.attempt_ids)
-            new_head = head["commit_sha"]
-            if v.verdict == st.KEPT:
-                message = (
-                    f"keep #{c['id']}: {c['description']}\n\n"
-                    f"val_bpb: {hv:.6f} -> {c['val_bpb']:.6f} on {hw} (margin {margin:g})\n"
-                    f"hardware class: {hw}\n"
-                    f"candidate: #{c['id']} {c['commit_sha']} (based on {c['base_commit']})\n"
-                    f"head before: #{head['candidate_id']} {head['commit_sha']}\n"
-                    f"candidate attempt: {c['attempt_id']}\n"
-                    f"head attempts: {', '.join(m.attempt_ids)}\n")
-                # Object first: if we die before the ledger commits, it is unreferenced junk.
-                new_head = commit_object(self.repo_dir, commit_tree_of(self.repo_dir,
-                                                                       c["commit_sha"]),
-                                         [head["commit_sha"]], message)
-                self.ledger.db.execute(
-                    "UPDATE head SET commit_sha = ?, candidate_id = ?, updated_at = ? "
-                    "WHERE id = 1", (new_head, c["id"], self._now()))
-            self._set_candidate(c["id"], v.verdict)
-            out.append(self._insert_decision(c["id"], v.verdict, hw, head["commit_sha"],
-                                             new_head, c["val_bpb"], hv, v.reason, ids))
+            done = set()  # a new head: every waiting candidate is looked at again
+
+    def _evaluate(self, c, hw: str) -> Decision | None:
+        """One candidate through coordinator.rule; apply its verdict. None unless decided."""
+        runs = self._candidate_runs(c, hw)
+        if not runs:
+            return None
+        on_head = self._head_on(hw)
+        v = None
+        if on_head.enough(int(self.decision["head_runs"])):
+            noise = reports.class_noise(self.ledger, hw, float(self.decision["noise_prior"]))
+            v = rule.decide(on_head.runs, runs, noise, self.rule_settings)
+        if v is None or v.action == rule.WAIT:
+            if c["state"] != st.MEASURED:
+                self._set_candidate(c["id"], st.MEASURED)
+            return None
+        if v.action == rule.MORE:
+            self.ledger.db.execute("UPDATE candidates SET runs_wanted = ? WHERE id = ?",
+                                   (len(runs) + v.more, c["id"]))
+            if c["state"] != st.REPEATING:
+                self._set_candidate(c["id"], st.REPEATING)
+            return None
+        cmp = v.comparison
+        head = self.ledger.head()
+        ids = [r.attempt_id for r in runs] + list(on_head.attempt_ids)
+        new_head = head["commit_sha"]
+        if v.action == rule.KEEP:
+            new_head = self._keep_commit(c, hw, head, on_head, runs, v)
+            self.ledger.db.execute(
+                "UPDATE head SET commit_sha = ?, candidate_id = ?, updated_at = ?, text_sha = ? "
+                "WHERE id = 1", (new_head, c["id"], self._now(), self._candidate_sha(c)))
+        verdict = st.KEPT if v.action == rule.KEEP else st.DISCARDED
+        self._set_candidate(c["id"], verdict)
+        return self._insert_decision(c["id"], verdict, hw, head["commit_sha"], new_head,
+                                     cmp.candidate_mean, cmp.head_mean, f"{v.reason} on {hw}",
+                                     ids, self._numbers(v, on_head.runs, runs))
+
+    @staticmethod
+    def _numbers(v: rule.Verdict, head_runs, runs) -> dict:
+        """The decision row's numbers: n each side, σ, confidence, rule, the comparison and
+        the paired differences (the noise model pools those for σ_paired)."""
+        cmp = v.comparison
+        by_seed = {r.seed_index: r.value for r in head_runs}
+        diffs = [r.value - by_seed[r.seed_index] for r in runs if r.seed_index in by_seed]
+        details = dict(cmp.to_dict(), paired_differences=diffs,
+                       candidate_runs=[[r.seed_index, r.value] for r in runs],
+                       head_runs=[[r.seed_index, r.value] for r in head_runs])
+        return {"n_candidate": cmp.n_candidate, "n_head": cmp.n_head, "sigma": cmp.sigma,
+                "confidence": cmp.confidence, "rule": v.rule, "details": details}
+
+    def _keep_commit(self, c, hw: str, head, on_head, runs, v: rule.Verdict) -> str:
+        """The keep commit object (written before the ledger commits: if we die first it is
+        unreferenced junk). Its message carries the numbers a reader checks the keep by."""
+        cmp = v.comparison
+        margin = float(self.decision["margin"])
+        df = "prior" if cmp.df is None else f"{cmp.df} df"
+        message = (
+            f"keep #{c['id']}: {c['description']}\n\n"
+            f"val_bpb: {rule.fmt_runs(cmp.head_mean, cmp.head_sem, cmp.n_head)} -> "
+            f"{rule.fmt_runs(cmp.candidate_mean, cmp.candidate_sem, cmp.n_candidate)} on {hw}"
+            f" (mean ± sem (runs))\n"
+            f"decided by: {v.rule}, {100 * cmp.confidence:.1f}% confident better by more than "
+            f"margin {margin:g} (σ {cmp.sigma:.4f}, {cmp.sigma_source}, {df})\n"
+            f"hardware class: {hw}\n"
+            f"candidate: #{c['id']} {c['commit_sha']} (based on {c['base_commit']})\n"
+            f"head before: #{head['candidate_id']} {head['commit_sha']}\n"
+            f"candidate attempts (seed index): "
+            f"{', '.join(f'{r.attempt_id} ({r.seed_index})' for r in runs)}\n"
+            f"head attempts (seed index): "
+            f"{', '.join(f'{r.attempt_id} ({r.seed_index})' for r in on_head.runs)}\n")
+        return commit_object(self.repo_dir, commit_tree_of(self.repo_dir, c["commit_sha"]),
+                             [head["commit_sha"]], message)
 
     # ---- clients ------------------------------------------------------------------------
 
-    def submit(self, train_py: str, description: str, base: str | None = None) -> dict:
+    def submit(self, train_py: str, description: str, base: str | None = None,
+               origin: dict | None = None) -> dict:
         """Queue a train.py variant; SubmitRejected if it cannot be run. An identical text is
-        answered with the earlier candidate (``duplicate: True``) and not queued again."""
+        answered with the earlier candidate (``duplicate: True``) and not queued again.
+        ``origin`` (tool, proposer, host, transcript) is kept beside it (``clean_origin``)."""
         if not isinstance(train_py, str):
             raise SubmitRejected("train.py must be text")
         size = len(train_py.encode("utf-8", "surrogatepass"))
@@ -581,6 +849,7 @@ class Coordinator(contextlib.AbstractContextManager):
         if err:
             raise SubmitRejected(err)
         desc = clean_description(description)
+        where = clean_origin(origin)
         sha = hashlib.sha256(train_py.encode("utf-8", "surrogatepass")).hexdigest()
         with self._mutex:
             row = self.ledger.one("SELECT * FROM candidates WHERE sha256 = ?", sha)
@@ -600,13 +869,18 @@ class Coordinator(contextlib.AbstractContextManager):
             with self.ledger.tx() as db:
                 cid = int(self.ledger.scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM candidates"))
                 tree = make_tree(self.repo_dir, base_commit, {"train.py": train_py})
+                came = "".join(f"{k}: {v}\n" for k, v in where.items())
                 commit = commit_object(self.repo_dir, tree, [base_commit],
                                        f"candidate #{cid}: {desc}\n\nbase: {base_commit}\n"
-                                       f"sha256(train.py): {sha}\n")
+                                       f"sha256(train.py): {sha}\n{came}")
                 db.execute("INSERT INTO candidates(id, description, sha256, train_py, "
                            "base_commit, commit_sha, state, created_at, updated_at) "
                            "VALUES (?,?,?,?,?,?,'queued',?,?)",
                            (cid, desc, sha, train_py, base_commit, commit, now, now))
+                if where:
+                    db.execute("INSERT INTO origins(candidate_id, tool, proposer, host, "
+                               "transcript) VALUES (?,?,?,?,?)",
+                               (cid, *(where.get(k) for k in ORIGIN_FIELDS)))
             # After the commit: a crash here leaves the ref missing; reconcile() recreates it.
             update_ref(self.repo_dir, candidate_ref(cid), commit, reason="autoresearch submit")
             row = self.ledger.candidate(cid)

@@ -9,20 +9,43 @@ Tables (times are epoch seconds, REAL; JSON columns are TEXT):
 
     meta       key -> value (JSON): schema_version, settings, tag, branch, preset, ...
     candidates id, description, sha256 (UNIQUE), train_py, base_commit, commit, state,
-               created_at, updated_at. Candidate 0 is the run's baseline (state kept).
+               created_at, updated_at, hw_class (the class its runs are on, once it has
+               one: a decision uses one class only), runs_wanted (runs the rule asked for
+               in all, on that class), min_memory (bytes: it ran out of memory on a class
+               with this much, so only workers with more take it -- coordinator.routing).
+               Candidate 0 is the run's baseline (state kept).
     attempts   attempt_id, candidate_id, purpose (head|candidate), worker_id, hw_class,
                commit (what was measured), leased_at, finished_at, state (leased|done|lost|
                cancelled|stale), prior_state (for stale: lost|cancelled), status (outcome:
                ok|crash|nan|oom|timeout|cancelled), val_bpb, summary (harness result JSON),
-               log_tail, exit_code, wall_seconds, note
+               log_tail, exit_code, wall_seconds, note, seed_index (repeat i ran with seed i
+               of the run's sequence, coordinator.seeds), text_sha (sha256 of the train.py
+               it ran: runs of different texts are never pooled), conditions JSON (the
+               worker's machine at the start and end of the run), tok_per_sec (the run's
+               average), flagged (why the machine slowed it: stored, never counted --
+               coordinator.slowdown; NULL for a clean run)
+    routes     id, candidate_id, from_class, memory (usable bytes there), reason, routed_at:
+               one row per out-of-memory requeue to a class with more memory
     workers    worker_id, name, hw_class, profile JSON, first_seen, last_seen, attempt_id,
                state (connected|gone), gone_reason
-    decisions  id, candidate_id (UNIQUE), hw_class, verdict (kept|discarded|failed),
-               head_before, head_after, val_bpb, head_bpb, reason, attempt_ids JSON, decided_at
-    head       one row: commit, candidate_id, updated_at
+    decisions  id, candidate_id (UNIQUE), hw_class (the one class whose runs decided it),
+               verdict (kept|discarded|failed), head_before, head_after, val_bpb (the
+               candidate's mean), head_bpb (the head's mean), reason, attempt_ids JSON,
+               decided_at, n_candidate, n_head (runs each side), sigma (σ used), confidence
+               (that the candidate is better by more than the margin), rule (which test
+               decided, e.g. sequential/paired), details JSON (coordinator.rule.Comparison
+               and the paired differences)
+    head       one row: commit, candidate_id, updated_at, text_sha (of the train.py its runs
+               ran; NULL: the head candidate's own text, so all its runs are the head's)
     retries    id, candidate_id, reason, requested_by, retried_at, from_state, decision (the
                superseded decision row, JSON), attempts_before (attempts rowid at the retry:
                losses before it no longer count toward the candidate's limit)
+    origins    candidate_id, tool (agents|sweep|...), proposer, host, transcript: where a
+               submission came from, when its client said (the proposers do), so the log
+               points at the agent's transcript on the machine that ran it
+
+Older ledgers are upgraded in place on open (``MIGRATIONS``). Schema 1 (before repeats): the new columns are added
+empty, and a run without a ``policy`` setting keeps deciding greedily (repo.decision_settings).
 
 Opening an existing ledger first runs ``check_ledger`` (read-only, before sqlite may create
 or change anything): an empty file, a file that is not SQLite, a damaged database
@@ -39,7 +62,28 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
+# Columns added by each schema version, applied in order to an older ledger on open.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE candidates ADD COLUMN hw_class TEXT",
+        "ALTER TABLE candidates ADD COLUMN runs_wanted INTEGER",
+        "ALTER TABLE attempts ADD COLUMN seed_index INTEGER",
+        "ALTER TABLE attempts ADD COLUMN text_sha TEXT",
+        "ALTER TABLE decisions ADD COLUMN n_candidate INTEGER",
+        "ALTER TABLE decisions ADD COLUMN n_head INTEGER",
+        "ALTER TABLE decisions ADD COLUMN sigma REAL",
+        "ALTER TABLE decisions ADD COLUMN confidence REAL",
+        "ALTER TABLE decisions ADD COLUMN rule TEXT",
+        "ALTER TABLE decisions ADD COLUMN details TEXT",
+        "ALTER TABLE head ADD COLUMN text_sha TEXT"),
+    3: ("ALTER TABLE candidates ADD COLUMN min_memory INTEGER",
+        "ALTER TABLE attempts ADD COLUMN conditions TEXT",
+        "ALTER TABLE attempts ADD COLUMN tok_per_sec REAL",
+        "ALTER TABLE attempts ADD COLUMN flagged TEXT",
+        "CREATE TABLE IF NOT EXISTS routes (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+        "candidate_id INTEGER NOT NULL REFERENCES candidates(id), from_class TEXT NOT NULL, "
+        "memory INTEGER, reason TEXT NOT NULL, routed_at REAL NOT NULL)"),
+}
 LEDGER_NAME = "ledger.sqlite3"
 BUSY_TIMEOUT = 10.0            # seconds a statement waits for another process's write lock
 TABLES = ("meta", "candidates", "attempts", "workers", "decisions", "head")
@@ -58,7 +102,10 @@ CREATE TABLE IF NOT EXISTS candidates (
     commit_sha  TEXT,
     state       TEXT NOT NULL,
     created_at  REAL NOT NULL,
-    updated_at  REAL NOT NULL
+    updated_at  REAL NOT NULL,
+    hw_class    TEXT,
+    runs_wanted INTEGER,
+    min_memory  INTEGER
 );
 CREATE INDEX IF NOT EXISTS candidates_state ON candidates(state, id);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -78,10 +125,23 @@ CREATE TABLE IF NOT EXISTS attempts (
     log_tail     TEXT,
     exit_code    INTEGER,
     wall_seconds REAL,
-    note         TEXT
+    note         TEXT,
+    seed_index   INTEGER,
+    text_sha     TEXT,
+    conditions   TEXT,
+    tok_per_sec  REAL,
+    flagged      TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_cand ON attempts(candidate_id, hw_class, state);
 CREATE INDEX IF NOT EXISTS attempts_worker ON attempts(worker_id, state);
+CREATE TABLE IF NOT EXISTS routes (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+    from_class   TEXT NOT NULL,
+    memory       INTEGER,
+    reason       TEXT NOT NULL,
+    routed_at    REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS workers (
     worker_id   TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
@@ -104,13 +164,20 @@ CREATE TABLE IF NOT EXISTS decisions (
     head_bpb     REAL,
     reason       TEXT NOT NULL,
     attempt_ids  TEXT NOT NULL,
-    decided_at   REAL NOT NULL
+    decided_at   REAL NOT NULL,
+    n_candidate  INTEGER,
+    n_head       INTEGER,
+    sigma        REAL,
+    confidence   REAL,
+    rule         TEXT,
+    details      TEXT
 );
 CREATE TABLE IF NOT EXISTS head (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
     commit_sha   TEXT NOT NULL,
     candidate_id INTEGER NOT NULL REFERENCES candidates(id),
-    updated_at   REAL NOT NULL
+    updated_at   REAL NOT NULL,
+    text_sha     TEXT
 );
 CREATE TABLE IF NOT EXISTS retries (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -121,6 +188,13 @@ CREATE TABLE IF NOT EXISTS retries (
     from_state      TEXT NOT NULL,
     decision        TEXT,
     attempts_before INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS origins (
+    candidate_id INTEGER PRIMARY KEY REFERENCES candidates(id),
+    tool         TEXT,
+    proposer     TEXT,
+    host         TEXT,
+    transcript   TEXT
 );
 """
 
@@ -241,6 +315,9 @@ class Ledger:
                 if self.get_meta("schema_version") is None:
                     self.set_meta("schema_version", SCHEMA_VERSION)
         version = self.get_meta("schema_version")
+        if isinstance(version, int) and not isinstance(version, bool) \
+                and 1 <= version < SCHEMA_VERSION:
+            version = self._migrate(version)
         if version != SCHEMA_VERSION:
             raise LedgerError(f"{self.path}: ledger schema {version!r}, this release reads "
                               f"{SCHEMA_VERSION}: use the release that made this run")
@@ -248,6 +325,17 @@ class Ledger:
             # IF NOT EXISTS: a no-op on a current ledger; adds tables added since (retries)
             # to a ledger made by an earlier build of this schema version.
             self.db.executescript(SCHEMA)
+
+    def _migrate(self, version: int) -> int:
+        """Bring an older ledger up to SCHEMA_VERSION, one transaction per version (a kill
+        between two leaves a consistent older version, upgraded again on the next open)."""
+        while version < SCHEMA_VERSION:
+            version += 1
+            with self.tx() as db:
+                for statement in MIGRATIONS.get(version, ()):
+                    db.execute(statement)
+                self.set_meta("schema_version", version)
+        return version
 
     def close(self) -> None:
         self.db.close()

@@ -28,7 +28,7 @@ def ok(bpb) -> dict:
 @pytest.fixture
 def coord(tmp_path):
     d = tmp_path / "run"
-    R.init_repo(d, tag="t", preset="tiny", train_py=BASE)
+    R.init_repo(d, tag="t", preset="tiny", train_py=BASE, **R.SINGLE_RUN)
     c = Coordinator(d)
     c.worker_hello("w1", "W1", {}, HW, None)
     a = c.next_assignment("w1")
@@ -109,7 +109,7 @@ def test_retry_refusals_change_nothing(coord):
 
 def test_an_older_ledger_gains_the_retries_table_on_open(tmp_path):
     d = tmp_path / "run"
-    R.init_repo(d, tag="t", preset="tiny", train_py=BASE)
+    R.init_repo(d, tag="t", preset="tiny", train_py=BASE, **R.SINGLE_RUN)
     import sqlite3
     path = d / ".autoresearch" / "ledger.sqlite3"
     db = sqlite3.connect(path)
