@@ -36,7 +36,8 @@ nothing can reach them then); on macOS a killed runner leaves its agents to fini
 
 Command: ``shlex.split`` once, no shell: placeholders are replaced inside each argument, so a
 path with spaces stays one argument and nothing in a path is ever interpreted. Write
-``sh -c '...'`` yourself for pipes or ``$(cat {brief})``.
+``sh -c '...'`` yourself for pipes, and use ``"$AUTORESEARCH_BRIEF"`` etc. inside it (a
+placeholder pasted into a shell script would be parsed by that shell).
 """
 from __future__ import annotations
 
