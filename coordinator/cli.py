@@ -855,6 +855,15 @@ def format_status(data: Any) -> str:
     counts = data.get("counts")
     if isinstance(counts, dict) and counts:
         out.append("\n" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    routed = _rows(data.get("routed"))
+    if routed:
+        out.append("\nrouted away for memory (out of memory on the class, requeued for more):")
+        by_class: dict[str, list[str]] = {}
+        for r in routed:
+            by_class.setdefault(str(r.get("from_class")), []).append(
+                f"#{r.get('candidate_id')} (needs more than "
+                f"{(r.get('memory') or 0) / 2**30:.1f} GB, now {r.get('state')})")
+        out.extend(f"  {hw}: {', '.join(items)}" for hw, items in sorted(by_class.items()))
     paused = [w for w in workers if w.get("paused")]
     if paused:
         out.append("\nworkers paused by their machine:")
@@ -913,7 +922,8 @@ def format_log(data: Any) -> str:
     return _table([[_pick(r, "time", "at", "created_at", "finished_at"),
                     f"#{_pick(r, 'candidate_id')}",
                     _pick(r, "verdict") or " ".join(
-                        str(x) for x in (r.get("state"), r.get("status")) if x),
+                        str(x) for x in (r.get("state"), r.get("status"),
+                                         "flagged" if r.get("flagged") else None) if x),
                     _pick(r, "runs") or _num(_pick(r, "val_bpb")), _pick(r, "hw_class"),
                     _what_happened(r)] for r in rows],
                   ["time", "cand", "what", "val_bpb", "class", "description"])
@@ -925,6 +935,10 @@ def _what_happened(r: dict) -> Any:
     note = r.get("note")
     if r.get("kind") != "decision" and isinstance(note, str) and note:
         return f"{text}: {note}" if text else note
+    origin = r.get("origin")
+    if r.get("kind") == "decision" and isinstance(origin, dict) and origin.get("transcript"):
+        who = " on ".join(str(origin[k]) for k in ("proposer", "host") if origin.get(k))
+        return f"{text} ({who + ': ' if who else ''}{origin['transcript']})"
     return text
 
 
