@@ -1,5 +1,5 @@
-"""What proposers cost the coordinator: one ``query brief`` (and ``query head``) per runner every
-``SNAPSHOT_SECONDS``. Reported only, never asserted.
+"""What proposers cost the coordinator: one ``query brief`` (and ``query head`` when the head
+moved) per runner every ``--poll`` seconds (``SNAPSHOT_SECONDS``). Reported only, never asserted.
 
 For each ledger size N (default 10, 100, 1000 decided candidates): a fresh research repo (real
 git, real SQLite, preset tiny, the sequential rule's default settings), one simulated worker

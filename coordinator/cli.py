@@ -840,8 +840,10 @@ def format_status(data: Any) -> str:
     workers = _rows(data.get("workers"))
     out.append("\nworkers:")
     out.append(_table([[_pick(w, "name", "key"), _pick(w, "state", "status"),
-                        _pick(w, "hw_class"), _pick(w, "attempt_id")] for w in workers],
-                      ["name", "state", "class", "attempt"]) if workers else "  (none)")
+                        _pick(w, "hw_class"), _gb(w.get("usable_memory")),
+                        _pick(w, "attempt_id")] for w in workers],
+                      ["name", "state", "class", "memory", "attempt"])
+               if workers else "  (none)")
     running = _rows(data.get("running"))
     out.append("\nrunning:")
     out.append(_table([[_pick(r, "attempt_id", "key"), f"#{_pick(r, 'candidate_id')}",
@@ -896,6 +898,10 @@ def _sigma(h: dict) -> str:
     pooled = h.get("pooled_sigma")
     return (f"{sigma:.4f} prior" + (f" (pooled {pooled:.4f}, {h.get('pooled_df')} df)"
                                     if isinstance(pooled, (int, float)) else ""))
+
+
+def _gb(n: Any) -> str:
+    return f"{n / 2**30:.1f} GB" if isinstance(n, (int, float)) and n else "-"
 
 
 def _progress(p: Any) -> str:

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from typing import Any, Iterable, Mapping
 
-from coordinator import noise, rule, scheduling
+from coordinator import noise, routing, rule, scheduling
 from coordinator import states as st
 from coordinator.ledger import Ledger, loads
 from coordinator.repo import decision_settings
@@ -158,7 +158,9 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
             "candidate_id": r["candidate_id"] if r else None,
             "purpose": r["purpose"] if r else None,
             "progress": r["progress"] if r else None,
-            "last_seen": fmt_time(last), "gone_reason": w["gone_reason"]})
+            "last_seen": fmt_time(last), "gone_reason": w["gone_reason"],
+            # what memory-aware routing compares (coordinator.routing)
+            "usable_memory": routing.worker_memory(loads(w["profile"], {}))})
     queue = [{"candidate_id": r["id"], "description": r["description"],
               "submitted": fmt_time(r["created_at"]), "origin": origin_of(L, r["id"])}
              for r in L.all("SELECT * FROM candidates WHERE state = 'queued' ORDER BY id")]

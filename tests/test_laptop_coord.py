@@ -4,6 +4,8 @@ out-of-memory candidate is routed to a connected class with more memory and deci
 fails with that reason on the largest; status shows both."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from coordinator import repo as R
@@ -149,6 +151,9 @@ def test_oom_on_the_small_class_is_routed_to_the_big_one_and_decided_there(coord
     status = coord.status()
     assert [(r["candidate_id"], r["from_class"], r["memory"]) for r in status["routed"]] == \
         [(cid, SMALL, 6 * GB)]
+    assert {w["name"]: w["usable_memory"] for w in status["workers"]} == \
+        {"small": 6 * GB, "big": 48 * GB}
+    assert re.search(r"small +idle +Test M1/8GB/metal +6\.0 GB", format_status(status))
     assert (f"routed away for memory (out of memory on the class, requeued for more):\n"
             f"  {SMALL}: #{cid} (needs more than 6.0 GB, now kept)") in format_status(status)
 

@@ -236,6 +236,10 @@ def test_worker_install_cli_fills_in_venv_endpoint_key_and_name(home, tmp_path):
     assert rec.calls[-1] == ["systemctl", "--user", "enable", "--now",
                              "autoresearch-worker-box1.service"]
     assert "journalctl --user -u autoresearch-worker-box1.service -f" in r.output
+    if SYSTEMD_ANALYZE:   # the unit the CLI wrote, with a real key, is one systemd accepts
+        proc = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
     # the key given is now pinned for the endpoint, as `join --server-key` would
     from shared.pins import load_pins
     assert load_pins()["tcp://lab-mac.local:5555"] == key
