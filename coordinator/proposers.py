@@ -56,6 +56,7 @@ from typing import Any, Callable, Protocol
 
 from coordinator import pacing
 from coordinator.states import CANDIDATE_FINAL
+from shared.protocol import ORIGIN_FIELDS
 from coordinator.brief import (
     AGENT_ENV, BRIEF_NAME, DESCRIPTION_NAME, TRAIN_PY_NAME, BriefContext, Feedback, fmt_value,
     render_brief,
@@ -89,13 +90,11 @@ class Source(Protocol):
 
 
 def origin(tool: str, proposer: str | None = None, transcript: Path | None = None) -> dict:
-    """Where a submission comes from: the coordinator keeps it, and its log points there."""
-    out = {"tool": tool, "host": socket.gethostname()}
-    if proposer:
-        out["proposer"] = proposer
-    if transcript is not None:
-        out["transcript"] = str(transcript)
-    return out
+    """Where a submission comes from (``shared.protocol.ORIGIN_FIELDS``): the coordinator
+    keeps it, and its log points there."""
+    values = {"tool": tool, "proposer": proposer, "host": socket.gethostname(),
+              "transcript": None if transcript is None else str(transcript)}
+    return {k: values[k] for k in ORIGIN_FIELDS if values.get(k)}
 
 
 def with_head(snapshot: dict, head: dict) -> dict:
