@@ -358,3 +358,34 @@ def test_coordinator_kill9_and_restart_inside_the_window_costs_no_lease(fleet, f
     assert not [r for r in rows if r["state"] == "stale"], rows
     # never offered another attempt while busy (a duplicate of the one it runs is harmless)
     assert worker.count(r"ignoring assign (\S+): busy with (?!\1)") == 0, worker.text
+
+
+def test_the_restart_grace_expiry_waits_out_a_locked_ledger(fleet_repo):
+    """The restart-grace expiry writes the ledger from the timer path too: with the ledger
+    write-locked by another process when an awaited worker's grace ends, the coordinator keeps
+    running, says what it waits to record, and records it once the lock is gone."""
+    from coordinator.ledger import ledger_path
+    from coordinator.repo import state_dir
+
+    with served(fleet_repo, heartbeat_interval=0.1, liveness=50) as (core, server):
+        endpoint = server.endpoint
+        peer = Peer(endpoint)
+        peer.send(hello("w1-late"))
+        recv_type(peer, "welcome")
+        peer.close()
+    events: list[str] = []
+    with served(fleet_repo, bind=endpoint, heartbeat_interval=0.1, liveness=5,
+                restart_grace=1.0, event=events.append) as (core, server):
+        core.ledger.db.execute("PRAGMA busy_timeout = 100")
+        with write_locked(ledger_path(state_dir(fleet_repo))):
+            end = time.monotonic() + DEADLINE
+            while time.monotonic() < end and not any("not yet recorded" in e for e in events):
+                time.sleep(0.05)
+            assert any("w1-late" in e and "not yet recorded" in e for e in events), events
+            with Client(endpoint, timeout=10) as c:      # still serving
+                assert c.query("status")["workers"][0]["state"] != "gone"
+        while time.monotonic() < end and not any("recorded worker" in e for e in events):
+            time.sleep(0.05)
+        assert any("recorded worker w1-late (w1-late) gone: did not return" in e
+                   for e in events), events
+        assert [w["state"] for w in core.status()["workers"]] == ["gone"]
