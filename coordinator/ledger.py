@@ -452,6 +452,11 @@ class ReadOnlyLedger(Ledger):
             raise LedgerError(f"{self.path}: cannot read the ledger: {exc}") from None
         if version != SCHEMA_VERSION:
             self.db.close()
+            if isinstance(version, int) and 1 <= version < SCHEMA_VERSION:
+                raise LedgerError(f"{self.path}: ledger schema {version}, older than this "
+                                  f"release's {SCHEMA_VERSION}: start the coordinator once with "
+                                  "this release (it upgrades the ledger in place), or read it "
+                                  "with the release that made it")
             raise LedgerError(f"{self.path}: ledger schema {version!r}, this release reads "
                               f"{SCHEMA_VERSION}: use the release that made this run")
 
