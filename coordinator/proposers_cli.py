@@ -106,7 +106,9 @@ The agent contract (also at the top of every brief):
 
 \b
 COMMAND is split like a shell would (shlex) but run without one; placeholders are replaced
-inside each argument, so paths are never interpreted. For pipes or $(...) write sh -c '...'.
+inside each argument, so paths are never interpreted. For pipes or $(...) write sh -c '...'
+and use the environment there ("$AUTORESEARCH_BRIEF"): a path pasted into a shell script
+would be parsed by that shell.
 Examples:
   --command 'claude -p "Read {brief} and do what it says." --permission-mode acceptEdits'
   --command 'codex exec --full-auto "Read {brief} and do what it says."'
