@@ -33,7 +33,7 @@ from coordinator import states as st
 from coordinator.ledger import ReadOnlyLedger, ledger_path, loads
 from coordinator.noise import pooled
 from coordinator.reports import classes
-from coordinator.snapshot import mean_sem
+from coordinator.stats import mean_sem
 
 STAT_FIELDS = ("n", "mean", "sem", "head_n", "head_sem", "gain", "gain_sem", "sigma",
                "confidence", "test", "pairs")

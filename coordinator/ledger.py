@@ -11,14 +11,21 @@ Tables (times are epoch seconds, REAL; JSON columns are TEXT):
     candidates id, description, sha256 (UNIQUE), train_py, base_commit, commit, state,
                created_at, updated_at, hw_class (the class its runs are on, once it has
                one: a decision uses one class only), runs_wanted (runs the rule asked for
-               in all, on that class). Candidate 0 is the run's baseline (state kept).
+               in all, on that class), min_memory (bytes: it ran out of memory on a class
+               with this much, so only workers with more take it -- coordinator.routing).
+               Candidate 0 is the run's baseline (state kept).
     attempts   attempt_id, candidate_id, purpose (head|candidate), worker_id, hw_class,
                commit (what was measured), leased_at, finished_at, state (leased|done|lost|
                cancelled|stale), prior_state (for stale: lost|cancelled), status (outcome:
                ok|crash|nan|oom|timeout|cancelled), val_bpb, summary (harness result JSON),
                log_tail, exit_code, wall_seconds, note, seed_index (repeat i ran with seed i
                of the run's sequence, coordinator.seeds), text_sha (sha256 of the train.py
-               it ran: runs of different texts are never pooled)
+               it ran: runs of different texts are never pooled), conditions JSON (the
+               worker's machine at the start and end of the run), tok_per_sec (the run's
+               average), flagged (why the machine slowed it: stored, never counted --
+               coordinator.slowdown; NULL for a clean run)
+    routes     id, candidate_id, from_class, memory (usable bytes there), reason, routed_at:
+               one row per out-of-memory requeue to a class with more memory
     workers    worker_id, name, hw_class, profile JSON, first_seen, last_seen, attempt_id,
                state (connected|gone), gone_reason
     decisions  id, candidate_id (UNIQUE), hw_class (the one class whose runs decided it),
@@ -33,8 +40,11 @@ Tables (times are epoch seconds, REAL; JSON columns are TEXT):
     retries    id, candidate_id, reason, requested_by, retried_at, from_state, decision (the
                superseded decision row, JSON), attempts_before (attempts rowid at the retry:
                losses before it no longer count toward the candidate's limit)
+    origins    candidate_id, tool (agents|sweep|...), proposer, host, transcript: where a
+               submission came from, when its client said (the proposers do), so the log
+               points at the agent's transcript on the machine that ran it
 
-Schema 1 ledgers (before repeats) are upgraded in place on open: the new columns are added
+Older ledgers are upgraded in place on open (``MIGRATIONS``). Schema 1 (before repeats): the new columns are added
 empty, and a run without a ``policy`` setting keeps deciding greedily (repo.decision_settings).
 
 Opening an existing ledger first runs ``check_ledger`` (read-only, before sqlite may create
@@ -52,7 +62,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Columns added by each schema version, applied in order to an older ledger on open.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE candidates ADD COLUMN hw_class TEXT",
@@ -66,6 +76,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE decisions ADD COLUMN rule TEXT",
         "ALTER TABLE decisions ADD COLUMN details TEXT",
         "ALTER TABLE head ADD COLUMN text_sha TEXT"),
+    3: ("ALTER TABLE candidates ADD COLUMN min_memory INTEGER",
+        "ALTER TABLE attempts ADD COLUMN conditions TEXT",
+        "ALTER TABLE attempts ADD COLUMN tok_per_sec REAL",
+        "ALTER TABLE attempts ADD COLUMN flagged TEXT",
+        "CREATE TABLE IF NOT EXISTS routes (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+        "candidate_id INTEGER NOT NULL REFERENCES candidates(id), from_class TEXT NOT NULL, "
+        "memory INTEGER, reason TEXT NOT NULL, routed_at REAL NOT NULL)"),
 }
 LEDGER_NAME = "ledger.sqlite3"
 BUSY_TIMEOUT = 10.0            # seconds a statement waits for another process's write lock
@@ -87,7 +104,8 @@ CREATE TABLE IF NOT EXISTS candidates (
     created_at  REAL NOT NULL,
     updated_at  REAL NOT NULL,
     hw_class    TEXT,
-    runs_wanted INTEGER
+    runs_wanted INTEGER,
+    min_memory  INTEGER
 );
 CREATE INDEX IF NOT EXISTS candidates_state ON candidates(state, id);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -109,10 +127,21 @@ CREATE TABLE IF NOT EXISTS attempts (
     wall_seconds REAL,
     note         TEXT,
     seed_index   INTEGER,
-    text_sha     TEXT
+    text_sha     TEXT,
+    conditions   TEXT,
+    tok_per_sec  REAL,
+    flagged      TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_cand ON attempts(candidate_id, hw_class, state);
 CREATE INDEX IF NOT EXISTS attempts_worker ON attempts(worker_id, state);
+CREATE TABLE IF NOT EXISTS routes (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+    from_class   TEXT NOT NULL,
+    memory       INTEGER,
+    reason       TEXT NOT NULL,
+    routed_at    REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS workers (
     worker_id   TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
@@ -159,6 +188,13 @@ CREATE TABLE IF NOT EXISTS retries (
     from_state      TEXT NOT NULL,
     decision        TEXT,
     attempts_before INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS origins (
+    candidate_id INTEGER PRIMARY KEY REFERENCES candidates(id),
+    tool         TEXT,
+    proposer     TEXT,
+    host         TEXT,
+    transcript   TEXT
 );
 """
 

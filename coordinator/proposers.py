@@ -30,8 +30,9 @@ Stopping: ``stop(kill=False)`` (first Ctrl-C) starts nothing new and lets runnin
 and be submitted; ``stop(kill=True)`` (second Ctrl-C, or SIGTERM) kills their groups now. State
 that matters is the coordinator's: a submission either reached it or is still on disk in its
 proposal directory (``proposal.json`` state ``unsent``, sent by the next runner on the same
-OUT: ``resume_unsent``), so ``kill -9`` of the runner loses nothing the coordinator accepted. On Linux an agent is also killed if the runner dies
-(``PR_SET_PDEATHSIG``); on macOS a killed runner leaves its agents to finish on their own.
+OUT: ``resume_unsent``), so ``kill -9`` of the runner loses nothing the coordinator accepted. On Linux the agent process itself is killed when the runner
+dies (``PR_SET_PDEATHSIG``; processes the agent started may outlive a ``kill -9`` of the runner,
+nothing can reach them then); on macOS a killed runner leaves its agents to finish on their own.
 
 Command: ``shlex.split`` once, no shell: placeholders are replaced inside each argument, so a
 path with spaces stays one argument and nothing in a path is ever interpreted. Write
@@ -44,6 +45,7 @@ import os
 import secrets
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,7 +80,18 @@ class Refused(RuntimeError):
 
 class Source(Protocol):
     def snapshot(self, watch: list[int]) -> dict: ...
-    def submit(self, train_py: str, description: str, base: str | None) -> dict: ...
+    def submit(self, train_py: str, description: str, base: str | None,
+               origin: dict | None = None) -> dict: ...
+
+
+def origin(tool: str, proposer: str | None = None, transcript: Path | None = None) -> dict:
+    """Where a submission comes from: the coordinator keeps it, and its log points there."""
+    out = {"tool": tool, "host": socket.gethostname()}
+    if proposer:
+        out["proposer"] = proposer
+    if transcript is not None:
+        out["transcript"] = str(transcript)
+    return out
 
 
 def with_head(snapshot: dict, head: dict) -> dict:
@@ -400,9 +413,10 @@ class _Follower:
     def pending_decisions(self) -> list[int]:
         return sorted(set(self.ours) - self.decided)
 
-    def submit(self, train_py: str, description: str, base: str | None, who: str) -> dict:
+    def submit(self, train_py: str, description: str, base: str | None, who: str,
+               where: dict | None = None) -> dict:
         """Raises Refused or SourceUnavailable; records the candidate as ours."""
-        data = self.source.submit(train_py, description, base)
+        data = self.source.submit(train_py, description, base, where)
         cid = data.get("candidate_id") if isinstance(data, dict) else None
         if isinstance(cid, int):
             self.ours.setdefault(cid, who)
@@ -620,7 +634,8 @@ class AgentRunner(_Follower):
     def _send(self, s: Slot, p: Proposal, j: Judged) -> bool:
         text = p.train_py.read_text(encoding="utf-8")
         try:
-            data = self.submit(text, j.description, p.head_commit, s.name)
+            data = self.submit(text, j.description, p.head_commit, s.name,
+                               origin("agents", s.name, p.transcript_path))
         except SourceUnavailable as exc:
             if not any(u[1] is p for u in self.unsent):
                 self.unsent.append((s, p, j))
@@ -738,7 +753,8 @@ class SweepRunner(_Follower):
                 continue
             desc = sweep.describe(point)
             try:
-                data = self.submit(sweep.apply_point(text, point), desc, commit, "sweep")
+                data = self.submit(sweep.apply_point(text, point), desc, commit, "sweep",
+                                   origin("sweep"))
             except SourceUnavailable:
                 return                  # retried on the next tick
             except (Refused, sweep.SweepError) as exc:

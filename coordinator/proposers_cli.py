@@ -56,9 +56,10 @@ class WireSource:
             self.head = self._ask("head")
         return with_head(snap, self.head)
 
-    def submit(self, train_py: str, description: str, base: str | None) -> dict:
+    def submit(self, train_py: str, description: str, base: str | None,
+               origin: dict | None = None) -> dict:
         try:
-            return self.client.submit(train_py, description, base)
+            return self.client.submit(train_py, description, base, origin)
         except NoCoordinator as exc:
             raise SourceUnavailable(str(exc)) from None
         except ClientError as exc:

@@ -21,9 +21,10 @@ its leases are in (coordinator.rule on its runs and the head's, on its class).
 An *attempt* is one lease of a candidate (or of the head, to measure it) to one worker:
 
     leased -> done        a result arrived from that worker while the lease was live
-    leased -> lost        the worker went silent / restarted without it: not counted
-    leased -> cancelled   the worker left cleanly (bye) or cancelled it itself, or the
-                          candidate was decided (failed) while it ran: not counted
+    leased -> lost        the worker went silent: not counted
+    leased -> cancelled   the worker left cleanly (bye), cancelled it itself, or never got
+                          it (its hello did not carry it), or the candidate was decided
+                          (failed) while it ran: not counted
     lost | cancelled -> stale   a result arrived anyway, too late: stored, never counted
 
 Only ``coordinator.core`` moves these states (one ledger transaction per change). It asks
@@ -51,8 +52,10 @@ CANDIDATE_FINAL = frozenset({KEPT, DISCARDED, FAILED})
 
 CANDIDATE_TRANSITIONS: dict[str, frozenset[str]] = {
     QUEUED: frozenset({RUNNING}),
-    # decided when its last lease is in; back to the queue when its only lease is lost with no
-    # run counted; failed on a bad outcome or too many losses
+    # decided when its last lease is in; back to the queue when its only lease is lost (or its
+    # run flagged as slowed by the machine) with no run counted, or when it ran out of memory
+    # and a connected class has more (coordinator.routing); failed on a bad outcome or too
+    # many losses
     RUNNING: frozenset({MEASURED, REPEATING, KEPT, DISCARDED, FAILED, QUEUED}),
     # waits here until the head has enough runs on the candidate's hardware class
     MEASURED: frozenset({REPEATING, KEPT, DISCARDED}),

@@ -57,8 +57,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     PAUSED: _SETTLE | {CONNECTING, REPORTING},
     BLOCKED: _SETTLE | {CONNECTING, REPORTING},
     RUNNING: frozenset({REPORTING, STOPPED}),
-    # acked -> whichever waiting state the facts say (or stopped, if the operator asked)
-    REPORTING: _SETTLE,
+    # acked -> whichever waiting state the facts say (or stopped, if the operator asked), or
+    # connecting when the ack beat the welcome of a hello we sent meanwhile
+    REPORTING: _SETTLE | {CONNECTING},
     STOPPED: frozenset(),
 }
 TRANSITIONS = {s: frozenset(t - {s}) for s, t in TRANSITIONS.items()}   # staying is implicit
