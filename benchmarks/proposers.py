@@ -1,5 +1,5 @@
-"""What proposers cost the coordinator: one ``query brief`` (and ``query head``) per runner every
-``SNAPSHOT_SECONDS``. Reported only, never asserted.
+"""What proposers cost the coordinator: one ``query brief`` (and ``query head`` when the head
+moved) per runner every ``--poll`` seconds (``SNAPSHOT_SECONDS``). Reported only, never asserted.
 
 For each ledger size N (default 10, 100, 1000 decided candidates): a fresh research repo (real
 git, real SQLite, preset tiny, the sequential rule's default settings), one simulated worker
@@ -20,6 +20,7 @@ Print ``cat /proc/loadavg`` next to the figures: the machine is shared.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -68,7 +69,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,100,1000")
     ap.add_argument("--repeat", type=int, default=20)
     args = ap.parse_args()
-    print(f"loadavg {Path('/proc/loadavg').read_text().split()[:3]}")
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"loadavg {load_before}")
+    rows = []
     print(f"{'decided':>8} {'brief ms (med/max)':>20} {'head ms':>8} {'render ms':>10} "
           f"{'brief KB':>9} {'share of a core':>16}")
     for n in (int(x) for x in args.sizes.split(",")):
@@ -85,9 +88,19 @@ def main() -> None:
                 ctx = BriefContext("p1", 4, "w", "w/train.py", "w/description.txt", 900)
                 r_med, _, text = ms(lambda: render_brief(full, ctx), args.repeat)
                 done = sum(decided[s] for s in ("kept", "discarded", "failed"))
+                share = b_med / 1000 / SNAPSHOT_SECONDS
                 print(f"{done:>8} {b_med:>10.1f} / {b_max:<7.1f} {h_med:>8.1f} {r_med:>10.2f} "
-                      f"{len(text.encode()) / 1024:>9.1f} {b_med / 1000 / SNAPSHOT_SECONDS:>15.1%}")
-    print(f"loadavg {Path('/proc/loadavg').read_text().split()[:3]}")
+                      f"{len(text.encode()) / 1024:>9.1f} {share:>15.1%}")
+                rows.append({"decided": done, "brief_ms_median": b_med, "brief_ms_max": b_max,
+                             "head_ms_median": h_med, "render_ms_median": r_med,
+                             "brief_bytes": len(text.encode()), "core_share": share})
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"loadavg {load_after}")
+    out = Path(__file__).with_name("results") / "proposers.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"poll_seconds": SNAPSHOT_SECONDS, "loadavg_before": load_before,
+                               "loadavg_after": load_after, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,12 @@ proposal got back) into the brief. Sections, in the order an agent needs them:
 
 Snapshot fields (all optional; missing ones render as "(none)"): ``tag``, ``head`` {commit,
 candidate_id, description, values: [{hw_class, mean, sem, runs}]}, ``decisions`` [{candidate_id,
-verdict, description, hw_class, mean|val_bpb, sem, runs, head_mean|head_bpb, head_sem, reason}],
-``queued`` / ``running`` / ``awaiting`` [{candidate_id, description, hw_class, worker, mean,
-sem, runs, waiting_for}], ``failures`` [{candidate_id, description, hw_class, status, reason,
-log_tail}], ``noise`` [{hw_class, sigma, runs}], ``workers`` (int), ``settings``, ``program_md``.
+verdict, description, hw_class, mean|val_bpb, sem, runs, head_mean|head_bpb, head_sem, reason,
+value_text, head_text (``mean ± sem (n)`` as the decision stored them: preferred)}], ``queued``
+/ ``running`` / ``awaiting`` [{candidate_id, description, hw_class, worker, mean, sem, runs,
+waiting_for}], ``failures`` [{candidate_id, description, hw_class, status, reason, log_tail}],
+``noise`` [{hw_class, text (the noise model's description) | sigma, runs}], ``workers`` (int),
+``program_md``. Numbers are shown the one way runs are shown everywhere (``rule.fmt_runs``).
 """
 from __future__ import annotations
 

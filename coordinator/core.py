@@ -73,6 +73,7 @@ from coordinator.repo import (
     sync_worktree, update_ref, write_results_tsv,
 )
 from shared.outcome import CANCELLED, OK, OOM, Outcome, plain
+from shared.protocol import ORIGIN_FIELDS
 
 __all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "RetryRefused", "HelloReply",
            "Assignment", "Decision", "ResultAck", "clean_description"]
@@ -80,7 +81,6 @@ __all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "RetryRefused", "
 MAX_DESCRIPTION = 200                 # characters kept of a submission's description
 MAX_TRAIN_PY_BYTES = 1_000_000        # a train.py is a few hundred lines; refuse a megabyte
 MAX_BASE = 256                        # characters of a submission's base (a ref or sha)
-ORIGIN_FIELDS = ("tool", "proposer", "host", "transcript")   # a submission's origin map
 # Kept by clean_description although they are format characters: they join emoji and
 # shape scripts (Persian, Indic). Every other Cf -- bidi overrides/isolates (U+202A-E,
 # U+2066-9), zero-width spaces, BOMs -- can make a description display as something else.

@@ -36,7 +36,8 @@ nothing can reach them then); on macOS a killed runner leaves its agents to fini
 
 Command: ``shlex.split`` once, no shell: placeholders are replaced inside each argument, so a
 path with spaces stays one argument and nothing in a path is ever interpreted. Write
-``sh -c '...'`` yourself for pipes or ``$(cat {brief})``.
+``sh -c '...'`` yourself for pipes, and use ``"$AUTORESEARCH_BRIEF"`` etc. inside it (a
+placeholder pasted into a shell script would be parsed by that shell).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ from typing import Any, Callable, Protocol
 
 from coordinator import pacing
 from coordinator.states import CANDIDATE_FINAL
+from shared.protocol import ORIGIN_FIELDS
 from coordinator.brief import (
     AGENT_ENV, BRIEF_NAME, DESCRIPTION_NAME, TRAIN_PY_NAME, BriefContext, Feedback, fmt_value,
     render_brief,
@@ -63,7 +65,10 @@ from coordinator.brief import (
 PLACEHOLDERS = tuple(AGENT_ENV)
 KILL_GRACE = 5.0          # seconds between SIGTERM and SIGKILL of an agent's group
 POLL_SECONDS = 0.2        # how often running agents are checked
-SNAPSHOT_SECONDS = 2.0    # how often the coordinator is asked what is in flight
+# How often the coordinator is asked what is in flight (and again right after each submit).
+# A brief costs the coordinator ~70 ms at 1000 decided candidates (benchmarks/proposers.py):
+# 5 s keeps one runner's polling near 1% of its core; runs last minutes, so nothing waits.
+SNAPSHOT_SECONDS = 5.0
 DEFAULT_TIMEOUT = 900.0   # seconds an agent gets by default
 DEFAULT_DECISIONS = 20    # decisions shown in a brief
 INDEX = "proposals.jsonl"
@@ -85,13 +90,11 @@ class Source(Protocol):
 
 
 def origin(tool: str, proposer: str | None = None, transcript: Path | None = None) -> dict:
-    """Where a submission comes from: the coordinator keeps it, and its log points there."""
-    out = {"tool": tool, "host": socket.gethostname()}
-    if proposer:
-        out["proposer"] = proposer
-    if transcript is not None:
-        out["transcript"] = str(transcript)
-    return out
+    """Where a submission comes from (``shared.protocol.ORIGIN_FIELDS``): the coordinator
+    keeps it, and its log points there."""
+    values = {"tool": tool, "proposer": proposer, "host": socket.gethostname(),
+              "transcript": None if transcript is None else str(transcript)}
+    return {k: values[k] for k in ORIGIN_FIELDS if values.get(k)}
 
 
 def with_head(snapshot: dict, head: dict) -> dict:

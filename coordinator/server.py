@@ -3,7 +3,10 @@
 Shape follows the zguide's Paranoid Pirate queue: every peer message refreshes that worker's
 liveness; each heartbeat interval the server sends a heartbeat to every known worker and
 declares lost the ones silent for ``interval * liveness`` seconds. All state changes go through
-``coordinator.core.Coordinator``; this module only owns the wire and the clock.
+``coordinator.core.Coordinator``; this module only owns the wire and the clock. With a live
+dashboard (``snapshot``, a ``coordinator.dashboard.SnapshotHolder``) each loop turn offers it
+the status, taken at most once a second; the dashboard's HTTP thread only reads the holder, so
+no web request ever runs on this loop.
 
 Identity mapping: a worker's ROUTER identity changes every time it reconnects (new DEALER
 socket), so the ``worker_id`` inside each message is the truth and the identity is just where
@@ -712,7 +715,7 @@ class Server:
             code = verdict.code if verdict is not None and verdict.code else "revoked"
             self._send(conn.identity, protocol.make("error", code=code, message=message))
             self._forget(wid)
-            done, requeued = self._record_gone(wid, conn.name, st.LOST, reason)
+            _, requeued = self._record_gone(wid, conn.name, st.LOST, reason)
             name = entry.name if entry is not None else fingerprint(key)
             self.event(f"worker {conn.name} ({wid}) cut off: {reason} ({name})"
                        f"{_requeued(requeued)}")
@@ -725,16 +728,16 @@ class Server:
             silent = now - conn.last_seen
             if silent > self.window:
                 self._forget(wid)
-                done, requeued = self._record_gone(wid, conn.name, st.LOST,
-                                                   f"silent for {silent:.1f}s")
+                _, requeued = self._record_gone(wid, conn.name, st.LOST,
+                                                f"silent for {silent:.1f}s")
                 self.event(f"worker {conn.name} ({wid}) lost: silent {silent:.1f}s"
                            f"{_requeued(requeued)}")
         for wid, deadline in list(self.awaiting.items()):
             if now >= deadline:
                 del self.awaiting[wid]
                 # Our restart, not the candidate's fault: cancelled, no strike toward LOST_LIMIT.
-                done, requeued = self._record_gone(wid, wid, st.CANCELLED,
-                                                   "did not return after coordinator restart")
+                _, requeued = self._record_gone(wid, wid, st.CANCELLED,
+                                                "did not return after coordinator restart")
                 self.event(f"worker {wid} lost: did not return after restart{_requeued(requeued)}")
         if len(self.workers) + len(self.awaiting) != before:
             self._offer_work()

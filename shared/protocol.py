@@ -111,6 +111,9 @@ QUERIES: dict[str, frozenset[str]] = {
     "harness": _by(WORKER),
 }
 
+# The keys of a submit's optional ``origin`` map (the coordinator keeps these, as text).
+ORIGIN_FIELDS = ("tool", "proposer", "host", "transcript")
+
 SCHEMA: dict[str, Message] = {
     # worker -> coordinator
     "hello": Message(
@@ -150,8 +153,8 @@ SCHEMA: dict[str, Message] = {
     # client <-> coordinator (workers also query: their dataset fetch)
     "submit": Message({"req_id": (str,), "train_py": (str,), "description": (str,),
                        "base": OPT_STR}, CLIENTS,
-                      # where it came from (tool, proposer, host, transcript: str each); the
-                      # proposers send it so the log can point at the agent's transcript
+                      # where it came from (ORIGIN_FIELDS, str each); the proposers send it
+                      # so the log can point at the agent's transcript
                       {"origin": OPT_MAP}),
     "query": Message({"req_id": (str,), "what": (str,), "args": (dict,)},
                      frozenset().union(*QUERIES.values())),

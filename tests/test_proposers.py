@@ -493,3 +493,18 @@ def test_bad_specs_and_commands_are_one_line_errors_before_connecting():
     assert r.returncode == 2 and "No closing quotation" in r.stderr, r
     r = _cli("sweep", "--param", "DEPTH=2,3", "--connect", "tcp://127.0.0.1:9", "--insecure")
     assert r.returncode == 1 and "no coordinator answering" in r.stderr, r
+
+
+def test_a_shell_agent_through_sh_c_and_the_environment(core, tmp_path):
+    """The documented way to use a shell: ``sh -c '...'`` reading the paths from the env."""
+    lines: list[str] = []
+    argv = parse_command("""sh -c 'sed "s/^BPB = .*/BPB = 1.25/" "$AUTORESEARCH_TRAIN_PY" > t &&
+                         mv t "$AUTORESEARCH_TRAIN_PY" && echo "shell: BPB 1.25" |
+                         tee "$AUTORESEARCH_DESCRIPTION"'""")
+    r = runner(CoreSource(core, workers=1), argv, tmp_path / "out dir with spaces", lines,
+               count=1, slack=0, max_proposals=1)
+    drive(r, lambda: r.records)
+    assert r.records[0]["state"] == "submitted", lines
+    row = core.ledger.candidate(r.records[0]["candidate_id"])
+    assert S.head_values(row["train_py"], ["BPB"]) == {"BPB": 1.25}
+    assert row["description"] == "shell: BPB 1.25"

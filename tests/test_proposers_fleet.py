@@ -101,10 +101,17 @@ def test_agents_drive_a_fleet_for_several_cycles(fleet, tmp_path):
     env = submitter_env(fleet, tmp_path, "laptop")
     agents = Proc([sys.executable, "-m", "coordinator.cli", "agents", "--count", "2",
                    "--command", f"{sys.executable} {script} {plans} {{brief}}",
-                   "--timeout", "4", "--slack", "0", "--out", str(out), "--limit", "7",
+                   "--timeout", "4", "--slack", "0", "--out", str(out), "--poll", "0.5",
                    "--connect", ep, "--server-key", server_key(fleet)], "agents", env=env)
     try:
-        assert agents.wait(DEADLINE * 3) == 0, agents.text
+        # which slot takes the next cycle depends on timing; both plans run out in any order
+        end = time.monotonic() + DEADLINE * 3
+        while agents.count(r": submitted #") < 5 or agents.count(r"p1: timeout") < 1 or \
+                agents.count(r"p2: unchanged") < 1:
+            assert time.monotonic() < end and agents.p.poll() is None, agents.text
+            time.sleep(0.1)
+        agents.signal(signal.SIGINT)      # Ctrl-C once: the agent at work finishes
+        assert agents.wait(DEADLINE) == 0, agents.text
     finally:
         stop.set()
         watch.join(5)
@@ -227,7 +234,7 @@ def test_sweep_of_three_values_yields_three_candidates(fleet, tmp_path):
     wait_head_measured(coord)
     env = submitter_env(fleet, tmp_path, "sweeper")
     base = [sys.executable, "-m", "coordinator.cli", "sweep", "--param", "BPB=1.3,1.45,1.5,1.6",
-            "--slack", "0", "--connect", ep, "--server-key", server_key(fleet)]
+            "--slack", "0", "--poll", "0.5", "--connect", ep, "--server-key", server_key(fleet)]
     nope = Proc(base[:5] + ["NOT_IN_TRAIN_PY=1,2"] + base[6:], "nope", env=env)
     assert nope.wait() == 2 and "NOT_IN_TRAIN_PY: not a constant of the head's train.py" \
         in nope.text, nope.text

@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 
+import pytest
 import zmq
 
 from serving import served, write_locked
@@ -318,6 +319,7 @@ def test_a_blocked_worker_takes_work_after_a_welcome_that_matches(fleet_repo, tm
 
 # ---- end to end: the issue's sequence with the real CLI ------------------------------------
 
+@pytest.mark.slow
 def test_coordinator_kill9_and_restart_inside_the_window_costs_no_lease(fleet, fleet_variant):
     """Coordinator + one worker as real processes; four variants; while they run, the
     coordinator is kill -9'd and restarted on the same endpoint three times, each time back
@@ -356,3 +358,34 @@ def test_coordinator_kill9_and_restart_inside_the_window_costs_no_lease(fleet, f
     assert not [r for r in rows if r["state"] == "stale"], rows
     # never offered another attempt while busy (a duplicate of the one it runs is harmless)
     assert worker.count(r"ignoring assign (\S+): busy with (?!\1)") == 0, worker.text
+
+
+def test_the_restart_grace_expiry_waits_out_a_locked_ledger(fleet_repo):
+    """The restart-grace expiry writes the ledger from the timer path too: with the ledger
+    write-locked by another process when an awaited worker's grace ends, the coordinator keeps
+    running, says what it waits to record, and records it once the lock is gone."""
+    from coordinator.ledger import ledger_path
+    from coordinator.repo import state_dir
+
+    with served(fleet_repo, heartbeat_interval=0.1, liveness=50) as (core, server):
+        endpoint = server.endpoint
+        peer = Peer(endpoint)
+        peer.send(hello("w1-late"))
+        recv_type(peer, "welcome")
+        peer.close()
+    events: list[str] = []
+    with served(fleet_repo, bind=endpoint, heartbeat_interval=0.1, liveness=5,
+                restart_grace=1.0, event=events.append) as (core, server):
+        core.ledger.db.execute("PRAGMA busy_timeout = 100")
+        with write_locked(ledger_path(state_dir(fleet_repo))):
+            end = time.monotonic() + DEADLINE
+            while time.monotonic() < end and not any("not yet recorded" in e for e in events):
+                time.sleep(0.05)
+            assert any("w1-late" in e and "not yet recorded" in e for e in events), events
+            with Client(endpoint, timeout=10) as c:      # still serving
+                assert c.query("status")["workers"][0]["state"] != "gone"
+        while time.monotonic() < end and not any("recorded worker" in e for e in events):
+            time.sleep(0.05)
+        assert any("recorded worker w1-late (w1-late) gone: did not return" in e
+                   for e in events), events
+        assert [w["state"] for w in core.status()["workers"]] == ["gone"]
