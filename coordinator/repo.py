@@ -75,24 +75,50 @@ class RunMismatch(ValueError):
 
 # ---- git ---------------------------------------------------------------------------------------
 
-def git(repo: Path, *args: str, input: str | None = None, env: dict | None = None,
-        check: bool = True, raw: bool = False) -> str:
-    """Run git in ``repo``; return stdout (without the trailing newline unless ``raw``);
-    GitError on failure."""
+def _git_run(repo: Path, args: tuple[str, ...] | list[str], input: str | None = None,
+             env: dict | None = None) -> subprocess.CompletedProcess:
     # Drop git variables inherited from a hook or a parent git: they would redirect us.
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")}
     full_env.update(GIT_IDENTITY)
     full_env.update(env or {})
     # Bytes, not text mode: text mode would translate \r\n in a train.py we read back.
-    proc = subprocess.run(["git", *GIT_CONFIG, "-C", str(repo), *args],
+    return subprocess.run(["git", *GIT_CONFIG, "-C", str(repo), *args],
                           input=None if input is None else input.encode("utf-8", "surrogatepass"),
                           capture_output=True, env=full_env)
+
+
+def git(repo: Path, *args: str, input: str | None = None, env: dict | None = None,
+        check: bool = True, raw: bool = False) -> str:
+    """Run git in ``repo``; return stdout (without the trailing newline unless ``raw``);
+    GitError on failure."""
+    proc = _git_run(repo, args, input, env)
     out = proc.stdout.decode("utf-8", "replace")
     if check and proc.returncode != 0:
         err = proc.stderr.decode("utf-8", "replace").strip() or out.strip()
         raise GitError(f"git {' '.join(args)} failed in {repo}: {err}")
     return out if raw else out.rstrip("\n")
+
+
+def merge_file(repo: Path, ours: str, base: str, theirs: str,
+               labels: tuple[str, str, str] = ("ours", "base", "theirs")) -> tuple[str, int]:
+    """``git merge-file``: replay the change base -> theirs onto ours. Returns (the merged
+    text, the number of conflicts); conflicting hunks carry git's diff3 markers, labelled
+    ``labels``. GitError if git itself fails."""
+    with tempfile.TemporaryDirectory(prefix="autoresearch-merge-") as tmp:
+        paths = []
+        for name, text in zip(("ours", "base", "theirs"), (ours, base, theirs)):
+            path = Path(tmp) / name
+            path.write_bytes(text.encode("utf-8", "surrogatepass"))
+            paths.append(str(path))
+        args = ["merge-file", "-p", "--diff3"]
+        for label in labels:
+            args += ["-L", " ".join(str(label).split())]
+        proc = _git_run(repo, args + paths)
+    if not 0 <= proc.returncode < 128:   # >= 0: the conflict count (capped at 127)
+        err = proc.stderr.decode("utf-8", "replace").strip()
+        raise GitError(f"git merge-file failed in {repo} (exit {proc.returncode}): {err}")
+    return proc.stdout.decode("utf-8", "surrogatepass"), proc.returncode
 
 
 def rev_parse(repo: Path, ref: str) -> str | None:
