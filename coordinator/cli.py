@@ -147,17 +147,48 @@ def main() -> None:
               help="Validation tokens evaluated (overrides the preset).")
 @click.option("--margin", type=click.FloatRange(min=0.0), default=None,
               help="val_bpb improvement a candidate needs over the head to be kept.")
+@click.option("--policy", type=click.Choice(["sequential", "greedy"]), default=None,
+              help="How candidates are decided: sequential (screen, paired repeats, a test; "
+                   "the default) or greedy (one run against the head's mean).")
+@click.option("--head-runs", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Runs of the head on a class before anything is decided there [3].")
+@click.option("--max-repeats", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Runs of one candidate on a class, at most [4].")
+@click.option("--confidence", type=click.FloatRange(min=0.5, max=1.0, max_open=True),
+              default=None, help="One-sided confidence a keep needs [0.95].")
+@click.option("--screen", type=float, default=None, metavar="SIGMA",
+              help="σ a candidate's first run must beat the head's mean by to be repeated "
+                   "[0.5].")
+@click.option("--remeasure-every", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Re-run the head on a class after every N decisions there (0: never) [10].")
+@click.option("--remeasure-seconds", type=click.FloatRange(min=0.0), default=None,
+              metavar="S", help="Re-run the head on a class when its newest run is older "
+                                "than S seconds (0: never) [3600].")
+@click.option("--noise-prior", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              metavar="SIGMA", help="σ of one run (bpb) used until a class has enough "
+                                    "repeats to measure it [0.03].")
 @click.option("--train-py", "train_py", type=click.File("r", encoding="utf-8"), default=None,
               metavar="FILE", help="Start from this train.py instead of the preset's baseline.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was made as JSON.")
 def init(directory: Path, tag: str | None, preset: str, budget: int | None,
          seq_len: int | None, eval_tokens: int | None, margin: float | None,
+         policy: str | None, head_runs: int | None, max_repeats: int | None,
+         confidence: float | None, screen: float | None, remeasure_every: int | None,
+         remeasure_seconds: float | None, noise_prior: float | None,
          train_py, as_json: bool) -> None:
-    """Create a research repo in DIRECTORY (git, baseline train.py, ledger)."""
+    """Create a research repo in DIRECTORY (git, baseline train.py, ledger).
+
+    Every setting is fixed for the life of the run, stored with it and printed in program.md.
+    """
     from coordinator.repo import init_repo
 
     overrides = {k: v for k, v in (("time_budget", budget), ("seq_len", seq_len),
-                                   ("eval_tokens", eval_tokens), ("margin", margin))
+                                   ("eval_tokens", eval_tokens), ("margin", margin),
+                                   ("policy", policy), ("head_runs", head_runs),
+                                   ("max_repeats", max_repeats), ("confidence", confidence),
+                                   ("screen", screen), ("remeasure_every", remeasure_every),
+                                   ("remeasure_seconds", remeasure_seconds),
+                                   ("noise_prior", noise_prior))
                  if v is not None}
     try:
         made = init_repo(directory, tag=tag, preset=preset,
@@ -170,14 +201,14 @@ def init(directory: Path, tag: str | None, preset: str, budget: int | None,
         click.echo(json.dumps(info, indent=2, sort_keys=True, default=str))
         return
     click.echo(f"research repo {info.get('repo_dir', directory)}")
-    click.echo(f"  branch      {info.get('branch')} at {str(info.get('baseline_commit'))[:10]} "
+    click.echo(f"  {'branch':<18}{info.get('branch')} at {str(info.get('baseline_commit'))[:10]} "
                f"(baseline train.py, preset {info.get('preset')})")
     for key, value in (info.get("settings") or {}).items():
-        click.echo(f"  {key:<12}{value}")
-    click.echo("  ledger      .autoresearch/ (ignored by git)")
+        click.echo(f"  {key:<18}{value}")
+    click.echo(f"  {'ledger':<18}.autoresearch/ (ignored by git)")
     from shared.keys import fingerprint
     kp = _coordinator_keypair(directory)
-    click.echo(f"  server key  {kp.public_str} (fingerprint {fingerprint(kp.public)})")
+    click.echo(f"  {'server key':<18}{kp.public_str} (fingerprint {fingerprint(kp.public)})")
     click.echo(f"next: autoresearch-coord start {directory}")
 
 
@@ -673,10 +704,24 @@ def format_status(data: Any) -> str:
     if branch or head:
         out.append(f"branch {branch or '-'} at {str(head or '-')[:10]}")
     heads = _rows(_pick(data, "heads", "head_bpb"))
-    out.append("\nhead val_bpb per hardware class:")
-    out.append(_table([[_pick(h, "hw_class", "key"), _num(_pick(h, "val_bpb", "value")),
-                        str(_pick(h, "commit") or "")[:10]] for h in heads],
-                      ["class", "val_bpb", "commit"]) if heads else "  (none measured yet)")
+    out.append("\nhead val_bpb per hardware class (mean ± sem (runs); σ: one run's noise):")
+    out.append(_table([[_pick(h, "hw_class", "key"),
+                        _pick(h, "text") or _num(_pick(h, "val_bpb", "value")),
+                        _pick(h, "state"), _sigma(h), str(_pick(h, "commit") or "")[:10]]
+                       for h in heads],
+                      ["class", "val_bpb", "state", "σ", "commit"])
+               if heads else "  (none measured yet)")
+    for h in heads:
+        if h.get("drift"):
+            out.append(f"  DRIFT on {_pick(h, 'hw_class', 'key')}: {h['drift']}")
+    progress = _rows(data.get("in_progress"))
+    if progress:
+        out.append("\nin progress (runs so far / runs the rule asked for):")
+        out.append(_table([[f"#{_pick(c, 'candidate_id')}", _pick(c, "state"),
+                            _pick(c, "hw_class"), _num(_pick(c, "val_bpb")),
+                            f"{c.get('runs')}/{c.get('runs_wanted') or '-'}",
+                            _pick(c, "description")] for c in progress],
+                          ["cand", "state", "class", "mean", "runs", "description"]))
     workers = _rows(data.get("workers"))
     out.append("\nworkers:")
     out.append(_table([[_pick(w, "name", "key"), _pick(w, "state", "status"),
@@ -713,6 +758,18 @@ def format_status(data: Any) -> str:
     return "\n".join(out)
 
 
+def _sigma(h: dict) -> str:
+    """``0.0210 pooled (12 df)`` or ``0.0300 prior (pooled 0.0180, 2 df)``."""
+    sigma = h.get("sigma")
+    if not isinstance(sigma, (int, float)):
+        return "-"
+    if h.get("sigma_source") == "pooled":
+        return f"{sigma:.4f} pooled ({h.get('pooled_df')} df)"
+    pooled = h.get("pooled_sigma")
+    return (f"{sigma:.4f} prior" + (f" (pooled {pooled:.4f}, {h.get('pooled_df')} df)"
+                                    if isinstance(pooled, (int, float)) else ""))
+
+
 def _progress(p: Any) -> str:
     if not isinstance(p, dict):
         return "-"
@@ -738,7 +795,7 @@ def format_log(data: Any) -> str:
                     f"#{_pick(r, 'candidate_id')}",
                     _pick(r, "verdict") or " ".join(
                         str(x) for x in (r.get("state"), r.get("status")) if x),
-                    _num(_pick(r, "val_bpb")), _pick(r, "hw_class"),
+                    _pick(r, "runs") or _num(_pick(r, "val_bpb")), _pick(r, "hw_class"),
                     _what_happened(r)] for r in rows],
                   ["time", "cand", "what", "val_bpb", "class", "description"])
 

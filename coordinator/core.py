@@ -53,13 +53,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from coordinator import decide, reports, scheduling
+from coordinator import decide, reports, rule, scheduling, seeds
+from coordinator import noise as noise_model
 from coordinator import states as st
 from coordinator.ledger import Ledger, LedgerError, ledger_path
 from coordinator.repo import (
     CANDIDATE_REFS, DISPLACED_REFS, RUN_FIELDS, ZERO, CoordinatorBusy, GitError, acquire_lock,
-    candidate_ref, clear_stale_ref_locks, commit_object, commit_tree_of, is_ancestor, list_refs,
-    load_run, make_tree, rev_parse, state_dir, sync_worktree, update_ref, write_results_tsv,
+    candidate_ref, clear_stale_ref_locks, commit_object, commit_tree_of, decision_settings,
+    is_ancestor, list_refs, load_run, make_tree, read_blob, rev_parse, state_dir,
+    sync_worktree, update_ref, write_results_tsv,
 )
 from shared.outcome import CANCELLED, OK, Outcome, plain
 
@@ -177,6 +179,9 @@ class Coordinator(contextlib.AbstractContextManager):
                 raise RuntimeError(f"{self.repo_dir}: run.json and the ledger disagree on the run "
                                    f"settings ({self.config.settings} vs {stored})")
             self.settings: dict = dict(stored)
+            # How this run decides (defaults filled in; a schema-1 run stays greedy).
+            self.decision: dict = decision_settings(self.settings)
+            self.rule_settings = rule.RuleSettings.from_settings(self.decision)
             self.tag: str = self.ledger.get_meta("tag")
             self.branch: str = self.ledger.get_meta("branch")
             self.fixed: list[str] = self.reconcile()
@@ -286,12 +291,18 @@ class Coordinator(contextlib.AbstractContextManager):
 
     def _insert_decision(self, cid: int, verdict: str, hw_class: str | None,
                          head_before: str | None, head_after: str, val_bpb: float | None,
-                         head_bpb: float | None, reason: str, attempt_ids: list[str]) -> Decision:
+                         head_bpb: float | None, reason: str, attempt_ids: list[str],
+                         numbers: dict | None = None) -> Decision:
+        """One decision row; ``numbers`` (from ``_numbers``) holds the test that decided it."""
+        n = numbers or {}
         self.ledger.db.execute(
             "INSERT INTO decisions(candidate_id, hw_class, verdict, head_before, head_after, "
-            "val_bpb, head_bpb, reason, attempt_ids, decided_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "val_bpb, head_bpb, reason, attempt_ids, decided_at, n_candidate, n_head, sigma, "
+            "confidence, rule, details) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (cid, hw_class, verdict, head_before, head_after, val_bpb, head_bpb, reason,
-             json.dumps(attempt_ids), self._now()))
+             json.dumps(attempt_ids), self._now(), n.get("n_candidate"), n.get("n_head"),
+             n.get("sigma"), n.get("confidence"), n.get("rule"),
+             json.dumps(n["details"]) if n.get("details") else None))
         desc = self.ledger.scalar("SELECT description FROM candidates WHERE id = ?", cid)
         return Decision(cid, verdict, hw_class, val_bpb, head_bpb, head_before, head_after,
                         reason, desc or "")
@@ -300,6 +311,10 @@ class Coordinator(contextlib.AbstractContextManager):
                         attempt_ids: list[str]) -> Decision:
         head = self.ledger.head()
         hv = decide.head_value(list(self._head_on(hw_class).values))
+        # Its other repeats still running count for nothing now: their results become stale.
+        for r in self.ledger.all("SELECT attempt_id FROM attempts WHERE candidate_id = ? AND "
+                                 "state = 'leased'", cid):
+            self._set_attempt(r[0], st.CANCELLED, note="candidate failed on another run")
         self._set_candidate(cid, st.FAILED)
         return self._insert_decision(cid, st.FAILED, hw_class, head["commit_sha"],
                                      head["commit_sha"], None, hv, reason, attempt_ids)
@@ -321,7 +336,16 @@ class Coordinator(contextlib.AbstractContextManager):
                     cid)]
                 return None, self._fail_candidate(cid, att["hw_class"],
                                                   decide.lost_reason(times), ids)
+        if self.ledger.scalar("SELECT COUNT(*) FROM attempts WHERE candidate_id = ? AND "
+                              "state = 'leased'", cid):
+            return cid, None  # other repeats of it are still running: it stays running
+        if self._candidate_runs(self.ledger.candidate(cid), att["hw_class"]):
+            # It has runs on its class: the missing repeat is leased again there.
+            self._set_candidate(cid, st.REPEATING)
+            return cid, None
         self._set_candidate(cid, st.QUEUED)
+        self.ledger.db.execute("UPDATE candidates SET hw_class = NULL, runs_wanted = NULL "
+                               "WHERE id = ?", (cid,))
         return cid, None
 
     # ---- workers ------------------------------------------------------------------------
@@ -414,33 +438,79 @@ class Coordinator(contextlib.AbstractContextManager):
                     return None  # one lease per worker
                 hw = w["hw_class"]
                 head = self.ledger.head()
+                on_head = self._head_on(hw)
                 queued = [r[0] for r in self.ledger.all(
                     "SELECT id FROM candidates WHERE state = 'queued' ORDER BY id")]
-                choice = scheduling.choose(head["candidate_id"], self._head_on(hw), queued)
+                choice = scheduling.choose(
+                    head["candidate_id"], on_head, queued,
+                    head_runs=int(self.decision["head_runs"]),
+                    remeasure=self._remeasure_due(hw, on_head),
+                    in_progress=self._in_progress(hw))
                 if choice is None:
                     return None
                 cand = self.ledger.candidate(choice.candidate_id)
                 if choice.purpose == st.PURPOSE_HEAD:
-                    return self._lease(worker_id, hw, cand["id"], head["commit_sha"],
-                                       cand["train_py"], st.PURPOSE_HEAD)
-                self._set_candidate(cand["id"], st.RUNNING)
+                    train_py = self._text_of(head["commit_sha"], cand["train_py"])
+                    return self._lease(worker_id, hw, cand["id"], head["commit_sha"], train_py,
+                                       st.PURPOSE_HEAD, on_head.seeds)
+                if cand["state"] == st.QUEUED:  # its first run binds it to this class
+                    self.ledger.db.execute("UPDATE candidates SET hw_class = ?, runs_wanted = 1 "
+                                           "WHERE id = ?", (hw, cand["id"]))
+                if cand["state"] != st.RUNNING:
+                    self._set_candidate(cand["id"], st.RUNNING)
+                busy = scheduling.busy_seeds(self.ledger.class_attempts(cand["id"], hw),
+                                             self._candidate_sha(cand))
                 return self._lease(worker_id, hw, cand["id"], cand["commit_sha"],
-                                   cand["train_py"], st.PURPOSE_CANDIDATE)
+                                   cand["train_py"], st.PURPOSE_CANDIDATE, busy)
+
+    def _in_progress(self, hw: str) -> list[scheduling.InProgress]:
+        """Candidates bound to class ``hw`` that may want repeats there, oldest first."""
+        out = []
+        for c in self.ledger.all("SELECT * FROM candidates WHERE hw_class = ? AND state IN "
+                                 "('running', 'repeating') ORDER BY id", hw):
+            rows = self.ledger.class_attempts(c["id"], hw)
+            out.append(scheduling.InProgress(
+                c["id"], int(c["runs_wanted"] or 1),
+                len(scheduling.runs_of(rows, self._candidate_sha(c))),
+                sum(1 for r in rows if r["state"] == st.LEASED)))
+        return out
+
+    def _remeasure_due(self, hw: str, on_head: scheduling.HeadOnClass) -> bool:
+        if on_head.last_run_at is None:
+            return False
+        since = int(self.ledger.scalar(
+            "SELECT COUNT(*) FROM decisions WHERE hw_class = ? AND decided_at > ? AND "
+            "candidate_id != ?", hw, on_head.last_run_at, self.ledger.head()["candidate_id"]))
+        return scheduling.remeasure_due(on_head, since, self._now(),
+                                        int(self.decision["remeasure_every"]),
+                                        float(self.decision["remeasure_seconds"]))
+
+    def _text_of(self, commit: str, fallback: str) -> str:
+        """train.py as it is in ``commit`` (a keep commit holds the candidate as measured)."""
+        try:
+            return read_blob(self.repo_dir, commit)
+        except GitError:
+            return fallback
 
     def _lease(self, worker_id: str, hw: str, cid: int, commit: str, train_py: str,
-               purpose: str) -> Assignment:
+               purpose: str, busy_seeds: frozenset[int] = frozenset()) -> Assignment:
         attempt_id = uuid.uuid4().hex
         now = self._now()
+        # Repeat i of a text on a class runs with seed i of the run's sequence (coordinator.seeds)
+        index = scheduling.seed_index_for(busy_seeds)
+        text_sha = hashlib.sha256(train_py.encode("utf-8", "surrogatepass")).hexdigest()
         self.ledger.db.execute(
             "INSERT INTO attempts(attempt_id, candidate_id, purpose, worker_id, hw_class, "
-            "commit_sha, leased_at, state) VALUES (?,?,?,?,?,?,?,'leased')",
-            (attempt_id, cid, purpose, worker_id, hw, commit, now))
+            "commit_sha, leased_at, state, seed_index, text_sha) "
+            "VALUES (?,?,?,?,?,?,?,'leased',?,?)",
+            (attempt_id, cid, purpose, worker_id, hw, commit, now, index, text_sha))
         self.ledger.db.execute("UPDATE workers SET attempt_id = ?, last_seen = ? "
                                "WHERE worker_id = ?", (attempt_id, now, worker_id))
         self._seen.setdefault(worker_id, {})["progress"] = None
+        settings = {k: self.settings[k] for k in RUN_FIELDS}
+        settings["seed"] = seeds.seed_for(int(self.settings["seed"]), index)
         return Assignment(attempt_id=attempt_id, candidate_id=cid, commit=commit,
-                          train_py=train_py,
-                          settings={k: self.settings[k] for k in RUN_FIELDS},
+                          train_py=train_py, settings=settings,
                           timeout=float(self.settings["timeout"]), purpose=purpose)
 
     # ---- results and decisions ----------------------------------------------------------
@@ -484,27 +554,49 @@ class Coordinator(contextlib.AbstractContextManager):
                     decisions += [dec] if dec else []
                 else:
                     self._set_attempt(attempt_id, st.DONE)
-                    if att["purpose"] == st.PURPOSE_CANDIDATE:
-                        if status == OK:
-                            self._set_candidate(att["candidate_id"], st.MEASURED)
-                        else:
-                            reason = decide.failure_reason(oc, att["hw_class"])
-                            decisions.append(self._fail_candidate(
-                                att["candidate_id"], att["hw_class"], reason, [attempt_id]))
-                    decisions += self._decide_waiting(att["hw_class"])
+                    if att["purpose"] == st.PURPOSE_CANDIDATE and status != OK:
+                        reason = decide.failure_reason(oc, att["hw_class"])
+                        decisions.append(self._fail_candidate(
+                            att["candidate_id"], att["hw_class"], reason, [attempt_id]))
+                    elif att["purpose"] == st.PURPOSE_HEAD and status == OK:
+                        note = self._check_drift(att)
+                    decisions += self._decide_class(att["hw_class"])
                 new_head = self.ledger.head()["commit_sha"]
             if new_head != old_head:
                 self._move_branch(old_head, new_head)
             self._after_change(wrote_decision=True, head_moved=new_head != old_head)
-            if not note:
-                note = "; ".join(f"#{d.candidate_id} {d.verdict}" for d in decisions)
+            verdicts = "; ".join(f"#{d.candidate_id} {d.verdict}" for d in decisions)
+            if not note or verdicts:
+                note = "; ".join(x for x in (note, verdicts) if x)
                 if not note and status == OK:
-                    note = ("measured: waiting for the head's number on this class"
+                    note = (self._waiting_note(att["candidate_id"])
                             if att["purpose"] == st.PURPOSE_CANDIDATE else
                             f"head #{att['candidate_id']} measured on {att['hw_class']}")
                 elif not note:
                     note = f"head #{att['candidate_id']} measurement failed: {status}"
             return ResultAck(True, note, decisions)
+
+    def _waiting_note(self, cid: int) -> str:
+        c = self.ledger.candidate(cid)
+        state = c["state"] if c is not None else "?"
+        if state == st.REPEATING:
+            return f"measured: repeats wanted ({c['runs_wanted']} runs in all)"
+        if state == st.RUNNING:
+            return "measured: its other repeats are still running"
+        return "measured: waiting for the head's runs on this class"
+
+    def _check_drift(self, att) -> str:
+        """A head re-run beyond the noise: say so on the attempt (the log shows its note)."""
+        hw = att["hw_class"]
+        on_head = self._head_on(hw)
+        sigma = reports.class_noise(self.ledger, hw, float(self.decision["noise_prior"])).sigma
+        d = noise_model.drift(list(on_head.values), sigma)
+        if d is None or on_head.runs[-1].attempt_id != att["attempt_id"]:
+            return ""
+        text = f"head drift on {hw}: {d.describe()}"
+        self.ledger.db.execute("UPDATE attempts SET note = ? WHERE attempt_id = ?",
+                               (text, att["attempt_id"]))
+        return text
 
     def _store_outcome(self, att, oc: Outcome) -> None:
         """The outcome as the worker classified it, note included (it says why the status)."""
@@ -514,47 +606,111 @@ class Coordinator(contextlib.AbstractContextManager):
             (oc.status, oc.val_bpb, _json(oc.result), oc.log_tail or None, oc.exit_code,
              oc.wall_seconds, oc.note or None, att["attempt_id"]))
 
-    def _decide_waiting(self, hw: str) -> list[Decision]:
-        """Decide measured candidates on class ``hw``, oldest first, while the head has a
-        number there. A keep makes that candidate the head (its own run is the head's number),
-        so the next waiting one is judged against it."""
+    def _candidate_sha(self, cand) -> str:
+        """sha256 of the text a candidate's runs must have to count for it (its own train.py:
+        the text it would be kept as)."""
+        return cand["sha256"]
+
+    def _candidate_runs(self, cand, hw: str) -> tuple[rule.Run, ...]:
+        return scheduling.runs_of(self.ledger.class_attempts(cand["id"], hw),
+                                  self._candidate_sha(cand))
+
+    def _decide_class(self, hw: str) -> list[Decision]:
+        """Apply the rule to every candidate on class ``hw`` whose leases are all in, oldest
+        first. A keep changes the head, so the rest are then judged against the new head (and
+        wait for its runs there)."""
         out: list[Decision] = []
-        margin = float(self.settings.get("margin", 0.0))
+        done: set[int] = set()
         while True:
-            c = self.ledger.one(
-                "SELECT c.id, c.description, c.commit_sha, c.base_commit, a.attempt_id, "
-                "a.val_bpb FROM candidates c JOIN attempts a ON a.candidate_id = c.id "
-                "WHERE c.state = 'measured' AND a.purpose = 'candidate' AND a.state = 'done' "
-                "AND a.status = 'ok' AND a.hw_class = ? ORDER BY c.id LIMIT 1", hw)
-            if c is None:
+            rows = [c for c in self.ledger.all(
+                "SELECT * FROM candidates WHERE hw_class = ? AND state IN ('running', "
+                "'measured', 'repeating') ORDER BY id", hw) if c["id"] not in done]
+            head_moved = False
+            for c in rows:
+                if self.ledger.scalar("SELECT COUNT(*) FROM attempts WHERE candidate_id = ? "
+                                      "AND state = 'leased'", c["id"]):
+                    continue  # decided when all its runs are in
+                done.add(c["id"])
+                d = self._evaluate(c, hw)
+                if d is not None:
+                    out.append(d)
+                    if d.verdict == st.KEPT:
+                        head_moved = True
+                        break
+            if not head_moved:
                 return out
-            head = self.ledger.head()
-            m = self._head_on(hw)
-            hv = decide.head_value(list(m.values))
-            if hv is None:
-                return out  # waits in measured until the head's number on hw arrives
-            v = decide.judge(c["val_bpb"], hv, margin, hw, len(m.values))
-            ids = [c["attempt_id"]] + list(m.attempt_ids)
-            new_head = head["commit_sha"]
-            if v.verdict == st.KEPT:
-                message = (
-                    f"keep #{c['id']}: {c['description']}\n\n"
-                    f"val_bpb: {hv:.6f} -> {c['val_bpb']:.6f} on {hw} (margin {margin:g})\n"
-                    f"hardware class: {hw}\n"
-                    f"candidate: #{c['id']} {c['commit_sha']} (based on {c['base_commit']})\n"
-                    f"head before: #{head['candidate_id']} {head['commit_sha']}\n"
-                    f"candidate attempt: {c['attempt_id']}\n"
-                    f"head attempts: {', '.join(m.attempt_ids)}\n")
-                # Object first: if we die before the ledger commits, it is unreferenced junk.
-                new_head = commit_object(self.repo_dir, commit_tree_of(self.repo_dir,
-                                                                       c["commit_sha"]),
-                                         [head["commit_sha"]], message)
-                self.ledger.db.execute(
-                    "UPDATE head SET commit_sha = ?, candidate_id = ?, updated_at = ? "
-                    "WHERE id = 1", (new_head, c["id"], self._now()))
-            self._set_candidate(c["id"], v.verdict)
-            out.append(self._insert_decision(c["id"], v.verdict, hw, head["commit_sha"],
-                                             new_head, c["val_bpb"], hv, v.reason, ids))
+            done = set()  # a new head: every waiting candidate is looked at again
+
+    def _evaluate(self, c, hw: str) -> Decision | None:
+        """One candidate through coordinator.rule; apply its verdict. None unless decided."""
+        runs = self._candidate_runs(c, hw)
+        if not runs:
+            return None
+        on_head = self._head_on(hw)
+        v = None
+        if on_head.enough(int(self.decision["head_runs"])):
+            noise = reports.class_noise(self.ledger, hw, float(self.decision["noise_prior"]))
+            v = rule.decide(on_head.runs, runs, noise, self.rule_settings)
+        if v is None or v.action == rule.WAIT:
+            if c["state"] != st.MEASURED:
+                self._set_candidate(c["id"], st.MEASURED)
+            return None
+        if v.action == rule.MORE:
+            self.ledger.db.execute("UPDATE candidates SET runs_wanted = ? WHERE id = ?",
+                                   (len(runs) + v.more, c["id"]))
+            if c["state"] != st.REPEATING:
+                self._set_candidate(c["id"], st.REPEATING)
+            return None
+        cmp = v.comparison
+        head = self.ledger.head()
+        ids = [r.attempt_id for r in runs] + list(on_head.attempt_ids)
+        new_head = head["commit_sha"]
+        if v.action == rule.KEEP:
+            new_head = self._keep_commit(c, hw, head, on_head, runs, v)
+            self.ledger.db.execute(
+                "UPDATE head SET commit_sha = ?, candidate_id = ?, updated_at = ?, text_sha = ? "
+                "WHERE id = 1", (new_head, c["id"], self._now(), self._candidate_sha(c)))
+        verdict = st.KEPT if v.action == rule.KEEP else st.DISCARDED
+        self._set_candidate(c["id"], verdict)
+        return self._insert_decision(c["id"], verdict, hw, head["commit_sha"], new_head,
+                                     cmp.candidate_mean, cmp.head_mean, f"{v.reason} on {hw}",
+                                     ids, self._numbers(v, on_head.runs, runs))
+
+    @staticmethod
+    def _numbers(v: rule.Verdict, head_runs, runs) -> dict:
+        """The decision row's numbers: n each side, σ, confidence, rule, the comparison and
+        the paired differences (the noise model pools those for σ_paired)."""
+        cmp = v.comparison
+        by_seed = {r.seed_index: r.value for r in head_runs}
+        diffs = [r.value - by_seed[r.seed_index] for r in runs if r.seed_index in by_seed]
+        details = dict(cmp.to_dict(), paired_differences=diffs,
+                       candidate_runs=[[r.seed_index, r.value] for r in runs],
+                       head_runs=[[r.seed_index, r.value] for r in head_runs])
+        return {"n_candidate": cmp.n_candidate, "n_head": cmp.n_head, "sigma": cmp.sigma,
+                "confidence": cmp.confidence, "rule": v.rule, "details": details}
+
+    def _keep_commit(self, c, hw: str, head, on_head, runs, v: rule.Verdict) -> str:
+        """The keep commit object (written before the ledger commits: if we die first it is
+        unreferenced junk). Its message carries the numbers a reader checks the keep by."""
+        cmp = v.comparison
+        margin = float(self.decision["margin"])
+        df = "prior" if cmp.df is None else f"{cmp.df} df"
+        message = (
+            f"keep #{c['id']}: {c['description']}\n\n"
+            f"val_bpb: {rule.fmt_runs(cmp.head_mean, cmp.head_sem, cmp.n_head)} -> "
+            f"{rule.fmt_runs(cmp.candidate_mean, cmp.candidate_sem, cmp.n_candidate)} on {hw}"
+            f" (mean ± sem (runs))\n"
+            f"decided by: {v.rule}, {100 * cmp.confidence:.1f}% confident better by more than "
+            f"margin {margin:g} (σ {cmp.sigma:.4f}, {cmp.sigma_source}, {df})\n"
+            f"hardware class: {hw}\n"
+            f"candidate: #{c['id']} {c['commit_sha']} (based on {c['base_commit']})\n"
+            f"head before: #{head['candidate_id']} {head['commit_sha']}\n"
+            f"candidate attempts (seed index): "
+            f"{', '.join(f'{r.attempt_id} ({r.seed_index})' for r in runs)}\n"
+            f"head attempts (seed index): "
+            f"{', '.join(f'{r.attempt_id} ({r.seed_index})' for r in on_head.runs)}\n")
+        return commit_object(self.repo_dir, commit_tree_of(self.repo_dir, c["commit_sha"]),
+                             [head["commit_sha"]], message)
 
     # ---- clients ------------------------------------------------------------------------
 

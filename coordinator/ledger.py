@@ -9,17 +9,30 @@ Tables (times are epoch seconds, REAL; JSON columns are TEXT):
 
     meta       key -> value (JSON): schema_version, settings, tag, branch, preset, ...
     candidates id, description, sha256 (UNIQUE), train_py, base_commit, commit, state,
-               created_at, updated_at. Candidate 0 is the run's baseline (state kept).
+               created_at, updated_at, hw_class (the class its runs are on, once it has
+               one: a decision uses one class only), runs_wanted (runs the rule asked for
+               in all, on that class). Candidate 0 is the run's baseline (state kept).
     attempts   attempt_id, candidate_id, purpose (head|candidate), worker_id, hw_class,
                commit (what was measured), leased_at, finished_at, state (leased|done|lost|
                cancelled|stale), prior_state (for stale: lost|cancelled), status (outcome:
                ok|crash|nan|oom|timeout|cancelled), val_bpb, summary (harness result JSON),
-               log_tail, exit_code, wall_seconds, note
+               log_tail, exit_code, wall_seconds, note, seed_index (repeat i ran with seed i
+               of the run's sequence, coordinator.seeds), text_sha (sha256 of the train.py
+               it ran: runs of different texts are never pooled)
     workers    worker_id, name, hw_class, profile JSON, first_seen, last_seen, attempt_id,
                state (connected|gone), gone_reason
-    decisions  id, candidate_id (UNIQUE), hw_class, verdict (kept|discarded|failed),
-               head_before, head_after, val_bpb, head_bpb, reason, attempt_ids JSON, decided_at
-    head       one row: commit, candidate_id, updated_at
+    decisions  id, candidate_id (UNIQUE), hw_class (the one class whose runs decided it),
+               verdict (kept|discarded|failed), head_before, head_after, val_bpb (the
+               candidate's mean), head_bpb (the head's mean), reason, attempt_ids JSON,
+               decided_at, n_candidate, n_head (runs each side), sigma (σ used), confidence
+               (that the candidate is better by more than the margin), rule (which test
+               decided, e.g. sequential/paired), details JSON (coordinator.rule.Comparison
+               and the paired differences)
+    head       one row: commit, candidate_id, updated_at, text_sha (of the train.py its runs
+               ran; NULL: the head candidate's own text, so all its runs are the head's)
+
+Schema 1 ledgers (before repeats) are upgraded in place on open: the new columns are added
+empty, and a run without a ``policy`` setting keeps deciding greedily (repo.decision_settings).
 """
 from __future__ import annotations
 
@@ -29,7 +42,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added by each schema version, applied in order to an older ledger on open.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE candidates ADD COLUMN hw_class TEXT",
+        "ALTER TABLE candidates ADD COLUMN runs_wanted INTEGER",
+        "ALTER TABLE attempts ADD COLUMN seed_index INTEGER",
+        "ALTER TABLE attempts ADD COLUMN text_sha TEXT",
+        "ALTER TABLE decisions ADD COLUMN n_candidate INTEGER",
+        "ALTER TABLE decisions ADD COLUMN n_head INTEGER",
+        "ALTER TABLE decisions ADD COLUMN sigma REAL",
+        "ALTER TABLE decisions ADD COLUMN confidence REAL",
+        "ALTER TABLE decisions ADD COLUMN rule TEXT",
+        "ALTER TABLE decisions ADD COLUMN details TEXT",
+        "ALTER TABLE head ADD COLUMN text_sha TEXT"),
+}
 LEDGER_NAME = "ledger.sqlite3"
 
 SCHEMA = """
@@ -46,7 +73,9 @@ CREATE TABLE IF NOT EXISTS candidates (
     commit_sha  TEXT,
     state       TEXT NOT NULL,
     created_at  REAL NOT NULL,
-    updated_at  REAL NOT NULL
+    updated_at  REAL NOT NULL,
+    hw_class    TEXT,
+    runs_wanted INTEGER
 );
 CREATE INDEX IF NOT EXISTS candidates_state ON candidates(state, id);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -66,7 +95,9 @@ CREATE TABLE IF NOT EXISTS attempts (
     log_tail     TEXT,
     exit_code    INTEGER,
     wall_seconds REAL,
-    note         TEXT
+    note         TEXT,
+    seed_index   INTEGER,
+    text_sha     TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_cand ON attempts(candidate_id, hw_class, state);
 CREATE INDEX IF NOT EXISTS attempts_worker ON attempts(worker_id, state);
@@ -92,13 +123,20 @@ CREATE TABLE IF NOT EXISTS decisions (
     head_bpb     REAL,
     reason       TEXT NOT NULL,
     attempt_ids  TEXT NOT NULL,
-    decided_at   REAL NOT NULL
+    decided_at   REAL NOT NULL,
+    n_candidate  INTEGER,
+    n_head       INTEGER,
+    sigma        REAL,
+    confidence   REAL,
+    rule         TEXT,
+    details      TEXT
 );
 CREATE TABLE IF NOT EXISTS head (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
     commit_sha   TEXT NOT NULL,
     candidate_id INTEGER NOT NULL REFERENCES candidates(id),
-    updated_at   REAL NOT NULL
+    updated_at   REAL NOT NULL,
+    text_sha     TEXT
 );
 """
 
@@ -135,9 +173,23 @@ class Ledger:
                 if self.get_meta("schema_version") is None:
                     self.set_meta("schema_version", SCHEMA_VERSION)
         version = self.get_meta("schema_version")
+        if isinstance(version, int) and not isinstance(version, bool) \
+                and 1 <= version < SCHEMA_VERSION:
+            version = self._migrate(version)
         if version != SCHEMA_VERSION:
             raise LedgerError(f"{self.path}: ledger schema {version!r}, this release reads "
                               f"{SCHEMA_VERSION}: use the release that made this run")
+
+    def _migrate(self, version: int) -> int:
+        """Bring an older ledger up to SCHEMA_VERSION, one transaction per version (a kill
+        between two leaves a consistent older version, upgraded again on the next open)."""
+        while version < SCHEMA_VERSION:
+            version += 1
+            with self.tx() as db:
+                for statement in MIGRATIONS.get(version, ()):
+                    db.execute(statement)
+                self.set_meta("schema_version", version)
+        return version
 
     def close(self) -> None:
         self.db.close()

@@ -95,4 +95,34 @@ def estimate(groups: Iterable[list[float]], prior_sigma: float = DEFAULT_PRIOR_S
                  int(min_df), paired, pdf)
 
 
-__all__ = ["Noise", "pooled", "estimate", "DEFAULT_PRIOR_SIGMA", "DEFAULT_MIN_DF"]
+# A head run this many σ away from the mean of the head's earlier runs on its class is reported
+# as drift (a one-in-370 event for one run under pure noise): the machine or its load changed.
+DRIFT_Z = 3.0
+
+
+@dataclass(frozen=True)
+class Drift:
+    value: float        # the newest run
+    earlier_mean: float
+    earlier_n: int
+    z: float            # (value - earlier_mean) in units of its standard error
+
+    def describe(self) -> str:
+        return (f"newest head run {self.value:.4f} vs the earlier {self.earlier_mean:.4f} "
+                f"({self.earlier_n} run{'s' if self.earlier_n != 1 else ''}): {self.z:+.1f}σ")
+
+
+def drift(values_in_time_order: list[float], sigma: float, z: float = DRIFT_Z) -> Drift | None:
+    """The newest head run against the mean of the earlier ones, if beyond ``z`` standard
+    errors (σ·√(1 + 1/n)): a re-measured head that moved by more than its noise."""
+    vals = [v for v in values_in_time_order if v is not None and math.isfinite(v)]
+    if len(vals) < 2 or not sigma > 0:
+        return None
+    earlier, new = vals[:-1], vals[-1]
+    m = sum(earlier) / len(earlier)
+    score = (new - m) / (sigma * math.sqrt(1.0 + 1.0 / len(earlier)))
+    return Drift(new, m, len(earlier), score) if abs(score) > z else None
+
+
+__all__ = ["Noise", "Drift", "pooled", "estimate", "drift", "DEFAULT_PRIOR_SIGMA",
+           "DEFAULT_MIN_DF", "DRIFT_Z"]

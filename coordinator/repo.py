@@ -35,6 +35,9 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from coordinator.ledger import Ledger, ledger_path
+from coordinator.noise import DEFAULT_PRIOR_SIGMA
+from coordinator.rule import DEFAULTS as RULE_DEFAULTS
+from coordinator.rule import check_settings as check_rule_settings
 from shared.trainer_contract import RUN_FIELDS
 from trainer.presets import baseline_train_py, get_preset
 
@@ -47,7 +50,25 @@ ZERO = "0" * 40
 
 # Research-run settings that reach the harness through the environment (the trainer boundary's
 # RUN_FIELDS), and the coordinator's own per-run settings. All fixed when the run is initialised.
-SETTING_FIELDS = RUN_FIELDS + ("timeout", "margin")
+# How decisions are made (coordinator.rule, coordinator.noise, coordinator.scheduling), with
+# their defaults. A run made before these existed reads the defaults but its policy is greedy
+# (what it was decided with), see decision_settings().
+DECISION_DEFAULTS: dict[str, Any] = {
+    "policy": RULE_DEFAULTS["policy"],          # sequential | greedy
+    "confidence": RULE_DEFAULTS["confidence"],  # one-sided, needed to keep
+    "max_repeats": RULE_DEFAULTS["max_repeats"],  # runs of a candidate per class, at most
+    "screen": RULE_DEFAULTS["screen"],          # σ the first run must beat the head by
+    "head_runs": 3,                             # head runs on a class before deciding there
+    "remeasure_every": 10,                      # decisions on a class between head re-runs (0: no)
+    "remeasure_seconds": 3600.0,                # wall-clock seconds between head re-runs (0: no)
+    "noise_prior": DEFAULT_PRIOR_SIGMA,         # σ used until a class's pool has enough df
+}
+SETTING_FIELDS = RUN_FIELDS + ("timeout", "margin") + tuple(DECISION_DEFAULTS)
+# The rule before repeats existed: the head measured once per class, never re-measured, a
+# candidate kept on one run below it. What a schema-1 run decides with; tests of the ledger's
+# mechanics (leases, keeps, crashes) use it so one result is one decision.
+SINGLE_RUN: dict[str, Any] = {"policy": "greedy", "head_runs": 1, "remeasure_every": 0,
+                              "remeasure_seconds": 0.0}
 
 # An identity that works on machines with no git config at all.
 GIT_IDENTITY = {
@@ -234,6 +255,17 @@ def preset_settings(preset: str) -> dict[str, Any]:
     out = p.settings()
     out["timeout"] = float(p.timeout or p.time_budget * 3 + 300)
     out["margin"] = 0.0
+    out.update(DECISION_DEFAULTS)
+    return out
+
+
+def decision_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A run's decision settings, defaults filled in; a run stored before they existed (no
+    ``policy`` key) was decided on single runs and stays so (SINGLE_RUN)."""
+    out = dict(DECISION_DEFAULTS, margin=settings.get("margin", 0.0))
+    if "policy" not in settings:
+        out.update(SINGLE_RUN)
+    out.update({k: settings[k] for k in DECISION_DEFAULTS if k in settings})
     return out
 
 
@@ -253,6 +285,8 @@ def resolve_settings(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"{key}={value!r}: expected an integer")
             if value < (0 if key == "seed" else 1):
                 raise ValueError(f"{key}={value}: must be {'>= 0' if key == 'seed' else '> 0'}")
+        elif key in DECISION_DEFAULTS:
+            value = _decision_value(key, value)
         else:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{key}={value!r}: expected a number")
@@ -266,10 +300,39 @@ def resolve_settings(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     if overrides.get("time_budget") is not None and overrides.get("timeout") is None:
         settings["timeout"] = float(base["timeout"]) + settings["time_budget"] - base["time_budget"]
     settings["timeout"] = float(settings["timeout"])
+    problem = check_rule_settings(settings)
+    if problem:
+        raise ValueError(problem)
     if settings["timeout"] <= settings["time_budget"]:
         raise ValueError(f"timeout={settings['timeout']:g}s must exceed the time budget "
                          f"({settings['time_budget']}s) to leave room for startup and eval")
     return settings
+
+
+def _decision_value(key: str, value: Any) -> Any:
+    """One decision setting, type-checked (ranges of the rule's own are checked by it)."""
+    default = DECISION_DEFAULTS[key]
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ValueError(f"{key}={value!r}: expected a word")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key}={value!r}: expected a number")
+    if isinstance(default, int):
+        if value != int(value):
+            raise ValueError(f"{key}={value!r}: expected an integer")
+        value = int(value)
+        if key == "head_runs" and value < 1:
+            raise ValueError(f"head_runs={value}: must be >= 1")
+        if key == "remeasure_every" and value < 0:
+            raise ValueError(f"remeasure_every={value}: must be >= 0 (0: never)")
+        return value
+    value = float(value)
+    if key == "noise_prior" and not value > 0:
+        raise ValueError(f"noise_prior={value}: must be > 0")
+    if key == "remeasure_seconds" and value < 0:
+        raise ValueError(f"remeasure_seconds={value}: must be >= 0 (0: never)")
+    return value
 
 
 @dataclass
@@ -376,11 +439,12 @@ No new dependencies; no network; no files outside the run directory.
 ## The metric
 
 `val_bpb`: bits per byte on the fixed validation set, lower is better. It is independent of the
-tokenizer's vocabulary size, so changing model width or depth is a fair comparison. A variant
-is kept when its `val_bpb` is lower than the current best's by more than
-{settings['margin']:g}, measured on the same hardware class (the same kind of machine): numbers
-from an M1 and an M4 are never compared. One run is noisy (a few hundredths between re-runs), so
-prefer ideas with clear effects over tuning the last digit.
+tokenizer's vocabulary size, so changing model width or depth is a fair comparison. Numbers
+are only compared within one hardware class (the same kind of machine): an M1's and an M4's are
+never mixed. One run is noisy (a few hundredths between re-runs), so prefer ideas with clear
+effects over tuning the last digit.
+
+{decision_rule_md(settings)}
 
 Fixed for this run: sequence length {settings['seq_len']}, {settings['eval_tokens']} validation
 tokens, seed {settings['seed']}, time budget {settings['time_budget']} s, hard timeout
@@ -396,6 +460,30 @@ tokens, seed {settings['seed']}, time budget {settings['time_budget']} s, hard t
   that deletes code and holds the number is a win.
 - Do not commit to `{branch}` yourself: only the coordinator moves it.
 """
+
+
+def decision_rule_md(settings: dict[str, Any]) -> str:
+    """How this run decides, in a few lines for program.md (the numbers are the run's)."""
+    d = decision_settings(settings)
+    if d["policy"] == "greedy":
+        return (f"How a variant is decided (policy greedy): its first run on a class is compared "
+                f"with the mean of the best's runs there; it is kept when lower by more than "
+                f"{d['margin']:g}.")
+    clock = (f" and every {d['remeasure_seconds']:g} s" if d["remeasure_seconds"] else "")
+    every = (f"every {d['remeasure_every']} decisions{clock}" if d["remeasure_every"] else
+             (f"every {d['remeasure_seconds']:g} s" if clock else "never"))
+    return f"""How a variant is decided (policy sequential, per hardware class):
+- The best is run {d['head_runs']} times on a class (seeds {settings.get('seed', 42)}, \
+{settings.get('seed', 42) + 1}, ...) before anything is decided
+  there, and re-run {every}.
+- Your variant's first run is a screen: unless it beats the best's mean by
+  {d['screen']:g} σ (σ: the class's run-to-run noise, measured from repeats), it is discarded.
+- Otherwise it is repeated (same seeds as the best's runs, in parallel where machines are
+  free, at most {d['max_repeats']} runs) and kept only when a one-sided test gives
+  {100 * d['confidence']:g}% confidence that it is better than the best by more than \
+{d['margin']:g}.
+  It is discarded at {d['max_repeats']} runs, or as soon as that confidence is out of reach.
+- The best's number is the mean of its runs, shown as mean ± sem (n)."""
 
 
 def init_repo(dir: Path, tag: str | None = None, preset: str = "seed",
@@ -416,8 +504,9 @@ def init_repo(dir: Path, tag: str | None = None, preset: str = "seed",
     run_file = state_dir(repo) / RUN_FILE
     if run_file.exists():
         existing = load_run(repo)
-        diffs = [f"{k}: {existing.settings.get(k)!r} -> {settings[k]!r}"
-                 for k in SETTING_FIELDS if existing.settings.get(k) != settings[k]]
+        have = {**existing.settings, **decision_settings(existing.settings)}
+        diffs = [f"{k}: {have.get(k)!r} -> {settings[k]!r}"
+                 for k in SETTING_FIELDS if have.get(k) != settings[k]]
         if tag is not None and tag != existing.tag:
             diffs.insert(0, f"tag: {existing.tag!r} -> {tag!r}")
         if preset != existing.preset:

@@ -12,12 +12,18 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable, Mapping
 
-from coordinator import decide, scheduling
+from coordinator import noise, rule, scheduling
 from coordinator import states as st
 from coordinator.ledger import Ledger, loads
+from coordinator.repo import decision_settings
 from shared.outcome import OK, last_line
 
-TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+# Upstream's five columns first (tools that read results.tsv by position keep working), then
+# how each number was measured: runs behind the mean, its sem, the head's mean and runs it was
+# compared with, the confidence of the test, and the hardware class that decided it.
+TSV_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description", "runs", "sem",
+               "head_bpb", "head_runs", "confidence", "hw_class")
+TSV_HEADER = "\t".join(TSV_COLUMNS) + "\n"
 
 
 def fmt_time(t: float | None) -> str | None:
@@ -32,22 +38,55 @@ def classes(ledger: Ledger) -> list[str]:
 
 def head_on_class(ledger: Ledger, hw_class: str) -> scheduling.HeadOnClass:
     """Where the current head stands on one class (its runs, live and failed measurements)."""
-    return scheduling.head_on_class(ledger.class_attempts(ledger.head()["candidate_id"],
-                                                          hw_class))
+    head = ledger.head()
+    return scheduling.head_on_class(ledger.class_attempts(head["candidate_id"], hw_class),
+                                    scheduling.field_of(head, "text_sha"))
+
+
+def class_noise(ledger: Ledger, hw_class: str, prior_sigma: float) -> noise.Noise:
+    """σ of one class (coordinator.noise) from every text's repeated runs there, and from the
+    paired differences its decisions recorded."""
+    groups: dict[tuple, list[float]] = {}
+    for r in ledger.all("SELECT * FROM attempts WHERE hw_class = ? AND state = 'done' AND "
+                        "status = 'ok'", hw_class):
+        if scheduling.is_run(r):
+            key = (r["candidate_id"], scheduling.field_of(r, "text_sha"))
+            groups.setdefault(key, []).append(float(r["val_bpb"]))
+    paired = []
+    for d in ledger.all("SELECT details FROM decisions WHERE hw_class = ? AND details IS NOT "
+                        "NULL", hw_class):
+        diffs = (loads(d["details"], {}) or {}).get("paired_differences") or []
+        if len(diffs) >= 2:
+            paired.append([float(x) for x in diffs])
+    return noise.estimate(groups.values(), prior_sigma=prior_sigma, paired_groups=paired)
+
+
+def prior_sigma(ledger: Ledger) -> float:
+    return float(decision_settings(ledger.get_meta("settings") or {})["noise_prior"])
 
 
 def candidate_summary(ledger: Ledger, row: Mapping, duplicate: bool = False) -> dict:
-    """One candidate row as a submitter sees it: state, commit, first ok val_bpb, verdict."""
+    """One candidate row as a submitter sees it: state, commit, val_bpb (the mean of its runs
+    on its class: the decision's once decided), how many runs, verdict."""
     out = {"candidate_id": row["id"], "state": row["state"], "commit": row["commit_sha"],
            "base": row["base_commit"], "description": row["description"],
-           "duplicate": duplicate, "val_bpb": None, "hw_class": None}
-    ok = ledger.one("SELECT val_bpb, hw_class FROM attempts WHERE candidate_id = ? "
-                    "AND state = 'done' AND status = 'ok' ORDER BY finished_at LIMIT 1", row["id"])
-    if ok is not None:
-        out["val_bpb"], out["hw_class"] = ok["val_bpb"], ok["hw_class"]
+           "duplicate": duplicate, "val_bpb": None, "hw_class": None, "runs": 0}
+    hw = scheduling.field_of(row, "hw_class")
+    if hw is None:
+        first = ledger.one("SELECT hw_class FROM attempts WHERE candidate_id = ? AND "
+                           "state = 'done' AND status = 'ok' ORDER BY finished_at LIMIT 1",
+                           row["id"])
+        hw = first["hw_class"] if first is not None else None
+    if hw is not None:
+        runs = scheduling.runs_of(ledger.class_attempts(row["id"], hw))
+        if runs:
+            out["val_bpb"] = sum(r.value for r in runs) / len(runs)
+            out["hw_class"], out["runs"] = hw, len(runs)
     d = ledger.decision(row["id"])
     if d is not None:
         out["verdict"], out["reason"] = d["verdict"], d["reason"]
+        if d["val_bpb"] is not None and d["candidate_id"] != 0:
+            out["val_bpb"], out["runs"] = d["val_bpb"], d["n_candidate"] or out["runs"]
     return out
 
 
@@ -59,6 +98,7 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
     seen = seen or {}
     head = L.head()
     heads, problems = [], list(problems)
+    prior = prior_sigma(L)
     for hw in classes(L):
         m = head_on_class(L, hw)
         if m.state == scheduling.BLOCKED:
@@ -66,9 +106,20 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
                 f"head #{head['candidate_id']} failed {m.failed} measurements on {hw}:"
                 f" not measuring it there again, so candidates on {hw} cannot be decided"
                 f" (its workers get no work) until the head changes")
-        heads.append({"hw_class": hw, "val_bpb": decide.head_value(list(m.values)),
-                      "runs": len(m.values), "failed_runs": m.failed, "state": m.state,
-                      "commit": head["commit_sha"]})
+        nz = class_noise(L, hw, prior)
+        mean = sum(m.values) / len(m.values) if m.values else None
+        sem = nz.sigma / len(m.values) ** 0.5 if m.values else None
+        drift = noise.drift(list(m.values), nz.sigma)
+        if drift is not None:
+            problems.append(f"head #{head['candidate_id']} drifted on {hw}: {drift.describe()}")
+        heads.append({"hw_class": hw, "val_bpb": mean, "sem": sem, "runs": len(m.values),
+                      "failed_runs": m.failed, "state": m.state, "commit": head["commit_sha"],
+                      "text": rule.fmt_runs(mean, sem, len(m.values)) if m.values else None,
+                      "seeds": [r.seed_index for r in m.runs],
+                      "sigma": nz.sigma, "sigma_source": nz.source,
+                      "pooled_sigma": nz.pooled_sigma, "pooled_df": nz.pooled_df,
+                      "noise": nz.describe(),
+                      "drift": drift.describe() if drift is not None else None})
     blocked = {h["hw_class"] for h in heads if h["state"] == scheduling.BLOCKED}
     running = []
     for r in L.all("SELECT a.*, w.name AS worker_name FROM attempts a LEFT JOIN workers w "
@@ -95,18 +146,22 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
     queue = [{"candidate_id": r["id"], "description": r["description"],
               "submitted": fmt_time(r["created_at"])}
              for r in L.all("SELECT * FROM candidates WHERE state = 'queued' ORDER BY id")]
-    measured = []
-    for r in L.all("SELECT c.id, c.description, a.hw_class, a.val_bpb FROM candidates c "
-                   "JOIN attempts a ON a.candidate_id = c.id AND a.purpose = 'candidate'"
-                   " AND a.state = 'done' AND a.status = 'ok' WHERE c.state = 'measured'"
-                   " ORDER BY c.id"):
-        why = (f"cannot be decided: the head cannot be measured on {r['hw_class']}"
-               if r["hw_class"] in blocked else
-               f"waiting for the head's val_bpb on {r['hw_class']}")
-        measured.append({"candidate_id": r["id"], "description": r["description"],
-                         "hw_class": r["hw_class"], "val_bpb": r["val_bpb"],
-                         "waiting_for": why})
-        if r["hw_class"] in blocked:
+    measured, in_progress = [], []
+    for r in L.all("SELECT * FROM candidates WHERE state IN ('running', 'measured', "
+                   "'repeating') AND id > 0 ORDER BY id"):
+        summary = candidate_summary(L, r)
+        hw = summary["hw_class"] or scheduling.field_of(r, "hw_class")
+        entry = {"candidate_id": r["id"], "description": r["description"], "state": r["state"],
+                 "hw_class": hw, "val_bpb": summary["val_bpb"], "runs": summary["runs"],
+                 "runs_wanted": scheduling.field_of(r, "runs_wanted")}
+        if summary["runs"]:
+            in_progress.append(entry)
+        if r["state"] != st.MEASURED:
+            continue
+        why = (f"cannot be decided: the head cannot be measured on {hw}" if hw in blocked else
+               f"waiting for the head's runs on {hw}")
+        measured.append(dict(entry, waiting_for=why))
+        if hw in blocked:
             problems.append(f"candidate #{r['id']} {why}")
     candidates = [{"id": r["id"], "candidate_id": r["id"], "state": r["state"],
                    "description": r["description"], "val_bpb": r["val_bpb"]}
@@ -121,7 +176,7 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
         "repo": str(repo_dir), "tag": L.get_meta("tag"), "branch": L.get_meta("branch"),
         "head": head["commit_sha"], "head_commit": head["commit_sha"],
         "head_candidate": head["candidate_id"], "heads": heads, "workers": workers,
-        "queue": queue, "running": running, "measured": measured,
+        "queue": queue, "running": running, "measured": measured, "in_progress": in_progress,
         "candidates": candidates, "counts": counts, "settings": dict(L.get_meta("settings")),
         "problems": problems, "reconciled": list(reconciled),
     }
@@ -156,6 +211,7 @@ def log(ledger: Ledger, limit: int = 50) -> dict:
     decisions = []
     for r in L.all("SELECT d.*, c.description, c.commit_sha FROM decisions d JOIN "
                    "candidates c ON c.id = d.candidate_id ORDER BY d.id DESC LIMIT ?", limit):
+        details = loads(scheduling.field_of(r, "details"), {}) or {}
         decisions.append({
             "candidate_id": r["candidate_id"], "verdict": r["verdict"],
             "hw_class": r["hw_class"], "val_bpb": r["val_bpb"],
@@ -163,12 +219,27 @@ def log(ledger: Ledger, limit: int = 50) -> dict:
             "head_after": r["head_after"], "commit": r["commit_sha"],
             "reason": r["reason"], "description": r["description"],
             "attempt_ids": loads(r["attempt_ids"], []),
+            "n_candidate": scheduling.field_of(r, "n_candidate"),
+            "n_head": scheduling.field_of(r, "n_head"),
+            "sigma": scheduling.field_of(r, "sigma"),
+            "confidence": scheduling.field_of(r, "confidence"),
+            "rule": scheduling.field_of(r, "rule"),
+            "runs": _runs_text(details, "candidate"), "head_runs": _runs_text(details, "head"),
             "time": fmt_time(r["decided_at"]), "_t": r["decided_at"]})
     entries = sorted(attempts + decisions, key=lambda e: e["_t"], reverse=True)[:limit]
     entries = [dict(e, kind="decision" if "verdict" in e else "attempt") for e in entries]
     for e in attempts + decisions + entries:
         e.pop("_t", None)
     return {"attempts": attempts, "decisions": decisions, "entries": entries}
+
+
+def _runs_text(details: dict, side: str) -> str | None:
+    """``2.2480 ± 0.0100 (3)`` for one side of a decision, from its stored comparison."""
+    try:
+        return rule.fmt_runs(details[f"{side}_mean"], details[f"{side}_sem"],
+                             details[f"n_{side}"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def export_tsv(ledger: Ledger, cache: dict[int, str] | None = None) -> str:
@@ -203,8 +274,16 @@ def export_tsv(ledger: Ledger, cache: dict[int, str] | None = None) -> str:
         if d["verdict"] == st.FAILED or bpb is None:
             bpb = 0.0
         desc = " ".join(str(d["description"]).replace("\t", " ").split())
+        details = loads(scheduling.field_of(d, "details"), {}) or {}
+        conf = scheduling.field_of(d, "confidence")
+        extra = [scheduling.field_of(d, "n_candidate"), details.get("candidate_sem"),
+                 d["head_bpb"], scheduling.field_of(d, "n_head"), conf, d["hw_class"]]
+        if d["candidate_id"] == 0:
+            extra = [None] * len(extra)
+        cells = ["" if v is None else (f"{v:.6f}" if isinstance(v, float) else str(v))
+                 for v in extra]
         line = (f"{d['commit_sha'][:7]}\t{bpb:.6f}\t{mem:.1f}\t"
-                f"{st.TSV_STATUS[d['verdict']]}\t{desc}\n")
+                f"{st.TSV_STATUS[d['verdict']]}\t{desc}\t" + "\t".join(cells) + "\n")
         if d["candidate_id"] != 0:  # the baseline's row fills in when it is measured
             cache[d["id"]] = line
         lines.append(line)
@@ -212,4 +291,4 @@ def export_tsv(ledger: Ledger, cache: dict[int, str] | None = None) -> str:
 
 
 __all__ = ["status", "log", "export_tsv", "candidate_summary", "classes", "head_on_class",
-           "fmt_time", "TSV_HEADER"]
+           "class_noise", "prior_sigma", "fmt_time", "TSV_HEADER", "TSV_COLUMNS"]

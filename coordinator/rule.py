@@ -236,10 +236,12 @@ def _greedy(head: Sequence[Run], cand: Sequence[Run], noise: Noise,
     """Today's single-run rule: the candidate's first run against the head's mean."""
     first = min(cand, key=lambda r: r.seed_index)
     c = compare(head, [first], noise, settings.margin)
-    text = _summary(c, settings)
+    head_text = fmt_runs(c.head_mean, c.head_sem, c.n_head)
+    how = f"(margin {settings.margin:g}, greedy: one run)"
     if first.value < c.head_mean - settings.margin:
-        return Verdict(KEEP, "greedy", f"first run below the head's mean: {text}", comparison=c)
-    return Verdict(DISCARD, "greedy", f"first run not below the head's mean: {text}",
+        return Verdict(KEEP, "greedy", f"{first.value:.4f} < head {head_text} {how}",
+                       comparison=c)
+    return Verdict(DISCARD, "greedy", f"{first.value:.4f} >= head {head_text} - margin {how}",
                    comparison=c)
 
 

@@ -1,18 +1,28 @@
-"""The two state machines of the coordinator: candidates and attempts.
+r"""The two state machines of the coordinator: candidates and attempts.
 
-A *candidate* is one submitted train.py. It waits in the queue, runs on one worker at a time,
-and ends kept (the branch advanced to it), discarded (measured, not better than the head) or
-failed (crashed, went nan/oom/timeout, or took a worker down too often):
+A *candidate* is one submitted train.py. It waits in the queue, is screened by one run on one
+worker, may be repeated (more runs on the same hardware class, paired by seed with the head's,
+several at once on idle workers), and ends kept (the branch advanced to it), discarded (not
+shown better than the head) or failed (crashed, went nan/oom/timeout, or took a worker down too
+often):
 
-    queued -> running -> measured -> kept | discarded
-                 |  \\-> failed
-                 \\---> queued            (its worker was lost or left: try again elsewhere)
+    queued -> running -> kept | discarded | failed
+                 |  ^ \-> repeating      the rule asked for more runs: waits for workers
+                 |  |        |  \-> measured, kept, discarded (decided by new head runs)
+                 |  \--------/          (a repeat is leased: running again)
+                 |-> measured          its runs are in, the head's are not (yet) enough
+                 |                     on that class: decided when they are
+                 \-> queued            its only lease was lost or left: try again elsewhere
+
+A candidate is *running* while it holds at least one live lease; it is decided only when all of
+its leases are in (coordinator.rule on its runs and the head's, on its class).
 
 An *attempt* is one lease of a candidate (or of the head, to measure it) to one worker:
 
     leased -> done        a result arrived from that worker while the lease was live
     leased -> lost        the worker went silent / restarted without it: not counted
-    leased -> cancelled   the worker left cleanly (bye) or cancelled it itself: not counted
+    leased -> cancelled   the worker left cleanly (bye) or cancelled it itself, or the
+                          candidate was decided (failed) while it ran: not counted
     lost | cancelled -> stale   a result arrived anyway, too late: stored, never counted
 
 Only ``coordinator.core`` moves these states (one ledger transaction per change). It asks
@@ -32,18 +42,22 @@ from shared.machine import IllegalTransition  # noqa: F401  (raised by check_*; 
 
 # ---- candidates ----------------------------------------------------------------------------
 
-QUEUED, RUNNING, MEASURED, KEPT, DISCARDED, FAILED = (
-    "queued", "running", "measured", "kept", "discarded", "failed")
+QUEUED, RUNNING, MEASURED, REPEATING, KEPT, DISCARDED, FAILED = (
+    "queued", "running", "measured", "repeating", "kept", "discarded", "failed")
 
-CANDIDATE_STATES = (QUEUED, RUNNING, MEASURED, KEPT, DISCARDED, FAILED)
+CANDIDATE_STATES = (QUEUED, RUNNING, MEASURED, REPEATING, KEPT, DISCARDED, FAILED)
 CANDIDATE_FINAL = frozenset({KEPT, DISCARDED, FAILED})
 
 CANDIDATE_TRANSITIONS: dict[str, frozenset[str]] = {
     QUEUED: frozenset({RUNNING}),
-    # back to the queue when the worker is lost; failed on a bad outcome or too many losses
-    RUNNING: frozenset({MEASURED, FAILED, QUEUED}),
-    # waits here until the head is measured on the same hardware class
-    MEASURED: frozenset({KEPT, DISCARDED}),
+    # decided when its last lease is in; back to the queue when its only lease is lost with no
+    # run counted; failed on a bad outcome or too many losses
+    RUNNING: frozenset({MEASURED, REPEATING, KEPT, DISCARDED, FAILED, QUEUED}),
+    # waits here until the head has enough runs on the candidate's hardware class
+    MEASURED: frozenset({REPEATING, KEPT, DISCARDED}),
+    # waits for idle workers of its class to run the repeats the rule asked for; a new head
+    # (or new head runs) on its class can decide it, or make it wait for the head's runs
+    REPEATING: frozenset({RUNNING, MEASURED, KEPT, DISCARDED}),
     KEPT: frozenset(),
     DISCARDED: frozenset(),
     FAILED: frozenset(),

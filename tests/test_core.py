@@ -48,7 +48,7 @@ def git(d, *args) -> str:
 @pytest.fixture
 def run_dir(tmp_path):
     d = tmp_path / "run"
-    R.init_repo(d, tag="t", preset="tiny", train_py=BASE)
+    R.init_repo(d, tag="t", preset="tiny", train_py=BASE, **R.SINGLE_RUN)
     return d
 
 
@@ -167,14 +167,15 @@ def test_keep_advances_the_branch(coord, run_dir):
     assert ack.accepted and [d.verdict for d in ack.decisions] == ["kept"]
     d = ack.decisions[0]
     assert d.val_bpb == 1.40 and d.head_bpb == 1.50 and d.head_before == base
-    assert d.reason == f"1.4000 < head 1.5000 on {A} (margin 0)"
+    assert d.reason == f"1.4000 < head 1.5000 ± 0.0300 (1) (margin 0, greedy: one run) on {A}"
     new = branch(coord)
     assert new == d.head_after != base
     assert git(run_dir, "rev-parse", f"{new}^") == base
     assert git(run_dir, "rev-parse", f"{new}^{{tree}}") == \
         git(run_dir, "rev-parse", f"{cand['commit']}^{{tree}}")
     msg = git(run_dir, "log", "-1", "--format=%B", new)
-    for needle in ("#1", "double the LR", "1.500000 -> 1.400000", A, a.attempt_id):
+    for needle in ("#1", "double the LR", "1.5000 ± 0.0300 (1) -> 1.4000 ± 0.0300 (1)", A,
+                   a.attempt_id, "decided by: greedy"):
         assert needle in msg, needle
     assert git(run_dir, "rev-parse", "refs/autoresearch/candidates/1") == cand["commit"]
     assert (run_dir / "train.py").read_text() == variant(1)  # worktree follows the branch
@@ -184,10 +185,14 @@ def test_keep_advances_the_branch(coord, run_dir):
     assert {h["hw_class"]: h["val_bpb"] for h in st["heads"]} == {A: 1.40}
     tsv = (run_dir / "results.tsv").read_text()
     assert tsv == coord.export_tsv()
+    # upstream's five columns first, then how the number was measured
     assert tsv.splitlines() == [
-        "commit\tval_bpb\tmemory_gb\tstatus\tdescription",
-        f"{git(run_dir, 'rev-parse', '--short=7', base)}\t1.500000\t3.0\tkeep\tbaseline",
-        f"{cand['commit'][:7]}\t1.400000\t3.0\tkeep\tdouble the LR"]
+        "commit\tval_bpb\tmemory_gb\tstatus\tdescription\truns\tsem\thead_bpb\thead_runs\t"
+        "confidence\thw_class",
+        f"{git(run_dir, 'rev-parse', '--short=7', base)}\t1.500000\t3.0\tkeep\tbaseline"
+        "\t\t\t\t\t\t",
+        f"{cand['commit'][:7]}\t1.400000\t3.0\tkeep\tdouble the LR\t1\t0.030000\t1.500000\t1"
+        f"\t{d.to_dict() and coord.ledger.decision(1)['confidence']:.6f}\t{A}"]
 
 
 def test_discard_leaves_the_branch(coord, run_dir):
@@ -208,14 +213,14 @@ def test_discard_leaves_the_branch(coord, run_dir):
 
 def test_margin_is_respected(tmp_path):
     d = tmp_path / "m"
-    R.init_repo(d, tag="t", preset="tiny", train_py=BASE, margin=0.05)
+    R.init_repo(d, tag="t", preset="tiny", train_py=BASE, margin=0.05, **R.SINGLE_RUN)
     with Coordinator(d) as c:
         measure_head(c, "a1", 1.50)
         c.submit(variant(1), "a little better")
         c.submit(variant(2), "much better")
         assert run_candidate(c, "a1", ok(1.46))[1].decisions[0].verdict == "discarded"
         d2 = run_candidate(c, "a1", ok(1.40))[1].decisions[0]
-        assert d2.verdict == "kept" and "(margin 0.05)" in d2.reason
+        assert d2.verdict == "kept" and "(margin 0.05," in d2.reason
 
 
 def test_failed_candidate_has_a_decision_with_the_log_line(coord, run_dir):

@@ -190,3 +190,12 @@ def test_false_keeps_of_do_nothing_variants_are_rare_and_cheap():
         runs_used += len(cand)
     assert kept <= 80            # ~5.5 % expected (per-look 95 %, a shared 3-run head)
     assert runs_used / 1000 < 1.6
+
+
+def test_drift_is_the_newest_head_run_beyond_three_standard_errors():
+    assert N.drift([2.25, 2.26, 2.24], 0.02) is None
+    d = N.drift([2.25, 2.26, 2.24, 2.35], 0.02)
+    assert d is not None and d.earlier_n == 3 and d.z == pytest.approx(0.10 / (0.02 * math.sqrt(4 / 3)))
+    assert "+4.3σ" in d.describe()
+    assert N.drift([2.25, 2.10], 0.02).z < 0
+    assert N.drift([2.25], 0.02) is None

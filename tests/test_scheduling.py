@@ -82,7 +82,7 @@ def ok(bpb):
 
 def test_core_leases_what_scheduling_chose_and_reports_read_the_stopped_run(tmp_path):
     d = tmp_path / "run"
-    R.init_repo(d, tag="t", preset="tiny", train_py=BASE)
+    R.init_repo(d, tag="t", preset="tiny", train_py=BASE, **R.SINGLE_RUN)
     with Coordinator(d) as c:
         c.worker_hello("w1", "W1", {}, HW, None)
         c.worker_hello("w2", "W2", {}, HW, None)
@@ -102,8 +102,10 @@ def test_core_leases_what_scheduling_chose_and_reports_read_the_stopped_run(tmp_
     L = Ledger(ledger_path(d / ".autoresearch"))
     try:
         st = reports.status(L, d)
-        assert st["heads"] == [{"hw_class": HW, "val_bpb": 1.5, "runs": 1, "failed_runs": 0,
-                                "state": "measured", "commit": st["head"]}]
+        assert [{k: h[k] for k in ("hw_class", "val_bpb", "runs", "failed_runs", "state",
+                                   "commit", "text", "sigma_source")} for h in st["heads"]] == \
+            [{"hw_class": HW, "val_bpb": 1.5, "runs": 1, "failed_runs": 0, "state": "measured",
+              "commit": st["head"], "text": "1.5000 ± 0.0300 (1)", "sigma_source": "prior"}]
         assert st["counts"]["failed"] == 1 and st["counts"]["queued"] == 1
         assert [w["state"] for w in st["workers"]] == ["idle", "idle"]
         assert {k: v for k, v in st.items() if k != "reconciled"} == \
@@ -115,7 +117,7 @@ def test_core_leases_what_scheduling_chose_and_reports_read_the_stopped_run(tmp_
         decision = next(x for x in log["decisions"] if x["candidate_id"] == first)
         assert decision["reason"] == f"timeout on {HW}: no result within 3s"
         assert reports.export_tsv(L) == live[2]
-        assert reports.export_tsv(L).splitlines()[-1].split("\t")[3:] == ["crash", "first"]
+        assert reports.export_tsv(L).splitlines()[-1].split("\t")[3:5] == ["crash", "first"]
     finally:
         L.close()
     with Coordinator(d) as again:   # nothing the reports did stops a coordinator starting

@@ -10,6 +10,10 @@ from coordinator import states as st
 LEGAL_CANDIDATE = {
     ("queued", "running"), ("running", "measured"), ("running", "failed"),
     ("running", "queued"), ("measured", "kept"), ("measured", "discarded"),
+    # repeats (coordinator.rule asks for more runs; decided when all its leases are in)
+    ("running", "repeating"), ("running", "kept"), ("running", "discarded"),
+    ("measured", "repeating"), ("repeating", "running"), ("repeating", "measured"),
+    ("repeating", "kept"), ("repeating", "discarded"),
 }
 LEGAL_ATTEMPT = {
     ("leased", "done"), ("leased", "lost"), ("leased", "cancelled"),
