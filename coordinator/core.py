@@ -43,7 +43,6 @@ Timestamps come from ``clock`` (default ``time.time``), used only for the record
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import threading
 import time
@@ -53,15 +52,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from coordinator import decide, reports, rule, scheduling, seeds
+from coordinator import decide, rebase, reports, rule, scheduling, seeds
 from coordinator import noise as noise_model
 from coordinator import states as st
+from coordinator.identity import program_sha, text_sha
 from coordinator.ledger import Ledger, LedgerError, ledger_path
 from coordinator.repo import (
-    CANDIDATE_REFS, DISPLACED_REFS, RUN_FIELDS, ZERO, CoordinatorBusy, GitError, acquire_lock,
-    candidate_ref, clear_stale_ref_locks, commit_object, commit_tree_of, decision_settings,
-    is_ancestor, list_refs, load_run, make_tree, read_blob, rev_parse, state_dir,
-    sync_worktree, update_ref, write_results_tsv,
+    CANDIDATE_REFS, DISPLACED_REFS, REBASED_REFS, RUN_FIELDS, ZERO, CoordinatorBusy, GitError,
+    acquire_lock, candidate_ref, clear_stale_ref_locks, commit_object, commit_tree_of,
+    decision_settings, is_ancestor, list_refs, load_run, make_tree, read_blob, rebased_ref,
+    rev_parse, state_dir, sync_worktree, update_ref, write_results_tsv,
 )
 from shared.outcome import CANCELLED, OK, Outcome, plain
 
@@ -169,6 +169,8 @@ class Coordinator(contextlib.AbstractContextManager):
         self._file_lock = acquire_lock(self.repo_dir)    # CoordinatorBusy if taken
         self._mutex = threading.RLock()
         self._tsv_rows: dict[int, str] = {}  # decision id -> rendered results.tsv line
+        # Refs to point once the ledger transaction that made their commits has committed.
+        self._pending_refs: list[tuple[str, str]] = []
         self._seen: dict[str, dict] = {}
         self.problems: list[str] = []
         self.ledger: Ledger | None = None
@@ -224,6 +226,17 @@ class Coordinator(contextlib.AbstractContextManager):
                     update_ref(self.repo_dir, ref, row["commit_sha"], reason="reconcile")
                     fixes.append(f"{'recreated' if ref not in have else 'reset'} {ref} -> "
                                  f"{row['commit_sha'][:10]}")
+            # Rebased texts (a kill -9 between a rebase's ledger commit and its ref).
+            have = list_refs(self.repo_dir, REBASED_REFS)
+            for row in self.ledger.all(
+                    "SELECT id, text_commit AS sha FROM candidates WHERE text_commit IS NOT NULL "
+                    "AND text_commit != commit_sha UNION SELECT a.candidate_id, a.commit_sha "
+                    "FROM attempts a JOIN candidates c ON c.id = a.candidate_id WHERE "
+                    "a.purpose = 'candidate' AND a.commit_sha != c.commit_sha"):
+                ref = rebased_ref(row[0], row[1])
+                if have.get(ref) != row[1]:
+                    update_ref(self.repo_dir, ref, row[1], reason="reconcile")
+                    fixes.append(f"recreated {ref[:len(REBASED_REFS) + 20]}...")
             self._after_change(wrote_decision=True)
             return fixes
 
@@ -428,40 +441,167 @@ class Coordinator(contextlib.AbstractContextManager):
 
     def next_assignment(self, worker_id: str) -> Assignment | None:
         """The next thing this worker should run, or None (nothing useful, or it holds one).
-        The choice is ``scheduling.choose``'s; this gathers its rows and applies it."""
+        The choice is ``scheduling.choose``'s; this gathers its rows and applies it. A chosen
+        candidate runs its change on top of the current head: rebased first if its text sits on
+        an older one; one that does not replay ends stale and the choice is made again."""
         with self._mutex:
-            with self.ledger.tx():
-                w = self.ledger.worker(worker_id)
-                if w is None:
-                    raise ValueError(f"unknown worker {worker_id}: it must say hello first")
-                if self.ledger.live_lease(worker_id) is not None:
-                    return None  # one lease per worker
-                hw = w["hw_class"]
-                head = self.ledger.head()
-                on_head = self._head_on(hw)
-                queued = [r[0] for r in self.ledger.all(
-                    "SELECT id FROM candidates WHERE state = 'queued' ORDER BY id")]
-                choice = scheduling.choose(
-                    head["candidate_id"], on_head, queued,
-                    head_runs=int(self.decision["head_runs"]),
-                    remeasure=self._remeasure_due(hw, on_head),
-                    in_progress=self._in_progress(hw))
-                if choice is None:
-                    return None
-                cand = self.ledger.candidate(choice.candidate_id)
-                if choice.purpose == st.PURPOSE_HEAD:
-                    train_py = self._text_of(head["commit_sha"], cand["train_py"])
-                    return self._lease(worker_id, hw, cand["id"], head["commit_sha"], train_py,
-                                       st.PURPOSE_HEAD, on_head.seeds)
-                if cand["state"] == st.QUEUED:  # its first run binds it to this class
-                    self.ledger.db.execute("UPDATE candidates SET hw_class = ?, runs_wanted = 1 "
-                                           "WHERE id = ?", (hw, cand["id"]))
-                if cand["state"] != st.RUNNING:
-                    self._set_candidate(cand["id"], st.RUNNING)
-                busy = scheduling.busy_seeds(self.ledger.class_attempts(cand["id"], hw),
-                                             self._candidate_sha(cand))
-                return self._lease(worker_id, hw, cand["id"], cand["commit_sha"],
-                                   cand["train_py"], st.PURPOSE_CANDIDATE, busy)
+            stale: list[Decision] = []
+            with self._refs_after():
+                with self.ledger.tx():
+                    assignment = self._next_assignment(worker_id, stale)
+            if stale:
+                self._after_change(wrote_decision=True, head_moved=False)
+            return assignment
+
+    def _next_assignment(self, worker_id: str, stale: list[Decision]) -> Assignment | None:
+        w = self.ledger.worker(worker_id)
+        if w is None:
+            raise ValueError(f"unknown worker {worker_id}: it must say hello first")
+        if self.ledger.live_lease(worker_id) is not None:
+            return None  # one lease per worker
+        hw = w["hw_class"]
+        head = self.ledger.head()
+        on_head = self._head_on(hw)
+        skip: set[int] = set()  # went stale just now
+        while True:
+            queued = [r[0] for r in self.ledger.all(
+                "SELECT id FROM candidates WHERE state = 'queued' ORDER BY id") if r[0] not in skip]
+            choice = scheduling.choose(
+                head["candidate_id"], on_head, queued,
+                head_runs=int(self.decision["head_runs"]),
+                remeasure=self._remeasure_due(hw, on_head),
+                in_progress=[p for p in self._in_progress(hw) if p.candidate_id not in skip])
+            if choice is None:
+                return None
+            cand = self.ledger.candidate(choice.candidate_id)
+            if choice.purpose == st.PURPOSE_HEAD:
+                train_py = self._text_of(head["commit_sha"], cand["train_py"])
+                return self._lease(worker_id, hw, cand["id"], head["commit_sha"], train_py,
+                                   st.PURPOSE_HEAD, on_head.seeds)
+            decision = self._onto_head(cand)
+            if decision is not None:
+                stale.append(decision)
+                skip.add(cand["id"])
+                continue
+            cand = self.ledger.candidate(cand["id"])  # its text may have just been rebased
+            if cand["state"] == st.QUEUED:  # its first run binds it to this class
+                self.ledger.db.execute("UPDATE candidates SET hw_class = ?, runs_wanted = 1 "
+                                       "WHERE id = ?", (hw, cand["id"]))
+            if cand["state"] != st.RUNNING:
+                self._set_candidate(cand["id"], st.RUNNING)
+            busy = scheduling.busy_seeds(self.ledger.class_attempts(cand["id"], hw),
+                                         self._candidate_sha(cand))
+            commit, onto = self._text_commit(cand)
+            return self._lease(worker_id, hw, cand["id"], commit, self._candidate_text(cand),
+                               st.PURPOSE_CANDIDATE, busy, onto=onto)
+
+    # ---- rebasing (coordinator.rebase decides; this applies it) -------------------------
+
+    @staticmethod
+    def _text_commit(cand) -> tuple[str, str]:
+        """(the commit of the text its runs use now, the head that text sits on)."""
+        return (scheduling.field_of(cand, "text_commit") or cand["commit_sha"],
+                scheduling.field_of(cand, "text_onto") or cand["base_commit"])
+
+    def _candidate_text(self, cand) -> str:
+        commit, _ = self._text_commit(cand)
+        return cand["train_py"] if commit == cand["commit_sha"] else read_blob(self.repo_dir,
+                                                                                 commit)
+
+    def _onto_head(self, cand) -> Decision | None:
+        """Make the candidate's text sit on the current head: nothing if it already does, else
+        its change (base -> its train.py) rebased onto the head and stored as a commit whose
+        parent is the head. Runs of its earlier text stay stored but no longer count: it is
+        screened afresh (one run wanted) on the new text. Returns the stale decision when the
+        change does not replay (conflict, or already on the head)."""
+        head = self.ledger.head()
+        _, onto = self._text_commit(cand)
+        if onto == head["commit_sha"]:
+            return None
+        base = cand["base_commit"]
+        r = rebase.rebase(
+            self.repo_dir, base_text=read_blob(self.repo_dir, base), text=cand["train_py"],
+            head_commit=head["commit_sha"],
+            head_text=read_blob(self.repo_dir, head["commit_sha"]),
+            keeps=lambda: self._keeps_since(base), head_candidate=head["candidate_id"],
+            label=f"#{cand['id']} {cand['description']}")
+        if r.kind in (rebase.CONFLICT, rebase.ALREADY):
+            return self._stale(cand, r)
+        sha = text_sha(r.text)
+        message = (f"candidate #{cand['id']} rebased: {cand['description']}\n\n"
+                   f"based on: {base}\nrebased onto: {head['commit_sha']} "
+                   f"(#{head['candidate_id']})\ncandidate: {cand['commit_sha']}\n"
+                   f"sha256(train.py): {sha}\n")
+        # Object first: if we die before the ledger commits, it is unreferenced junk.
+        commit = commit_object(self.repo_dir,
+                               make_tree(self.repo_dir, head["commit_sha"], {"train.py": r.text}),
+                               [head["commit_sha"]], message)
+        self.ledger.db.execute(
+            "UPDATE candidates SET text_commit = ?, text_onto = ?, text_sha = ?, updated_at = ? "
+            "WHERE id = ?", (commit, head["commit_sha"], sha, self._now(), cand["id"]))
+        self._pending_refs.append((rebased_ref(cand["id"], commit), commit))
+        if cand["state"] in (st.RUNNING, st.MEASURED, st.REPEATING):
+            # Its runs so far are of the old text: screen the new one (one run, then the rule).
+            self.ledger.db.execute("UPDATE candidates SET runs_wanted = 1 WHERE id = ?",
+                                   (cand["id"],))
+            if cand["state"] != st.REPEATING:
+                self._set_candidate(cand["id"], st.REPEATING)
+        return None
+
+    def _keeps_since(self, base: str) -> list[rebase.Keep]:
+        """The keeps from ``base`` to the head, oldest first (the branch is a chain of them)."""
+        out, cur = [], base
+        for d in self.ledger.all("SELECT candidate_id, head_before, head_after FROM decisions "
+                                 "WHERE verdict = 'kept' ORDER BY id"):
+            if d["head_before"] == cur and d["head_after"] != cur:
+                out.append(rebase.Keep(d["candidate_id"], d["head_after"],
+                                       self._text_of(d["head_after"], "")))
+                cur = d["head_after"]
+        return out
+
+    def _stale(self, cand, r: rebase.Rebased) -> Decision:
+        """End a candidate whose change does not replay onto the head (see states.STALE)."""
+        head = self.ledger.head()
+        short = head["commit_sha"][:10]
+        if r.kind == rebase.ALREADY:
+            reason = (f"already there: rebased onto head {short} it is the head's program "
+                      f"(#{head['candidate_id']}); not run")
+        elif r.conflicts.startswith("the merged train.py does not compile"):
+            reason = (f"rebased onto head {short} {r.conflicts[len('the merged '):]}; resubmit "
+                      f"on top of head {short}")
+        else:
+            kept = self.ledger.one("SELECT head_after FROM decisions WHERE candidate_id = ? "
+                                   "AND verdict = 'kept'", r.conflicts_with)
+            as_ = f" (kept as {kept['head_after'][:10]})" if kept is not None else ""
+            reason = (f"conflicts with #{r.conflicts_with}{as_}: resubmit on top of head "
+                      f"{short}")
+        for a in self.ledger.all("SELECT attempt_id FROM attempts WHERE candidate_id = ? AND "
+                                 "state = 'leased'", cand["id"]):
+            self._set_attempt(a[0], st.CANCELLED, note="candidate went stale: the head moved")
+        self._set_candidate(cand["id"], st.STALE)
+        details = {"kind": r.kind, "based_on": cand["base_commit"],
+                   "resubmit_on": head["commit_sha"], "conflicts_with": r.conflicts_with,
+                   "conflicts": r.conflicts}
+        return self._insert_decision(cand["id"], st.STALE, scheduling.field_of(cand, "hw_class"),
+                                     head["commit_sha"], head["commit_sha"], None, None, reason,
+                                     [], {"details": details})
+
+    @contextlib.contextmanager
+    def _refs_after(self):
+        """Around a ledger transaction that may rebase: afterwards point the refs of the
+        commits it stored (a crash in between is repaired by reconcile()); if it rolled back,
+        forget them (their commits are unreferenced junk)."""
+        try:
+            yield
+        except BaseException:
+            self._pending_refs.clear()
+            raise
+        while self._pending_refs:
+            ref, commit = self._pending_refs.pop(0)
+            try:
+                update_ref(self.repo_dir, ref, commit, reason="autoresearch rebase")
+            except GitError as exc:
+                self.problems.append(f"could not point {ref}: {exc}")
 
     def _in_progress(self, hw: str) -> list[scheduling.InProgress]:
         """Candidates bound to class ``hw`` that may want repeats there, oldest first."""
@@ -493,17 +633,18 @@ class Coordinator(contextlib.AbstractContextManager):
             return fallback
 
     def _lease(self, worker_id: str, hw: str, cid: int, commit: str, train_py: str,
-               purpose: str, busy_seeds: frozenset[int] = frozenset()) -> Assignment:
+               purpose: str, busy_seeds: frozenset[int] = frozenset(),
+               onto: str | None = None) -> Assignment:
         attempt_id = uuid.uuid4().hex
         now = self._now()
         # Repeat i of a text on a class runs with seed i of the run's sequence (coordinator.seeds)
         index = scheduling.seed_index_for(busy_seeds)
-        text_sha = hashlib.sha256(train_py.encode("utf-8", "surrogatepass")).hexdigest()
+        sha = text_sha(train_py)
         self.ledger.db.execute(
             "INSERT INTO attempts(attempt_id, candidate_id, purpose, worker_id, hw_class, "
-            "commit_sha, leased_at, state, seed_index, text_sha) "
-            "VALUES (?,?,?,?,?,?,?,'leased',?,?)",
-            (attempt_id, cid, purpose, worker_id, hw, commit, now, index, text_sha))
+            "commit_sha, leased_at, state, seed_index, text_sha, onto) "
+            "VALUES (?,?,?,?,?,?,?,'leased',?,?,?)",
+            (attempt_id, cid, purpose, worker_id, hw, commit, now, index, sha, onto))
         self.ledger.db.execute("UPDATE workers SET attempt_id = ?, last_seen = ? "
                                "WHERE worker_id = ?", (attempt_id, now, worker_id))
         self._seen.setdefault(worker_id, {})["progress"] = None
@@ -545,7 +686,7 @@ class Coordinator(contextlib.AbstractContextManager):
             decisions: list[Decision] = []
             old_head = self.ledger.head()["commit_sha"]
             note = ""
-            with self.ledger.tx():
+            with self._refs_after(), self.ledger.tx():
                 self._store_outcome(att, oc)
                 if status == CANCELLED:
                     cid, dec = self._lose(att, st.CANCELLED, oc.note or "cancelled by the worker")
@@ -607,9 +748,9 @@ class Coordinator(contextlib.AbstractContextManager):
              oc.wall_seconds, oc.note or None, att["attempt_id"]))
 
     def _candidate_sha(self, cand) -> str:
-        """sha256 of the text a candidate's runs must have to count for it (its own train.py:
-        the text it would be kept as)."""
-        return cand["sha256"]
+        """sha256 of the text a candidate's runs must have to count for it: the text it would
+        be kept as (its own train.py on its base, or its change rebased onto the head)."""
+        return scheduling.field_of(cand, "text_sha") or cand["sha256"]
 
     def _candidate_runs(self, cand, hw: str) -> tuple[rule.Run, ...]:
         return scheduling.runs_of(self.ledger.class_attempts(cand["id"], hw),
@@ -642,7 +783,13 @@ class Coordinator(contextlib.AbstractContextManager):
             done = set()  # a new head: every waiting candidate is looked at again
 
     def _evaluate(self, c, hw: str) -> Decision | None:
-        """One candidate through coordinator.rule; apply its verdict. None unless decided."""
+        """One candidate through coordinator.rule; apply its verdict. None unless decided.
+        Only runs of its text on the current head count: if the head moved, it is rebased
+        first (and screened afresh), or ends stale."""
+        stale = self._onto_head(c)
+        if stale is not None:
+            return stale
+        c = self.ledger.candidate(c["id"])
         runs = self._candidate_runs(c, hw)
         if not runs:
             return None
@@ -695,6 +842,11 @@ class Coordinator(contextlib.AbstractContextManager):
         cmp = v.comparison
         margin = float(self.decision["margin"])
         df = "prior" if cmp.df is None else f"{cmp.df} df"
+        text_commit, onto = self._text_commit(c)
+        if onto != head["commit_sha"]:  # _evaluate rebases before deciding: a bug if not
+            raise RuntimeError(f"candidate #{c['id']} measured on {onto}, not on the head")
+        rebased = ("not rebased (based on this head)" if onto == c["base_commit"] else
+                   f"{onto} (#{head['candidate_id']})")
         message = (
             f"keep #{c['id']}: {c['description']}\n\n"
             f"val_bpb: {rule.fmt_runs(cmp.head_mean, cmp.head_sem, cmp.n_head)} -> "
@@ -703,20 +855,33 @@ class Coordinator(contextlib.AbstractContextManager):
             f"decided by: {v.rule}, {100 * cmp.confidence:.1f}% confident better by more than "
             f"margin {margin:g} (σ {cmp.sigma:.4f}, {cmp.sigma_source}, {df})\n"
             f"hardware class: {hw}\n"
-            f"candidate: #{c['id']} {c['commit_sha']} (based on {c['base_commit']})\n"
+            f"candidate: #{c['id']} {c['commit_sha']}\n"
+            f"based on: {c['base_commit']}{self._name_of(c['base_commit'])}\n"
+            f"rebased onto: {rebased}\n"
+            f"measured text: {text_commit} sha256(train.py) {self._candidate_sha(c)}\n"
             f"head before: #{head['candidate_id']} {head['commit_sha']}\n"
             f"candidate attempts (seed index): "
             f"{', '.join(f'{r.attempt_id} ({r.seed_index})' for r in runs)}\n"
             f"head attempts (seed index): "
             f"{', '.join(f'{r.attempt_id} ({r.seed_index})' for r in on_head.runs)}\n")
-        return commit_object(self.repo_dir, commit_tree_of(self.repo_dir, c["commit_sha"]),
+        # The tree is the candidate as measured: its text on this very head (_evaluate rebased
+        # it first), so the keep never drops what was kept since its base.
+        return commit_object(self.repo_dir, commit_tree_of(self.repo_dir, text_commit),
                              [head["commit_sha"]], message)
+
+    def _name_of(self, commit: str) -> str:
+        """`` (#k)`` if ``commit`` is a head of this run (a keep, or the baseline), else ""."""
+        row = self.ledger.one("SELECT candidate_id FROM decisions WHERE verdict = 'kept' AND "
+                              "head_after = ? ORDER BY id LIMIT 1", commit)
+        return f" (#{row[0]})" if row is not None else ""
 
     # ---- clients ------------------------------------------------------------------------
 
     def submit(self, train_py: str, description: str, base: str | None = None) -> dict:
-        """Queue a train.py variant; SubmitRejected if it cannot be run. An identical text is
-        answered with the earlier candidate (``duplicate: True``) and not queued again."""
+        """Queue a train.py variant; SubmitRejected if it cannot be run. The same program as an
+        earlier candidate (coordinator.identity: comments and formatting ignored) is answered
+        with that candidate (``duplicate: True``, ``same_program_as``) and not queued again;
+        so is the head's own program (nothing to try)."""
         if not isinstance(train_py, str):
             raise SubmitRejected("train.py must be text")
         size = len(train_py.encode("utf-8", "surrogatepass"))
@@ -726,11 +891,17 @@ class Coordinator(contextlib.AbstractContextManager):
         if err:
             raise SubmitRejected(err)
         desc = clean_description(description)
-        sha = hashlib.sha256(train_py.encode("utf-8", "surrogatepass")).hexdigest()
+        sha = text_sha(train_py)
+        program = program_sha(train_py)
         with self._mutex:
-            row = self.ledger.one("SELECT * FROM candidates WHERE sha256 = ?", sha)
+            row = (self.ledger.one("SELECT * FROM candidates WHERE sha256 = ?", sha)
+                   or self.ledger.one("SELECT * FROM candidates WHERE program_sha = ? "
+                                      "ORDER BY id LIMIT 1", program)
+                   or self._head_if_same_program(program))
             if row is not None:
-                return reports.candidate_summary(self.ledger, row, duplicate=True)
+                out = reports.candidate_summary(self.ledger, row, duplicate=True)
+                out["same_program_as"] = row["id"]
+                return out
             if base is None or str(base).strip() == "":
                 base_commit = self.ledger.head()["commit_sha"]
             elif (not isinstance(base, str) or len(base) > MAX_BASE or "\x00" in base
@@ -749,9 +920,11 @@ class Coordinator(contextlib.AbstractContextManager):
                                        f"candidate #{cid}: {desc}\n\nbase: {base_commit}\n"
                                        f"sha256(train.py): {sha}\n")
                 db.execute("INSERT INTO candidates(id, description, sha256, train_py, "
-                           "base_commit, commit_sha, state, created_at, updated_at) "
-                           "VALUES (?,?,?,?,?,?,'queued',?,?)",
-                           (cid, desc, sha, train_py, base_commit, commit, now, now))
+                           "base_commit, commit_sha, state, created_at, updated_at, program_sha,"
+                           " text_commit, text_onto, text_sha) "
+                           "VALUES (?,?,?,?,?,?,'queued',?,?,?,?,?,?)",
+                           (cid, desc, sha, train_py, base_commit, commit, now, now, program,
+                            commit, base_commit, sha))
             # After the commit: a crash here leaves the ref missing; reconcile() recreates it.
             update_ref(self.repo_dir, candidate_ref(cid), commit, reason="autoresearch submit")
             row = self.ledger.candidate(cid)
@@ -759,6 +932,16 @@ class Coordinator(contextlib.AbstractContextManager):
             out["queue_position"] = int(self.ledger.scalar(
                 "SELECT COUNT(*) FROM candidates WHERE state = 'queued' AND id <= ?", cid))
             return out
+
+    def _head_if_same_program(self, program: str):
+        """The head's candidate row if ``program`` is the head's train.py as it stands (a
+        rebased keep's text is not any candidate's submitted text)."""
+        head = self.ledger.head()
+        try:
+            same = program_sha(read_blob(self.repo_dir, head["commit_sha"])) == program
+        except (GitError, SyntaxError, ValueError):
+            return None
+        return self.ledger.candidate(head["candidate_id"]) if same else None
 
     def candidate(self, cid: int) -> dict | None:
         """One candidate's summary (state, commit, val_bpb, verdict), or None."""

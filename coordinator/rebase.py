@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from coordinator.identity import program_sha
 from coordinator.repo import merge_file
@@ -75,17 +75,19 @@ def conflict_hunks(merged: str, context: int = HUNK_CONTEXT) -> str:
 
 
 def rebase(repo: Path, *, base_text: str, text: str, head_commit: str, head_text: str,
-           keeps: Sequence[Keep] = (), head_candidate: int | None = None,
-           label: str = "candidate") -> Rebased:
+           keeps: Sequence[Keep] | Callable[[], Sequence[Keep]] = (),
+           head_candidate: int | None = None, label: str = "candidate") -> Rebased:
     """Replay the change ``base_text -> text`` onto the head (``head_text`` at ``head_commit``).
 
     ``keeps``: the keeps from the candidate's base to the head, oldest first (the last one is
-    the head); used only to name the keep a conflict is with (else ``head_candidate``)."""
+    the head), or a function returning them (called only on a conflict); used to name the keep
+    a conflict is with (else ``head_candidate``)."""
     merged, conflicts = merge_file(repo, head_text, base_text, text,
                                    labels=(f"head {head_commit[:10]}", "base", label))
     if conflicts:
+        chain = keeps() if callable(keeps) else keeps
         return Rebased(CONFLICT, head_commit, None, conflict_hunks(merged),
-                       _first_conflicting(repo, base_text, text, keeps) or head_candidate)
+                       _first_conflicting(repo, base_text, text, chain) or head_candidate)
     if merged == head_text or _same_program(merged, head_text):
         return Rebased(ALREADY, head_commit, merged)
     broken = _compile_error(merged)

@@ -12,6 +12,8 @@ Refs:
 
     refs/heads/autoresearch/<tag>        advances only through keeps
     refs/autoresearch/candidates/<id>    every candidate ever submitted (parent: its base head)
+    refs/autoresearch/rebased/<id>/<sha> a candidate's change rebased onto a later head (parent:
+                                         that head), one per text it ran
     refs/autoresearch/displaced/<n>      a branch tip that disagreed with the ledger (kept, not lost)
 
 Commits are built with plumbing (hash-object, a private GIT_INDEX_FILE, write-tree, commit-tree,
@@ -22,7 +24,6 @@ coordinator owns ``DIR``'s working tree: after the branch moves it resets the in
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -34,6 +35,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from coordinator.identity import program_sha, text_sha
 from coordinator.ledger import Ledger, ledger_path
 from coordinator.noise import DEFAULT_PRIOR_SIGMA
 from coordinator.rule import DEFAULTS as RULE_DEFAULTS
@@ -46,6 +48,7 @@ RUN_FILE = "run.json"
 LOCK_FILE = "coord.lock"
 CANDIDATE_REFS = "refs/autoresearch/candidates/"
 DISPLACED_REFS = "refs/autoresearch/displaced/"
+REBASED_REFS = "refs/autoresearch/rebased/"
 ZERO = "0" * 40
 
 # Research-run settings that reach the harness through the environment (the trainer boundary's
@@ -185,6 +188,11 @@ def update_ref(repo: Path, ref: str, new: str, old: str | None = None, reason: s
 
 def candidate_ref(cid: int) -> str:
     return f"{CANDIDATE_REFS}{cid}"
+
+
+def rebased_ref(cid: int, commit: str) -> str:
+    """Keeps a rebased text of candidate ``cid`` (a commit on a later head) reachable."""
+    return f"{REBASED_REFS}{cid}/{commit}"
 
 
 def list_refs(repo: Path, prefix: str) -> dict[str, str]:
@@ -590,10 +598,10 @@ def _init_locked(repo: Path, tag: str, branch: str, preset: str, settings: dict,
                                ("created_at", now)):
                 ledger.set_meta(key, value)
             db.execute("INSERT INTO candidates(id, description, sha256, train_py, base_commit, "
-                       "commit_sha, state, created_at, updated_at) "
-                       "VALUES (0, ?, ?, ?, NULL, ?, 'kept', ?, ?)",
-                       ("baseline", hashlib.sha256(train_py.encode()).hexdigest(), train_py,
-                        commit, now, now))
+                       "commit_sha, state, created_at, updated_at, program_sha, text_commit, "
+                       "text_sha) VALUES (0, ?, ?, ?, NULL, ?, 'kept', ?, ?, ?, ?, ?)",
+                       ("baseline", text_sha(train_py), train_py, commit, now, now,
+                        program_sha(train_py), commit, text_sha(train_py)))
             db.execute("INSERT INTO decisions(candidate_id, hw_class, verdict, head_before, "
                        "head_after, val_bpb, head_bpb, reason, attempt_ids, decided_at) "
                        "VALUES (0, NULL, 'kept', NULL, ?, NULL, NULL, ?, '[]', ?)",

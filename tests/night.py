@@ -81,11 +81,13 @@ def simulate(repo, variant) -> Night:
 
 
 def play(n: Night, plan, variant) -> Night:
-    for i, (desc, effect, _) in enumerate(plan):
-        n.core.submit(variant(bpb=round(1.0 + i / 100, 3), sleep=0.01), desc)
+    # Each variant rewrites the stand-in's BPB line, so each is submitted on top of the head as
+    # it stands when its turn comes (as an agent would): written against an older head, it
+    # would conflict with the keeps since (coordinator.rebase) and end stale, not run.
     gained = 0.0
     noise = iter([0.002, -0.003, 0.001, 0.004, -0.002, 0.0, 0.003, -0.001, 0.002, -0.004] * 9)
-    for desc, effect, wid in plan:
+    for i, (desc, effect, wid) in enumerate(plan):
+        n.core.submit(variant(bpb=round(1.0 + i / 100, 3), sleep=0.01), desc)
         hw = n.core.ledger.worker(wid)["hw_class"]
         head = n.core.ledger.head()
         measured = n.core.ledger.scalar(
