@@ -110,6 +110,10 @@ class Decision:
     head_after: str
     reason: str
     description: str = ""
+    runs: str | None = None             # the candidate's runs: "1.4100 ± 0.0141 (2)"
+    head_runs: str | None = None        # the head's: "1.5000 ± 0.0115 (3)"
+    confidence: float | None = None     # that it is better by more than the margin
+    rule: str | None = None             # which test decided, e.g. "sequential/welch"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -317,8 +321,10 @@ class Coordinator(contextlib.AbstractContextManager):
              n.get("sigma"), n.get("confidence"), n.get("rule"),
              json.dumps(n["details"]) if n.get("details") else None))
         desc = self.ledger.scalar("SELECT description FROM candidates WHERE id = ?", cid)
+        details = n.get("details") or {}
         return Decision(cid, verdict, hw_class, val_bpb, head_bpb, head_before, head_after,
-                        reason, desc or "")
+                        reason, desc or "", reports.runs_text(details, "candidate"),
+                        reports.runs_text(details, "head"), n.get("confidence"), n.get("rule"))
 
     def _fail_candidate(self, cid: int, hw_class: str, reason: str,
                         attempt_ids: list[str]) -> Decision:

@@ -246,7 +246,7 @@ def log(ledger: Ledger, limit: int = 50) -> dict:
             "sigma": scheduling.field_of(r, "sigma"),
             "confidence": scheduling.field_of(r, "confidence"),
             "rule": scheduling.field_of(r, "rule"),
-            "runs": _runs_text(details, "candidate"), "head_runs": _runs_text(details, "head"),
+            "runs": runs_text(details, "candidate"), "head_runs": runs_text(details, "head"),
             **text_provenance(r),
             # stale: what it conflicts with and where to resubmit (coordinator.rebase)
             "conflicts": details.get("conflicts"), "conflicts_with": details.get("conflicts_with"),
@@ -259,7 +259,7 @@ def log(ledger: Ledger, limit: int = 50) -> dict:
     return {"attempts": attempts, "decisions": decisions, "entries": entries}
 
 
-def _runs_text(details: dict, side: str) -> str | None:
+def runs_text(details: dict, side: str) -> str | None:
     """``2.2480 ± 0.0100 (3)`` for one side of a decision, from its stored comparison."""
     try:
         return rule.fmt_runs(details[f"{side}_mean"], details[f"{side}_sem"],
@@ -328,4 +328,4 @@ def export_tsv(ledger: Ledger, cache: dict[int, str] | None = None) -> str:
 
 
 __all__ = ["status", "log", "export_tsv", "candidate_summary", "classes", "head_on_class",
-           "class_noise", "prior_sigma", "fmt_time", "TSV_HEADER", "TSV_COLUMNS"]
+           "class_noise", "prior_sigma", "runs_text", "fmt_time", "TSV_HEADER", "TSV_COLUMNS"]

@@ -716,7 +716,14 @@ def describe_decision(d: Any) -> str:
     if word == "FAIL":
         parts.append(f"[{get('hw_class', None) or '-'}]: {get('reason', None) or 'failed'}")
         return " ".join(parts)
-    parts.append(f"val_bpb {_fmt(get('val_bpb', None))} vs head {_fmt(get('head_bpb', None))}")
+    runs, head_runs = get("runs", None), get("head_runs", None)
+    if runs and head_runs:  # mean ± sem (n) each side, and how sure the rule was
+        conf = get("confidence", None)
+        parts.append(f"val_bpb {runs} vs head {head_runs}"
+                     + (f", {100 * conf:.1f}% confident better" if conf is not None else ""))
+    else:
+        parts.append(f"val_bpb {_fmt(get('val_bpb', None))} vs head "
+                     f"{_fmt(get('head_bpb', None))}")
     parts.append(f"[{get('hw_class', None) or '-'}]")
     after = get("head_after", None)
     if word == "KEEP" and after:

@@ -106,9 +106,13 @@ def fleet_variant():
 
 @pytest.fixture
 def fleet_repo(tmp_path):
-    """A research repo (real git, real ledger) whose baseline is the stand-in train.py."""
-    from coordinator.repo import init_repo
+    """A research repo (real git, real ledger) whose baseline is the stand-in train.py.
+
+    Decided on single runs (``SINGLE_RUN``: one head run, greedy): these fleets test the
+    wire's and the workers' mechanics, where one result must be one decision. The sequential
+    rule's fleet is tests/test_decisions_fleet.py."""
+    from coordinator.repo import SINGLE_RUN, init_repo
 
     repo = tmp_path / "research"
-    init_repo(repo, tag="fleet", preset="tiny", train_py=_FLEET_TRAIN_PY)
+    init_repo(repo, tag="fleet", preset="tiny", train_py=_FLEET_TRAIN_PY, **SINGLE_RUN)
     return repo

@@ -193,6 +193,37 @@ def test_forward_only_eval_loss_matches_the_training_loss():
                        train.softcap_cross_entropy(logits, targets), atol=1e-4).item()
 
 
+def test_numpy_head_matches_the_mlx_head_in_loss_and_gradients(monkeypatch):
+    """The CPU backend's loss head (numpy tanh/exp, gradient fed into MLX's backward) trains
+    the same model: same per-token loss, same gradient for every parameter, chunked or not."""
+    np = pytest.importorskip("numpy")
+    config = tiny_config(n_layer=2, T=16, vocab=64, d=32)
+    model = tiny_model(config)
+    model.lm_head.weight = 0.5 * mx.random.normal(model.lm_head.weight.shape)  # sizeable logits
+    masks = train.attention_masks(config, mx.float32)
+    x = mx.random.randint(0, config.vocab_size, (3, config.sequence_len))
+    y = mx.random.randint(0, config.vocab_size, (3, config.sequence_len))
+    reference = nn.value_and_grad(
+        model, lambda m, x, y: train.softcap_cross_entropy(m(x, masks), y).mean())
+    ref_loss, ref_grads = reference(model, x, y)
+    for chunk in (1024, 5):  # 5 rows: chunks that do not divide the 48 rows
+        monkeypatch.setattr(train, "HEAD_CHUNK_ROWS", chunk)
+        (_, loss), grads = nn.value_and_grad(
+            model, lambda m, x, y: train.numpy_head_loss(m, x, y, masks))(model, x, y)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+        ref, ours = dict(train.tree_flatten(ref_grads)), dict(train.tree_flatten(grads))
+        assert set(ref) == set(ours)
+        largest = max(mx.abs(g).max().item() for g in ref.values())
+        for name in ref:  # float32 rounding differs; near-cancelling sums (resid_lambdas) too
+            err = mx.abs(ref[name] - ours[name]).max().item()
+            assert err <= 1e-4 * mx.abs(ref[name]).max().item() + 1e-6 * largest, name
+        per_token, none = train.softcap_ce_numpy(np.asarray(model(x, masks)), np.asarray(y),
+                                                 with_grad=False)
+        assert none is None
+        assert np.allclose(per_token.reshape(y.shape),
+                           np.asarray(train.softcap_nll(model(x, masks), y)), atol=1e-5)
+
+
 def test_adamw_step_matches_formula():
     config = tiny_config(n_layer=2)
     model = tiny_model(config)

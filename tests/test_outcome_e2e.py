@@ -19,7 +19,7 @@ import time
 import pytest
 
 from coordinator.core import Coordinator
-from coordinator.repo import init_repo
+from coordinator.repo import SINGLE_RUN, init_repo
 from coordinator.server import Server
 from worker.agent import Agent, AgentConfig
 from worker.runner import AttemptProcess
@@ -41,7 +41,7 @@ CHATTY_PY = "while True:\n    print('x' * 1000)\n"
 def lab(tmp_path, fleet_train_py):
     repo = tmp_path / "research"
     init_repo(repo, tag="notes", preset="tiny", train_py=fleet_train_py, time_budget=1,
-              timeout=TIMEOUT)
+              timeout=TIMEOUT, **SINGLE_RUN)
     core = Coordinator(repo)
     events: list[str] = []
     server = Server(core, bind="tcp://127.0.0.1:*", heartbeat_interval=0.2, liveness=10,

@@ -80,11 +80,12 @@ def _own_keys(tmp_path, monkeypatch):
 @pytest.fixture
 def lab(tmp_path, prepared_sample, monkeypatch):
     """A keyed research repo whose train.py checks its data; start/worker helpers."""
-    from coordinator.repo import init_repo
+    from coordinator.repo import SINGLE_RUN, init_repo
 
     expected = read_manifest(prepared_sample)["dataset_hash"]
     repo = tmp_path / "research"
-    init_repo(repo, tag="sec", preset="tiny", train_py=variant(1.50, 0.2, expected))
+    init_repo(repo, tag="sec", preset="tiny", train_py=variant(1.50, 0.2, expected),
+              **SINGLE_RUN)  # mechanics of keys and trust: one result, one decision
     monkeypatch.setenv("AUTORESEARCH_DATA", str(prepared_sample))
     procs: list[Proc] = []
 
