@@ -790,8 +790,14 @@ class Coordinator(contextlib.AbstractContextManager):
 
     def _evaluate(self, c, hw: str) -> Decision | None:
         """One candidate through coordinator.rule; apply its verdict. None unless decided.
-        Only runs of its text on the current head count: if the head moved, it is rebased
-        first (and screened afresh), or ends stale."""
+
+        A keep needs runs of its text on the current head. If the head moved since its text was
+        made, its runs are judged against the head they were measured on: shown worse there is
+        a discard (a merge queue rejects what fails on its own base), anything else is rebased
+        onto the current head and screened afresh (or ends stale if it does not replay)."""
+        moved = self._outdated_discard(c, hw)
+        if moved is not None:
+            return moved
         stale = self._onto_head(c)
         if stale is not None:
             return stale
@@ -828,6 +834,40 @@ class Coordinator(contextlib.AbstractContextManager):
         return self._insert_decision(c["id"], verdict, hw, head["commit_sha"], new_head,
                                      cmp.candidate_mean, cmp.head_mean, f"{v.reason} on {hw}",
                                      ids, self._numbers(v, on_head.runs, runs))
+
+    def _outdated_discard(self, c, hw: str) -> Decision | None:
+        """The discard of a candidate whose runs are of a text on an older head and lose to that
+        head there; None when its text is on the current head or the old head's verdict is not
+        a discard."""
+        _, onto = self._text_commit(c)
+        head = self.ledger.head()
+        runs = self._candidate_runs(c, hw)
+        if onto == head["commit_sha"] or not runs:
+            return None
+        was = self.ledger.one("SELECT d.candidate_id, c.text_sha, c.sha256 FROM decisions d "
+                              "JOIN candidates c ON c.id = d.candidate_id WHERE d.verdict = "
+                              "'kept' AND d.head_after = ? ORDER BY d.id LIMIT 1", onto)
+        if was is None:
+            return None
+        old = scheduling.head_on_class(self.ledger.class_attempts(was["candidate_id"], hw),
+                                       was["text_sha"] or was["sha256"])
+        if not old.enough(int(self.decision["head_runs"])):
+            return None
+        noise = reports.class_noise(self.ledger, hw, float(self.decision["noise_prior"]))
+        v = rule.decide(old.runs, runs, noise, self.rule_settings)
+        if v.action != rule.DISCARD:
+            return None
+        cmp = v.comparison
+        for a in self.ledger.all("SELECT attempt_id FROM attempts WHERE candidate_id = ? AND "
+                                 "state = 'leased'", c["id"]):
+            self._set_attempt(a[0], st.CANCELLED, note="candidate discarded on another run")
+        self._set_candidate(c["id"], st.DISCARDED)
+        reason = (f"{v.reason} on {hw}, against head #{was['candidate_id']} {onto[:10]} it was "
+                  f"measured on (the head has moved since)")
+        return self._insert_decision(c["id"], st.DISCARDED, hw, head["commit_sha"],
+                                     head["commit_sha"], cmp.candidate_mean, cmp.head_mean,
+                                     reason, [r.attempt_id for r in runs] +
+                                     list(old.attempt_ids), self._numbers(v, old.runs, runs))
 
     @staticmethod
     def _numbers(v: rule.Verdict, head_runs, runs) -> dict:

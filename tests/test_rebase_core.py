@@ -206,6 +206,21 @@ def test_head_moving_under_a_run_rebases_again_and_never_pools_texts(coord, run_
     assert c.ledger.head()["commit_sha"] == head1
 
 
+def test_shown_worse_on_the_head_it_ran_on_is_discarded_though_the_head_moved(coord):
+    """A merge queue rejects what fails on its own base: no rebase (this one would conflict),
+    no second run."""
+    c = coord
+    one = c.submit(edit(BASE, LR=0.02), "lower LR")["candidate_id"]
+    two = c.submit(edit(BASE, LR=0.08), "higher LR")["candidate_id"]
+    a1, a2 = c.next_assignment("w1"), c.next_assignment("w2")
+    base0 = c.ledger.head()["commit_sha"]
+    c.record_result("w1", a1.attempt_id, ok(1.40))                   # #1 kept
+    d = c.record_result("w2", a2.attempt_id, ok(1.60)).decisions[0]  # worse than #0's 1.50
+    assert (d.candidate_id, d.verdict, d.head_bpb) == (two, "discarded", pytest.approx(1.50))
+    assert f"against head #0 {base0[:10]} it was measured on" in d.reason
+    assert c.next_assignment("w2") is None
+
+
 # ---- same program, same result ---------------------------------------------------------------
 
 def test_comment_only_or_reformatted_variant_is_the_same_program(coord):
