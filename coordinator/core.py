@@ -33,7 +33,11 @@ Choices worth knowing:
     lost (``LOST_LIMIT`` losses fail the candidate);
   * a candidate keeps its first measurement: no re-runs or seeds yet (DESIGN.md plans them on
     top; every attempt is stored for that);
-  * an identical train.py text is never queued twice, whatever its earlier fate.
+  * the same program (coordinator.identity) is never queued twice, whatever its earlier fate;
+  * a candidate runs its change on top of the current head (coordinator.rebase): rebased at
+    assignment, and again if the head moves under its runs; the rebased text is a commit whose
+    parent is the head (object first, then the ledger row, then its ref: reconcile() recreates
+    a missing ref), and a keep commits that text as measured.
 
 Heartbeats (``worker_seen``) are kept in memory only: liveness is the server's business and
 writing SQLite once a second per worker would buy nothing after a restart.

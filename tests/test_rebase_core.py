@@ -19,6 +19,7 @@ import pytest
 
 from coordinator import repo as R
 from coordinator.core import Coordinator
+from test_core import check_invariants, git, ok, reopen
 
 HW = "Test/8GB/cpu"
 BASE = textwrap.dedent('''\
@@ -44,16 +45,6 @@ def edit(text: str, **values) -> str:
         text = text.replace(old, f"{name} = {value!r}" + old[len(old.split("#")[0].rstrip()):],
                             1)
     return text
-
-
-def ok(bpb):
-    return {"status": "ok", "val_bpb": bpb, "result": {"peak_vram_mb": 1024.0},
-            "log_tail": "", "exit_code": 0, "wall_seconds": 1.0}
-
-
-def git(d, *args) -> str:
-    return subprocess.run(["git", "-C", str(d), *args], capture_output=True, text=True,
-                          check=True).stdout.strip()
 
 
 @pytest.fixture
@@ -279,7 +270,8 @@ def test_crash_between_a_rebase_and_its_ref_is_repaired_on_start(coord, run_dir,
 LOOP = textwrap.dedent("""
     import random, sys
     sys.path.insert(0, sys.argv[3])
-    from test_rebase_core import BASE, edit, ok
+    from test_rebase_core import BASE, edit
+    from test_core import ok
     from coordinator.core import Coordinator
     repo, seed = sys.argv[1], int(sys.argv[2])
     rng = random.Random(seed)
@@ -302,8 +294,6 @@ LOOP = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_kill_minus_nine_during_rebases_leaves_ledger_and_branch_consistent(run_dir, tmp_path):
-    from test_core import check_invariants, reopen
-
     script = tmp_path / "loop.py"
     script.write_text(LOOP)
     rng = random.Random(10)
