@@ -791,21 +791,29 @@ def format_log(data: Any) -> str:
     rows = _rows(entries)
     if not rows:
         return "(no results yet)"
-    return _table([[_pick(r, "time", "at", "created_at", "finished_at"),
-                    f"#{_pick(r, 'candidate_id')}",
-                    _pick(r, "verdict") or " ".join(
-                        str(x) for x in (r.get("state"), r.get("status")) if x),
-                    _pick(r, "runs") or _num(_pick(r, "val_bpb")), _pick(r, "hw_class"),
-                    _what_happened(r)] for r in rows],
-                  ["time", "cand", "what", "val_bpb", "class", "description"])
+    table = _table([[_pick(r, "time", "at", "created_at", "finished_at"),
+                     f"#{_pick(r, 'candidate_id')}",
+                     _pick(r, "verdict") or " ".join(
+                         str(x) for x in (r.get("state"), r.get("status")) if x),
+                     _pick(r, "runs") or _num(_pick(r, "val_bpb")), _pick(r, "hw_class"),
+                     _what_happened(r)] for r in rows],
+                   ["time", "cand", "what", "val_bpb", "class", "description"])
+    # A stale candidate's conflicting hunks (git's markers), under the table.
+    hunks = [f"\n#{r.get('candidate_id')} conflicts with #{r.get('conflicts_with')}:\n"
+             + "\n".join(f"    {line}" for line in str(r["conflicts"]).splitlines())
+             for r in rows if r.get("kind") == "decision" and r.get("conflicts")]
+    return table + "".join(hunks)
 
 
 def _what_happened(r: dict) -> Any:
-    """An attempt's description and the worker's note (why its status); a decision's reason."""
+    """An attempt's description and the worker's note (why its status); a stale decision's
+    reason (what it conflicts with, where to resubmit)."""
     text = _pick(r, "description", "reason")
     note = r.get("note")
     if r.get("kind") != "decision" and isinstance(note, str) and note:
         return f"{text}: {note}" if text else note
+    if r.get("verdict") == "stale" and r.get("reason"):
+        return f"{text}: {r['reason']}" if text else r["reason"]
     return text
 
 

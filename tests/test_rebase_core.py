@@ -18,6 +18,7 @@ import time
 import pytest
 
 from coordinator import repo as R
+from coordinator.cli import format_log
 from coordinator.core import Coordinator
 from test_core import check_invariants, git, ok, reopen
 
@@ -152,7 +153,11 @@ def test_conflicting_pair_the_second_goes_stale_and_nothing_else_changes(coord, 
     assert c.ledger.one("SELECT COUNT(*) FROM attempts WHERE candidate_id = ?", two)[0] == 0
     assert c.status()["counts"]["attempts"] == attempts + 1       # only #3's run
     assert all(line in git(run_dir, "for-each-ref") for line in refs.splitlines())
-    assert f"\tstale\t" not in c.export_tsv() and "higher LR" not in c.export_tsv()
+    assert "\tstale\t" not in c.export_tsv() and "higher LR" not in c.export_tsv()
+    text = format_log(c.log())   # what `autoresearch-coord log` prints
+    line = next(ln for ln in text.splitlines() if ln.split()[2:4] == [f"#{two}", "stale"])
+    assert f"higher LR: conflicts with #{one}" in line
+    assert f"\n#{two} conflicts with #{one}:\n" in text and "\n    <<<<<<< head " in text
 
 
 def test_rebased_text_that_is_the_head_already_is_answered_without_a_run(coord):
