@@ -549,9 +549,12 @@ def format_submission(data: Any) -> str:
     cid = data.get("candidate_id")
     state = data.get("state") or data.get("status") or "queued"
     if data.get("duplicate"):
-        line = f"already submitted as #{cid}: {state}"
+        # same program (comments/formatting aside) as an earlier candidate, or as the head
+        line = f"already submitted as #{cid} (same program as #{cid}): {state}"
         if data.get("val_bpb") is not None:
             line += f", val_bpb {_num(data['val_bpb'])}"
+        if data.get("reason"):
+            line += f" ({data['reason']})"
         return line
     return f"submitted #{cid}: {state}" + (f" (commit {data['commit'][:10]})"
                                            if data.get("commit") else "")

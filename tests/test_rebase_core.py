@@ -18,7 +18,7 @@ import time
 import pytest
 
 from coordinator import repo as R
-from coordinator.cli import format_log
+from coordinator.cli import format_log, format_submission
 from coordinator.core import Coordinator
 from test_core import check_invariants, git, ok, reopen
 
@@ -228,6 +228,9 @@ def test_comment_only_or_reformatted_variant_is_the_same_program(coord):
     dup = c.submit(cosmetic, "the same, tidied")
     assert dup["duplicate"] and dup["same_program_as"] == first["candidate_id"]
     assert dup["verdict"] == "kept" and dup["val_bpb"] == pytest.approx(1.40)
+    assert format_submission(dup).startswith(
+        f"already submitted as #{first['candidate_id']} (same program as "
+        f"#{first['candidate_id']}): kept, val_bpb 1.4000")
     assert c.status()["queue"] == []
     real = c.submit(edit(BASE, LR=0.021), "a real change")
     assert not real["duplicate"] and real["state"] == "queued"
