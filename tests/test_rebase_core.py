@@ -325,3 +325,41 @@ def test_kill_minus_nine_during_rebases_leaves_ledger_and_branch_consistent(run_
                                   "commit_sha")
         assert counts["kept"] > 0 and rebased > 0, counts   # the loop did rebase
         check_invariants(c)
+
+
+# ---- a schema-2 run (before rebasing) is upgraded in place -------------------------------------
+
+def test_a_schema_2_ledger_gains_programs_texts_and_the_stale_verdict(run_dir):
+    import sqlite3
+
+    from coordinator.ledger import SCHEMA_VERSION
+
+    with Coordinator(run_dir) as c:
+        c.worker_hello("w1", "W1", {}, HW, None)
+        c.record_result("w1", c.next_assignment("w1").attempt_id, ok(1.5))
+        old = c.submit(edit(BASE, LR=0.02), "before the upgrade")["candidate_id"]
+    # Make it what schema 2 wrote: no text/program columns, no 'stale' in the CHECK.
+    db = sqlite3.connect(run_dir / ".autoresearch" / "ledger.sqlite3")
+    db.execute("DROP INDEX candidates_program")
+    for table, column in (("candidates", "program_sha"), ("candidates", "text_commit"),
+                          ("candidates", "text_onto"), ("candidates", "text_sha"),
+                          ("attempts", "onto")):
+        db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'decisions'").fetchone()[0]
+    db.executescript(f"""
+        {sql.replace("'failed', 'stale'", "'failed'").replace("decisions", "d2", 1)};
+        INSERT INTO d2 SELECT * FROM decisions; DROP TABLE decisions;
+        ALTER TABLE d2 RENAME TO decisions;
+        UPDATE meta SET value = '2' WHERE key = 'schema_version';""")
+    db.close()
+    with Coordinator(run_dir) as c:
+        assert c.ledger.get_meta("schema_version") == SCHEMA_VERSION == 3
+        # programs were computed from the stored texts: the same program is answered
+        tidy = edit(BASE, LR=0.02).replace("# learning rate", "# lr")
+        assert c.submit(tidy, "same, tidied")["same_program_as"] == old
+        # an old candidate (no text columns) runs its own text on its base, and can go stale
+        c.worker_hello("w1", "W1", {}, HW, None)
+        two = c.submit(edit(BASE, LR=0.08), "conflicts with the first")["candidate_id"]
+        c.record_result("w1", c.next_assignment("w1").attempt_id, ok(1.4))   # old: kept
+        assert c.next_assignment("w1") is None
+        assert c.candidate(two)["state"] == "stale"
