@@ -845,8 +845,10 @@ class Coordinator(contextlib.AbstractContextManager):
         a discard."""
         _, onto = self._text_commit(c)
         head = self.ledger.head()
+        if onto == head["commit_sha"]:
+            return None
         runs = self._candidate_runs(c, hw)
-        if onto == head["commit_sha"] or not runs:
+        if not runs:
             return None
         was = self.ledger.one("SELECT d.candidate_id, c.text_sha, c.sha256 FROM decisions d "
                               "JOIN candidates c ON c.id = d.candidate_id WHERE d.verdict = "
