@@ -738,8 +738,10 @@ def format_status(data: Any) -> str:
                       ["attempt", "cand", "worker", "progress"]) if running else "  (nothing)")
     queue = _rows(data.get("queue"))
     out.append(f"\nqueue ({len(queue)}):")
-    out.append(_table([[f"#{_pick(q, 'candidate_id', 'id')}", _pick(q, "description")]
-                       for q in queue], ["cand", "description"]) if queue else "  (empty)")
+    out.append(_table([[f"#{_pick(q, 'candidate_id', 'id')}", _based_on(q),
+                        _pick(q, "description")]
+                       for q in queue], ["cand", "based on", "description"])
+               if queue else "  (empty)")
     counts = data.get("counts")
     if isinstance(counts, dict) and counts:
         out.append("\n" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
@@ -771,6 +773,15 @@ def _sigma(h: dict) -> str:
     pooled = h.get("pooled_sigma")
     return (f"{sigma:.4f} prior" + (f" (pooled {pooled:.4f}, {h.get('pooled_df')} df)"
                                     if isinstance(pooled, (int, float)) else ""))
+
+
+def _based_on(q: dict) -> str:
+    """``abc1234`` (the head it was written against), ``, rebased onto def5678`` once its change
+    was replayed onto a later head, or ``(behind the head: rebased when it runs)``."""
+    base = str(q.get("based_on") or "")[:7] or "-"
+    if q.get("rebased_onto"):
+        return f"{base}, rebased onto {str(q['rebased_onto'])[:7]}"
+    return f"{base} (behind the head: rebased when it runs)" if q.get("behind_head") else base
 
 
 def _progress(p: Any) -> str:
