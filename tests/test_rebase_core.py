@@ -128,8 +128,8 @@ def test_status_says_what_a_queued_candidate_is_based_on(coord):
     assert [(q["candidate_id"], q["based_on"], q["behind_head"]) for q in queued] == \
         [(two, base0, True)]
     line = next(ln for ln in format_status(c.status()).splitlines() if ln.startswith(f"#{two}"))
-    assert line.split() == [f"#{two}", base0[:7], *"(behind the head: rebased when it runs)".split(),
-                            "two"]
+    assert line.split() == [f"#{two}", base0[:7],
+                            *"(behind the head: rebased when it runs)".split(), "two"]
     a = c.next_assignment("w1")
     running = c.status()["running"]
     assert running[0]["onto"] == c.ledger.head()["commit_sha"] and running[0]["commit"] == a.commit
