@@ -57,6 +57,7 @@ from coordinator.core import Coordinator  # noqa: E402
 OUT = ROOT / "benchmarks" / "results" / "decisions.json"
 N_IDEAS = 1200          # slots in the simulated train.py (more than any night uses)
 BASE_SEED = 42          # the run's seed setting (the sequence is 42, 43, ...)
+RUN_SECONDS = 300.0     # wall-clock seconds one simulated run stands for
 # The mix of ideas: most do nothing or a little harm; one in ten helps by 0.5-3 σ.
 HARMFUL, HELPFUL = 0.50, 0.10
 
@@ -121,14 +122,9 @@ class Night:
 
 
 def policy_settings(policy: str) -> dict:
-    """The run settings that select ``policy``, if this coordinator has them."""
-    known = set(getattr(R, "SETTING_FIELDS", ()))
-    if "policy" in known:
-        return {"policy": policy}
-    if policy != "greedy":
-        raise click.ClickException(f"this coordinator has no policy setting: only greedy runs "
-                                   f"(asked for {policy})")
-    return {}
+    """The run settings of each policy: greedy is the single-run rule as it was (one head run,
+    never re-measured); sequential is the default rule with its default settings."""
+    return dict(R.SINGLE_RUN) if policy == "greedy" else {"policy": "sequential"}
 
 
 def simulate(night: Night, log=print) -> dict:
@@ -148,7 +144,9 @@ def simulate(night: Night, log=print) -> dict:
         repo = Path(tmp) / "run"
         R.init_repo(repo, tag="bench", preset="tiny", train_py=baseline_text(),
                     **night.settings)
-        coord = Coordinator(repo, clock=lambda: clock[0])
+        # one time unit is one run of the seed preset (300 s), so remeasure_seconds means what
+        # it would on a real night
+        coord = Coordinator(repo, clock=lambda: clock[0] * RUN_SECONDS)
         try:
             return _night(coord, repo, night, ideas, rng, seed_effects, clock, true_value, log)
         finally:
@@ -279,8 +277,7 @@ def main(policies, runs, seeds, workers, queue, quick, out):
     if quick:
         runs, seeds = 150, 1
     if not policies:
-        policies = ("greedy", "sequential") if "policy" in getattr(R, "SETTING_FIELDS", ()) \
-            else ("greedy",)
+        policies = ("greedy", "sequential")
     load_before = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") \
         else None
     t0 = time.time()

@@ -28,6 +28,14 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# The files of one proposal's work directory (coordinator.proposers makes it).
+TRAIN_PY_NAME = "train.py"
+BRIEF_NAME = "brief.md"
+DESCRIPTION_NAME = "description.txt"
+# Where the agent finds them besides the command's placeholders.
+AGENT_ENV = {"{brief}": "AUTORESEARCH_BRIEF", "{workdir}": "AUTORESEARCH_WORKDIR",
+             "{train_py}": "AUTORESEARCH_TRAIN_PY", "{description}": "AUTORESEARCH_DESCRIPTION"}
+
 TAIL_LINES = 15          # log lines shown per failure
 MAX_LIST = 40            # entries shown per in-flight list (the rest are counted)
 
@@ -255,6 +263,27 @@ def _noise(snapshot: dict) -> list[str]:
     return out
 
 
+def agent_contract_md() -> str:
+    """The contract of an agent run by ``autoresearch-coord agents``, for program.md."""
+    env = ", ".join(f"${v}" for v in AGENT_ENV.values())
+    return f"""## Proposing as one of `autoresearch-coord agents`
+
+`autoresearch-coord agents --count N --command '...'` runs N agents side by side; each run of
+an agent is one proposal.
+
+- In: a fresh work directory (the agent's current directory) holding `{TRAIN_PY_NAME}`, the
+  head's, to edit in place, and `{BRIEF_NAME}`: the head and its val_bpb per hardware class, the
+  last decisions with mean ± sem and their reasons, what is queued, running and awaiting
+  repeats right now (other agents are on those: pick something else), recent failures with
+  their log tails, the noise per class, what this agent's previous proposal got back, and this
+  file. The paths are also in {env}.
+- Out: the edited `{TRAIN_PY_NAME}`, one line in `{DESCRIPTION_NAME}` saying what changed and
+  why, and exit status 0. The runner submits it based on the head the agent started from.
+- Rules: one idea per proposal; edit only `{TRAIN_PY_NAME}`; do not train, submit or commit;
+  finish within the runner's timeout (then the agent is killed and nothing is submitted). An
+  unchanged or non-compiling file is not submitted, and the next brief says so."""
+
+
 def render_brief(snapshot: dict, ctx: BriefContext) -> str:
     """The brief as markdown (see the module docstring for the sections)."""
     snapshot = snapshot if isinstance(snapshot, dict) else {}
@@ -279,4 +308,5 @@ def render_brief(snapshot: dict, ctx: BriefContext) -> str:
     return "\n\n".join("\n".join(p) for p in parts) + "\n"
 
 
-__all__ = ["Feedback", "BriefContext", "FEEDBACK_KINDS", "render_brief", "fmt_value"]
+__all__ = ["Feedback", "BriefContext", "FEEDBACK_KINDS", "render_brief", "fmt_value",
+           "agent_contract_md", "AGENT_ENV", "TRAIN_PY_NAME", "BRIEF_NAME", "DESCRIPTION_NAME"]

@@ -2,16 +2,20 @@
 
     autoresearch-coord init DIR [--tag T] [--preset seed|upstream-h100|tiny] [--budget S] ...
     autoresearch-coord start DIR [--bind tcp://127.0.0.1:5555] [--data PATH] [--new-dataset]
-                                 [--insecure]
+                                 [--insecure] [--dashboard [HOST:]PORT]
     autoresearch-coord key [DIR]                       coordinator public key + fingerprint
     autoresearch-coord trust KEY|FILE --name NAME --role worker|submitter|admin [--dir DIR]
     autoresearch-coord revoke KEY|FINGERPRINT|NAME [--dir DIR]
     autoresearch-coord keys [--dir DIR] [--json]       the trust list
     autoresearch-coord invite [--dir DIR] [--role worker] [--name N] [--ttl S]
     autoresearch-coord submit FILE|- -m "what changed" [--connect EP] [--server-key KEY] [--json]
-    autoresearch-coord status [--json] [--watch [--every S]]
-    autoresearch-coord log [-n N] [--json]
-    autoresearch-coord export [PATH]
+    autoresearch-coord status [--json] [--watch [--every S]] [--dir DIR]
+    autoresearch-coord log [-n N] [--json] [--dir DIR]
+    autoresearch-coord retry ID --reason "why"          queue a failed candidate again (admin)
+    autoresearch-coord export [PATH] [--dir DIR]
+    autoresearch-coord agents --count N --command 'CMD {brief} ...' [--timeout S] [--slack K]
+                              [--out DIR]              keep N proposer agents busy
+    autoresearch-coord sweep --param NAME=SPEC ... [--count N] [--mode grid|random] [--seed S]
     autoresearch-coord report DIR [-o OUTDIR] [--no-plot] [--json]
     autoresearch-coord install DIR [start options] [--print]   background service at login
     autoresearch-coord uninstall [--print]
@@ -81,9 +85,11 @@ def _repo_dir(directory: Path | None) -> Path:
 def _trust_store(directory: Path | None):
     from coordinator.trust import TrustStore
 
+    from coordinator.ledger import LedgerRefused
+
     try:
         return TrustStore.open(_repo_dir(directory))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, LedgerRefused) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -238,8 +244,13 @@ def init(directory: Path, tag: str | None, preset: str, budget: int | None,
               show_default=True, metavar="S",
               help="After a restart, extra seconds (beyond the liveness window) for workers that "
                    "held leases to reconnect before their candidates are requeued.")
+@click.option("--dashboard", "dashboard_at", default=None, metavar="[HOST:]PORT",
+              help="Also serve the live dashboard (read-only web page) on PORT of 127.0.0.1; "
+                   "naming a HOST (e.g. 0.0.0.0:8080) is the only way to let other machines "
+                   "read it.")
 def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, insecure: bool,
-          heartbeat_interval: float, liveness: int, restart_grace: float) -> None:
+          heartbeat_interval: float, liveness: int, restart_grace: float,
+          dashboard_at: str | None) -> None:
     """Run the coordinator for the research repo in DIRECTORY until Ctrl-C.
 
     CURVE is on unless --insecure: the coordinator's key (made by init, or now) is printed
@@ -249,10 +260,15 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
     unless --new-dataset.
     """
     from coordinator.core import Coordinator
+    from coordinator.dashboard import DashboardError, parse_address
     from coordinator.server import is_loopback_endpoint, join_endpoint, serve, stamp
     from shared.datasync import DatasetServer, DataSyncError
     from trainer.dataset import DatasetError, resolve_dataset_dir
 
+    try:
+        dash_addr = parse_address(dashboard_at) if dashboard_at is not None else None
+    except DashboardError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dashboard") from None
     try:
         dataset = DatasetServer(data if data is not None else resolve_dataset_dir())
     except (DatasetError, DataSyncError) as exc:
@@ -267,14 +283,16 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
     try:
         core = Coordinator(directory)
     except Exception as exc:
-        if type(exc).__name__ in ("CoordinatorBusy", "FileNotFoundError", "ValueError",
-                                  "RuntimeError"):
+        # LedgerError (a RuntimeError) covers a refused ledger: one line, file and remedy.
+        if type(exc).__name__ in ("CoordinatorBusy", "FileNotFoundError", "ValueError") \
+                or isinstance(exc, RuntimeError):
             raise click.ClickException(str(exc)) from None
         raise
     try:
         manifest = dataset.manifest()
         _check_dataset(core, manifest, new_dataset)
         admin = _trust_local_admin(core) if keypair is not None else None
+        dash = _start_dashboard(directory, dash_addr) if dash_addr is not None else None
     except click.ClickException:
         core.close()
         raise
@@ -285,7 +303,16 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
         p = lambda s="": click.echo(s)  # noqa: E731
         ep = join_endpoint(endpoint)
         p(f"{stamp()} coordinator for {directory.resolve()} listening on {endpoint}")
+        # What reconcile() repaired in git at this start (the ledger is the truth): said here,
+        # in the coordinator's own log, not only in `status`.
+        for fix in core.fixed:
+            p(f"{stamp()} reconciled git with the ledger: {fix}")
+        for problem in core.problems:
+            p(f"{stamp()} problem: {problem}")
         p(f"  dataset {manifest['name']} ({manifest['dataset_hash'][:12]}) from {dataset.dir}")
+        if dash is not None:
+            p(f"  dashboard {dash.url} (read-only; no keys shown)" + (
+                "" if dash.loopback else " -- readable by anyone who can reach this address"))
         if keypair is None:
             if not is_loopback_endpoint(bind):
                 p(DANGER)
@@ -315,12 +342,26 @@ def start(directory: Path, bind: str, data: Path | None, new_dataset: bool, inse
     awake = KeepAwake.start(os.getpid())
     try:
         serve(core, bind, heartbeat_interval=heartbeat_interval, liveness=liveness,
-              banner=banner, keypair=keypair, dataset=dataset, restart_grace=restart_grace)
+              banner=banner, keypair=keypair, dataset=dataset, restart_grace=restart_grace,
+              snapshot=dash.holder if dash is not None else None)
     except zmq_error() as exc:
         raise click.ClickException(f"cannot listen on {bind}: {exc}") from None
     finally:
         awake.stop()
+        if dash is not None:
+            dash.stop()
         core.close()
+
+
+def _start_dashboard(directory: Path, addr: tuple[str, int, bool]):
+    """The live dashboard for ``start``: loopback unless the address named a host."""
+    from coordinator.dashboard import Dashboard, DashboardError, SnapshotHolder
+
+    host, port, named = addr
+    try:
+        return Dashboard(SnapshotHolder(), directory, host, port, public=named).start()
+    except DashboardError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def zmq_error():
@@ -560,9 +601,57 @@ def format_submission(data: Any) -> str:
                                            if data.get("commit") else "")
 
 
+def offline_option(f):
+    # Explicit only (no $AUTORESEARCH_DIR): without --dir these commands keep asking the running
+    # coordinator, whose answer has what the ledger lacks (who is connected, live progress).
+    return click.option(
+        "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help="Read the research repo DIR's ledger directly (read-only, no lock) instead of "
+             "asking the coordinator: works while it runs and after it stopped.")(f)
+
+
+class _Source:
+    """Where status/log/export come from: the running coordinator, or a ledger read-only."""
+
+    def __init__(self, directory: Path | None, endpoint: str | None, timeout: float,
+                 server_key: str | None, insecure: bool):
+        if directory is not None and (endpoint or server_key or insecure):
+            raise click.UsageError("--dir reads the ledger itself: it takes no --connect, "
+                                   "--server-key or --insecure")
+        if directory is not None and not (directory / ".autoresearch").is_dir():
+            raise click.ClickException(f"{directory} is not a research repo (no .autoresearch/)")
+        self.repo = directory
+        self.client = None if self.repo is not None else _client(endpoint, timeout, server_key,
+                                                                  insecure)
+
+    def __enter__(self) -> "_Source":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.client is not None:
+            self.client.close()
+
+    def get(self, what: str, **args: Any) -> Any:
+        if self.client is not None:
+            return _call(self.client.query, what, **args)
+        from coordinator import history, reports
+        from coordinator.ledger import LedgerError
+
+        try:
+            with history.read_run(self.repo) as L:
+                if what == "status":
+                    return dict(reports.status(L, self.repo), offline=True)
+                if what == "log":
+                    return reports.log(L, args.get("limit", 50))
+                return reports.export_tsv(L)
+        except (FileNotFoundError, LedgerError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+
 @main.command()
 @connect_option
 @timeout_option
+@offline_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 @click.option("--watch", is_flag=True,
               help="Redraw the view every --every seconds until Ctrl-C (keeps trying while the "
@@ -570,15 +659,15 @@ def format_submission(data: Any) -> str:
 @click.option("--every", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               metavar="S", help="Seconds between redraws with --watch.")
 def status(endpoint: str | None, server_key: str | None, insecure: bool, timeout: float,
-           as_json: bool, watch: bool, every: float) -> None:
+           directory: Path | None, as_json: bool, watch: bool, every: float) -> None:
     """Workers, queue, running attempts, the head's val_bpb per hardware class, trusted keys."""
     if watch and as_json:
         raise click.UsageError("--watch redraws for a person; --json is for scripts: pick one")
-    with _client(endpoint, timeout, server_key, insecure) as c:
+    with _Source(directory, endpoint, timeout, server_key, insecure) as src:
         if watch:
-            _watch(lambda: format_status(_call(c.query, "status")), every)
+            _watch(lambda: format_status(src.get("status")), every)
             return
-        data = _call(c.query, "status")
+        data = src.get("status")
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
         return
@@ -607,14 +696,15 @@ def _watch(view, every: float) -> None:
 @main.command()
 @connect_option
 @timeout_option
+@offline_option
 @click.option("-n", "limit", type=click.IntRange(min=1), default=20, show_default=True,
               help="How many recent attempts/decisions to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw log as JSON.")
 def log(endpoint: str | None, server_key: str | None, insecure: bool, timeout: float,
-        limit: int, as_json: bool) -> None:
+        directory: Path | None, limit: int, as_json: bool) -> None:
     """Recent attempts and decisions, newest first."""
-    with _client(endpoint, timeout, server_key, insecure) as c:
-        data = _call(c.query, "log", limit=limit)
+    with _Source(directory, endpoint, timeout, server_key, insecure) as src:
+        data = src.get("log", limit=limit)
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
         return
@@ -622,14 +712,36 @@ def log(endpoint: str | None, server_key: str | None, insecure: bool, timeout: f
 
 
 @main.command()
+@click.argument("candidate_id", metavar="ID", type=click.IntRange(min=1))
+@click.option("--reason", required=True,
+              help="Why it deserves another run (one line; recorded in the ledger, shown by log).")
+@connect_option
+@timeout_option
+@click.option("--json", "as_json", is_flag=True, help="Print the coordinator's answer as JSON.")
+def retry(candidate_id: int, reason: str, endpoint: str | None, server_key: str | None,
+          insecure: bool, timeout: float, as_json: bool) -> None:
+    """Queue failed candidate ID again (admin): e.g. one failed by lost leases on a flaky
+    machine. Its earlier attempts and decision stay in the ledger; losses start counting anew."""
+    with _client(endpoint, timeout, server_key, insecure) as c:
+        data = _call(c.query, "retry", candidate_id=candidate_id, reason=reason)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        return
+    click.echo(f"#{data.get('candidate_id')} queued again (was {data.get('retried_from')}: "
+               f"{data.get('previous_reason') or '-'})")
+
+
+@main.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path), default="results.tsv")
 @connect_option
 @timeout_option
+@offline_option
 def export(path: Path, endpoint: str | None, server_key: str | None, insecure: bool,
-           timeout: float) -> None:
-    """Write the results table (one row per attempt) to PATH (default results.tsv; - = stdout)."""
-    with _client(endpoint, timeout, server_key, insecure) as c:
-        tsv = _call(c.query, "export")
+           timeout: float, directory: Path | None) -> None:
+    """Write the results table (one row per decided candidate, upstream's results.tsv format)
+    to PATH (default results.tsv; - = stdout)."""
+    with _Source(directory, endpoint, timeout, server_key, insecure) as src:
+        tsv = src.get("export")
     if str(path) == "-":
         click.echo(tsv, nl=False)
         return
@@ -702,6 +814,9 @@ def format_status(data: Any) -> str:
     if not isinstance(data, dict):
         return str(data)
     out: list[str] = []
+    if data.get("offline"):
+        out.append(f"(read from the ledger of {data.get('repo')}, read-only: live progress and "
+                   "connections need the running coordinator; `running` = holds a lease)")
     branch = _pick(data, "branch")
     head = _pick(data, "head", "head_commit")
     if branch or head:
@@ -745,6 +860,10 @@ def format_status(data: Any) -> str:
     counts = data.get("counts")
     if isinstance(counts, dict) and counts:
         out.append("\n" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    paused = [w for w in workers if w.get("paused")]
+    if paused:
+        out.append("\nworkers paused by their machine:")
+        out.extend(f"  {_pick(w, 'name')}: {w['paused']}" for w in paused)
     idle = data.get("not_working")
     if isinstance(idle, dict) and idle:
         out.append("\nworkers getting no work:")
@@ -848,6 +967,17 @@ def _register_service() -> None:
 
 
 _register_service()
+
+
+def _register_proposers() -> None:
+    # agents / sweep live beside their loops (coordinator.proposers); they reuse the connect
+    # options and the client of this module, so they are added once it is complete.
+    from coordinator.proposers_cli import make_commands
+    for command in make_commands(connect_option, _client):
+        main.add_command(command)
+
+
+_register_proposers()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ Choices worth knowing:
   * a candidate keeps its first measurement: no re-runs or seeds yet (DESIGN.md plans them on
     top; every attempt is stored for that);
   * the same program (coordinator.identity) is never queued twice, whatever its earlier fate;
+    only an admin's ``retry`` queues a failed candidate again (the reason and the superseded
+    decision go to the ``retries`` table, its attempts stay, and losses toward ``LOST_LIMIT``
+    count anew);
   * a candidate runs its change on top of the current head (coordinator.rebase): rebased at
     assignment, and again if the head moves under its runs; the rebased text is a commit whose
     parent is the head (object first, then the ledger row, then its ref: reconcile() recreates
@@ -69,8 +72,8 @@ from coordinator.repo import (
 )
 from shared.outcome import CANCELLED, OK, Outcome, plain
 
-__all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "HelloReply", "Assignment",
-           "Decision", "ResultAck", "clean_description"]
+__all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "RetryRefused", "HelloReply",
+           "Assignment", "Decision", "ResultAck", "clean_description"]
 
 MAX_DESCRIPTION = 200                 # characters kept of a submission's description
 MAX_TRAIN_PY_BYTES = 1_000_000        # a train.py is a few hundred lines; refuse a megabyte
@@ -83,6 +86,10 @@ KEEP_FORMAT_CHARS = {"\u200c", "\u200d"}
 
 class SubmitRejected(ValueError):
     """A submission the coordinator refuses; the message says why (e.g. the syntax error)."""
+
+
+class RetryRefused(ValueError):
+    """A retry the coordinator refuses (unknown candidate, not failed); the message says why."""
 
 
 @dataclass
@@ -350,9 +357,12 @@ class Coordinator(contextlib.AbstractContextManager):
             return None, None  # a head lease: the next worker of that class measures it
         cid = att["candidate_id"]
         if new_state == st.LOST:
+            # Losses since the candidate's last retry (an admin's retry starts a fresh count).
             times = self.ledger.scalar(
                 "SELECT COUNT(*) FROM attempts WHERE candidate_id = ? AND purpose = 'candidate' "
-                "AND (state = 'lost' OR (state = 'stale' AND prior_state = 'lost'))", cid)
+                "AND (state = 'lost' OR (state = 'stale' AND prior_state = 'lost')) AND rowid > "
+                "(SELECT COALESCE(MAX(attempts_before), 0) FROM retries WHERE candidate_id = ?)",
+                cid, cid)
             if times >= decide.LOST_LIMIT:
                 ids = [r[0] for r in self.ledger.all(
                     "SELECT attempt_id FROM attempts WHERE candidate_id = ? ORDER BY leased_at",
@@ -409,11 +419,13 @@ class Coordinator(contextlib.AbstractContextManager):
             return reply
 
     def worker_seen(self, worker_id: str, attempt_id: str | None = None,
-                    progress: dict | None = None) -> None:
-        """A heartbeat: remember when, and the attempt's progress (memory only)."""
+                    progress: dict | None = None, paused: str | None = None) -> None:
+        """A heartbeat (or ready): remember when, the attempt's progress, and why the worker
+        takes no new work now (``paused``: its machine says no -- worker.gate; memory only)."""
         with self._mutex:
             seen = self._seen.setdefault(worker_id, {"progress": None})
             seen["last_seen"] = self._now()
+            seen["paused"] = paused if isinstance(paused, str) else None
             if attempt_id is not None and isinstance(progress, dict):
                 seen["progress"] = dict(progress, attempt_id=attempt_id)
 
@@ -1000,6 +1012,46 @@ class Coordinator(contextlib.AbstractContextManager):
         with self._mutex:
             row = self.ledger.candidate(cid)
             return None if row is None else reports.candidate_summary(self.ledger, row)
+
+    # ---- admin --------------------------------------------------------------------------
+
+    def retry(self, cid: Any, reason: Any, requested_by: str | None = None) -> dict:
+        """An admin sends a failed candidate back to the queue (RetryRefused otherwise).
+
+        One transaction: a ``retries`` row keeps the reason and the superseded decision, the
+        decision row goes (a candidate has at most one), the candidate is queued again. Its
+        attempts stay in the ledger; only losses after the retry count toward its limit."""
+        if isinstance(cid, bool) or not isinstance(cid, int):
+            raise RetryRefused(f"candidate id must be an integer, not {cid!r}")
+        why = clean_description(reason)
+        if why == "(no description)":
+            raise RetryRefused("say why the candidate is retried (--reason)")
+        with self._mutex:
+            row = self.ledger.candidate(cid)
+            if row is None or cid == 0:
+                raise RetryRefused(f"no candidate #{cid}" if row is None else
+                                   "#0 is the baseline: it is never retried")
+            if row["state"] not in st.RETRYABLE:
+                raise RetryRefused(f"candidate #{cid} is {row['state']}: only "
+                                   f"{' or '.join(sorted(st.RETRYABLE))} candidates can be "
+                                   "retried")
+            with self.ledger.tx() as db:
+                old = self.ledger.decision(cid)
+                db.execute(
+                    "INSERT INTO retries(candidate_id, reason, requested_by, retried_at, "
+                    "from_state, decision, attempts_before) VALUES (?,?,?,?,?,?,"
+                    "(SELECT COALESCE(MAX(rowid), 0) FROM attempts))",
+                    (cid, why, requested_by, self._now(), row["state"],
+                     None if old is None else json.dumps(dict(old), sort_keys=True)))
+                db.execute("DELETE FROM decisions WHERE candidate_id = ?", (cid,))
+                self._set_candidate(cid, st.QUEUED)
+            if old is not None:
+                self._tsv_rows.pop(old["id"], None)
+            self._after_change(wrote_decision=True, head_moved=False)   # results.tsv
+            out = reports.candidate_summary(self.ledger, self.ledger.candidate(cid))
+            out.update(retried_from=row["state"], reason=why,
+                       previous_reason=None if old is None else old["reason"])
+            return out
 
     # ---- reports (coordinator.reports, under this coordinator's lock) -------------------
 

@@ -130,13 +130,13 @@ def _pick(d: Any, keys: tuple[str, ...]) -> dict:
 
 
 WORKER_KEYS = ("name", "hw_class", "state", "candidate_id", "purpose", "last_seen",
-               "gone_reason", "description", "seed", "repeat")
+               "gone_reason", "paused", "seed_index")
 PROGRESS_KEYS = ("step", "progress", "loss", "tok_per_sec", "elapsed", "dt")
 HEAD_KEYS = ("hw_class", "val_bpb", "runs", "failed_runs", "state", "commit", "sem", "sigma",
-             "n")
+             "sigma_source", "noise", "drift", "text")
 QUEUE_KEYS = ("candidate_id", "description", "submitted")
-MEASURED_KEYS = ("candidate_id", "description", "hw_class", "val_bpb", "waiting_for", "n",
-                 "runs", "needed", "mean", "sem", "confidence", "repeats")
+MEASURED_KEYS = ("candidate_id", "description", "state", "hw_class", "val_bpb", "waiting_for",
+                 "runs", "runs_wanted")
 SETTING_KEYS = ("time_budget", "margin", "seq_len", "timeout")
 
 
@@ -163,9 +163,8 @@ def public_status(status: dict | None) -> dict | None:
         "settings": _pick(status.get("settings"), SETTING_KEYS),
         "not_working": {str(k): str(v) for k, v in (status.get("not_working") or {}).items()},
     }
-    for extra in ("awaiting", "awaiting_repeats"):    # candidates waiting for more runs
-        if isinstance(status.get(extra), list):
-            out["awaiting"] = [_pick(m, MEASURED_KEYS) for m in status[extra]]
+    if isinstance(status.get("in_progress"), list):    # candidates with runs, not decided
+        out["in_progress"] = [_pick(m, MEASURED_KEYS) for m in status["in_progress"]]
     return out
 
 

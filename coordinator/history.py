@@ -13,9 +13,8 @@ needed and none is disturbed); every function returns plain JSON-able values:
 
 Numbers are only ever compared inside one hardware class (DESIGN.md, *Fairness*), so the
 progress series and the noise are per class. Where the decision rule stores its own statistics
-on a decision row (``n``, ``mean``, ``sem``, ``head_sem``, ``gain``, ``gain_sem``, ``sigma``,
-``confidence`` -- columns, or keys of a JSON ``stats`` column) those are shown; where it does
-not, the same figures are computed here from the attempts the row names, and a figure that
+on a decision row (``n_candidate``, ``n_head``, ``sigma``, ``confidence`` columns and the
+comparison in its JSON ``details``: see ``STAT_NAMES``) those are shown; where it does not, the same figures are computed here from the attempts the row names, and a figure that
 cannot be computed (one run: no sem) is ``None``, shown as a dash.
 
 Utilisation is an estimate: the ledger records leases, not heartbeats, so a worker counts as
@@ -33,10 +32,11 @@ from typing import Any, Iterator
 from coordinator import states as st
 from coordinator.ledger import ReadOnlyLedger, ledger_path, loads
 from coordinator.noise import pooled
+from coordinator.reports import classes
 from coordinator.snapshot import mean_sem
 
 STAT_FIELDS = ("n", "mean", "sem", "head_n", "head_sem", "gain", "gain_sem", "sigma",
-               "confidence")
+               "confidence", "test", "pairs")
 MAX_DIFF_CHARS = 60_000      # a kept diff longer than this is cut (a train.py is ~600 lines)
 MAX_BUCKETS = 24             # utilisation/throughput columns over the night
 
@@ -62,18 +62,36 @@ def read_run(repo_dir: Path) -> Iterator[ReadOnlyLedger]:
 
 # ---- small statistics ------------------------------------------------------------------------
 
+# Where the decision rule keeps each figure on a decision row: a column, or a key of its JSON
+# ``details`` (the rule's comparison: candidate_mean, candidate_sem, head_sem, se = the sem of
+# the difference, test = paired | welch, pairs). First name found wins.
+STAT_NAMES = {
+    "n": ("n_candidate", "n"), "mean": ("candidate_mean", "mean"),
+    "sem": ("candidate_sem", "sem"), "head_n": ("n_head", "head_n"),
+    "head_sem": ("head_sem",), "gain": ("gain",), "gain_sem": ("se", "gain_sem"),
+    "sigma": ("sigma",), "confidence": ("confidence",), "test": ("test",), "pairs": ("pairs",),
+}
+
+
 def _row_stats(row: Any) -> dict:
     """The decision rule's own statistics on a decision row, whatever of them exist."""
     keys = set(row.keys())
-    out: dict[str, Any] = {}
-    for blob in ("stats", "detail", "details"):
+    found: dict[str, Any] = {}
+    for blob in ("details", "stats"):
         if blob in keys:
             extra = loads(row[blob], {})
             if isinstance(extra, dict):
-                out.update({k: extra[k] for k in STAT_FIELDS if extra.get(k) is not None})
-    for k in STAT_FIELDS:
-        if k in keys and row[k] is not None:
-            out[k] = row[k]
+                found.update({k: v for k, v in extra.items() if v is not None})
+    found.update({k: row[k] for k in keys if row[k] is not None})
+    out: dict[str, Any] = {}
+    for field, names in STAT_NAMES.items():
+        for name in names:
+            if found.get(name) is not None:
+                out[field] = found[name]
+                break
+    diff = found.get("difference")     # candidate - head: negative is better
+    if "gain" not in out and isinstance(diff, (int, float)):
+        out["gain"] = -diff
     return out
 
 
@@ -128,12 +146,6 @@ def decision_stats(L: Any, d: Any) -> dict:
 
 
 # ---- the progress plot's data ----------------------------------------------------------------
-
-def classes(L: Any) -> list[str]:
-    return sorted({r[0] for r in L.all(
-        "SELECT hw_class FROM attempts UNION SELECT hw_class FROM decisions "
-        "WHERE hw_class IS NOT NULL")})
-
 
 def progress(L: Any) -> list[dict]:
     """One series per hardware class, the picture upstream's analysis notebook draws:
@@ -199,9 +211,11 @@ def progress(L: Any) -> list[dict]:
         if level is not None:
             step(len(points) + 1, level, "end")     # carry the last level to the edge
         pending = []
+        final = tuple(sorted(st.CANDIDATE_FINAL))
         for r in L.all("SELECT c.id, c.description, c.state FROM candidates c WHERE c.id > 0 "
-                       "AND c.state IN ('running', 'measured', 'queued') AND NOT EXISTS "
-                       "(SELECT 1 FROM decisions d WHERE d.candidate_id = c.id) ORDER BY c.id"):
+                       f"AND c.state NOT IN ({', '.join('?' * len(final))}) AND NOT EXISTS "
+                       "(SELECT 1 FROM decisions d WHERE d.candidate_id = c.id) ORDER BY c.id",
+                       *final):
             runs = _ok_runs(L, r["id"], hw, purpose=st.PURPOSE_CANDIDATE)
             if runs:
                 m, s = mean_sem(runs)

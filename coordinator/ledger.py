@@ -35,11 +35,21 @@ Tables (times are epoch seconds, REAL; JSON columns are TEXT):
                conflicts with, the head to resubmit on)
     head       one row: commit, candidate_id, updated_at, text_sha (of the train.py its runs
                ran; NULL: the head candidate's own text, so all its runs are the head's)
+    retries    id, candidate_id, reason, requested_by, retried_at, from_state, decision (the
+               superseded decision row, JSON), attempts_before (attempts rowid at the retry:
+               losses before it no longer count toward the candidate's limit)
 
 Schema 1 ledgers (before repeats) are upgraded in place on open: the new columns are added
 empty, and a run without a ``policy`` setting keeps deciding greedily (repo.decision_settings).
 Schema 2 ledgers (before rebasing) gain the text and program columns (programs computed from the
 stored texts; NULL text columns mean "its own text on its base") and the 'stale' verdict.
+
+Opening an existing ledger first runs ``check_ledger`` (read-only, before sqlite may create
+or change anything): an empty file, a file that is not SQLite, a damaged database
+(``PRAGMA quick_check``), one without this schema, or one whose write lock another process
+holds past the busy timeout is refused with ``LedgerRefused`` -- one line naming the file and
+what to do -- and the file is left exactly as it was (sqlite would otherwise turn a
+zero-length file into an empty database on the first pragma).
 """
 from __future__ import annotations
 
@@ -117,6 +127,8 @@ MIGRATIONS: dict[int, tuple] = {
         _backfill_programs),
 }
 LEDGER_NAME = "ledger.sqlite3"
+BUSY_TIMEOUT = 10.0            # seconds a statement waits for another process's write lock
+TABLES = ("meta", "candidates", "attempts", "workers", "decisions", "head")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -185,11 +197,102 @@ CREATE TABLE IF NOT EXISTS head (
     updated_at   REAL NOT NULL,
     text_sha     TEXT
 );
+CREATE TABLE IF NOT EXISTS retries (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate_id    INTEGER NOT NULL REFERENCES candidates(id),
+    reason          TEXT NOT NULL,
+    requested_by    TEXT,
+    retried_at      REAL NOT NULL,
+    from_state      TEXT NOT NULL,
+    decision        TEXT,
+    attempts_before INTEGER NOT NULL
+);
 """
 
 
 class LedgerError(RuntimeError):
     pass
+
+
+class LedgerRefused(LedgerError):
+    """The ledger file cannot be used as it is; the message names it and the remedy."""
+
+
+# What to do when the ledger cannot be used: the branch and candidate refs in git hold every
+# candidate, so a lost ledger loses the record, not the code.
+_RESTORE = ("restore it from a backup, or move it aside and start a new run in another "
+            "directory (`autoresearch-coord init NEWDIR`); the file was not changed")
+
+
+def check_ledger(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
+    """Refuse (LedgerRefused) a ledger file that cannot be opened as this run's ledger.
+
+    Reads only: the checks run on a read-only connection, and the lock probe (``BEGIN
+    IMMEDIATE`` then ``ROLLBACK``) on a file already known to be a sound ledger writes nothing.
+    The file itself is never opened outside SQLite: closing any other descriptor of it would
+    drop the POSIX locks this process's SQLite connections hold on it (the coordinator opens
+    its trust list while its ledger is open), and a peer that then believes itself the last
+    connection deletes the WAL under them -- SQLite's own corruption warning.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size   # stat, not open: see above
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise LedgerRefused(f"cannot read the ledger {path}: {exc.strerror or exc}: fix its "
+                            "permissions (the coordinator's user must read and write it)") \
+            from None
+    if size == 0:
+        raise LedgerRefused(f"the ledger {path} is empty (0 bytes; a full disk or a copy that "
+                            f"failed?): {_RESTORE}")
+    try:
+        ro = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                             timeout=busy_timeout, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise LedgerRefused(f"cannot open the ledger {path}: {exc}: {_RESTORE}") from None
+    try:
+        try:
+            rows = [r[0] for r in ro.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc):
+                raise _locked(path, busy_timeout) from None
+            rows = [str(exc)]
+        except sqlite3.DatabaseError as exc:
+            if "not a database" in str(exc):
+                raise LedgerRefused(f"the ledger {path} is not an SQLite database ({size} "
+                                    f"bytes): {_RESTORE}") from None
+            rows = [str(exc)]
+        if rows != ["ok"]:
+            more = f" (+{len(rows) - 1} more)" if len(rows) > 1 else ""
+            raise LedgerRefused(
+                f"the ledger {path} is damaged (quick_check: {rows[0]}{more}): {_RESTORE}; "
+                f"`sqlite3 {path} .recover` may salvage a copy")
+        have = {r[0] for r in ro.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        missing = [t for t in TABLES if t not in have]
+        if missing:
+            raise LedgerRefused(f"{path} is an SQLite database but not an autoresearch ledger "
+                                f"(no table {', '.join(missing)}): {_RESTORE}")
+    finally:
+        ro.close()
+    rw = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None)
+    try:
+        rw.execute("BEGIN IMMEDIATE")
+        rw.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise _locked(path, busy_timeout) from None
+        raise LedgerRefused(f"cannot write the ledger {path}: {exc}: check the disk and the "
+                            "file's permissions") from None
+    finally:
+        rw.close()
+
+
+def _locked(path: Path, waited: float) -> LedgerRefused:
+    return LedgerRefused(
+        f"the ledger {path} is locked by another process (waited {waited:g}s for it): stop "
+        "whatever holds it (another coordinator, an open `sqlite3` shell or a backup job) and "
+        "start again; nothing was changed")
 
 
 def ledger_path(state_dir: Path) -> Path:
@@ -199,14 +302,17 @@ def ledger_path(state_dir: Path) -> Path:
 class Ledger:
     """One SQLite connection. Not thread-safe by itself: the Coordinator serialises calls."""
 
-    def __init__(self, path: Path, create: bool = False):
+    def __init__(self, path: Path, create: bool = False, busy_timeout: float = BUSY_TIMEOUT):
         self.path = Path(path)
-        if not create and not self.path.exists():
-            raise FileNotFoundError(f"no ledger at {self.path}: run `autoresearch-coord init` first")
+        if not create:
+            if not self.path.exists():
+                raise FileNotFoundError(f"no ledger at {self.path}: run `autoresearch-coord "
+                                        "init` first")
+            check_ledger(self.path, busy_timeout)   # before sqlite may write anything
         # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so a transaction is
         # exactly what a `with ledger.tx():` block says. check_same_thread=False: the server may
         # drive the core from a thread other than the one that opened it (calls are serialised).
-        self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0,
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=busy_timeout,
                                   check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -226,6 +332,10 @@ class Ledger:
         if version != SCHEMA_VERSION:
             raise LedgerError(f"{self.path}: ledger schema {version!r}, this release reads "
                               f"{SCHEMA_VERSION}: use the release that made this run")
+        if not create:
+            # IF NOT EXISTS: a no-op on a current ledger; adds tables added since (retries)
+            # to a ledger made by an earlier build of this schema version.
+            self.db.executescript(SCHEMA)
 
     def _migrate(self, version: int) -> int:
         """Bring an older ledger up to SCHEMA_VERSION, one transaction per version (a kill

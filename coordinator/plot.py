@@ -130,7 +130,7 @@ def _panel(ax: Any, s: dict) -> None:
     sub = f"{len(pts)} decided, {n_kept} kept"
     if head is not None:
         sub += f", head {head:.4f}"
-        if s.get("baseline") is not None:
+        if s.get("baseline") is not None and abs(head - s["baseline"]) > 1e-12:
             sub += f" ({head - s['baseline']:+.4f} vs baseline)"
     ax.set_title(f"{s['hw_class']}   —   {sub}", fontsize=10, loc="left")
     ax.set_xlabel("experiment (decision order on this class)")

@@ -29,8 +29,8 @@ the proposals being written stay within the workers that take work plus ``slack`
 Stopping: ``stop(kill=False)`` (first Ctrl-C) starts nothing new and lets running agents finish
 and be submitted; ``stop(kill=True)`` (second Ctrl-C, or SIGTERM) kills their groups now. State
 that matters is the coordinator's: a submission either reached it or is still on disk in its
-proposal directory (``proposal.json`` state ``unsent``), so ``kill -9`` of the runner loses
-nothing the coordinator accepted. On Linux an agent is also killed if the runner dies
+proposal directory (``proposal.json`` state ``unsent``, sent by the next runner on the same
+OUT: ``resume_unsent``), so ``kill -9`` of the runner loses nothing the coordinator accepted. On Linux an agent is also killed if the runner dies
 (``PR_SET_PDEATHSIG``); on macOS a killed runner leaves its agents to finish on their own.
 
 Command: ``shlex.split`` once, no shell: placeholders are replaced inside each argument, so a
@@ -52,11 +52,13 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from coordinator import pacing
-from coordinator.brief import BriefContext, Feedback, fmt_value, render_brief
+from coordinator.states import CANDIDATE_FINAL
+from coordinator.brief import (
+    AGENT_ENV, BRIEF_NAME, DESCRIPTION_NAME, TRAIN_PY_NAME, BriefContext, Feedback, fmt_value,
+    render_brief,
+)
 
-PLACEHOLDERS = ("{brief}", "{workdir}", "{train_py}", "{description}")
-AGENT_ENV = {"{brief}": "AUTORESEARCH_BRIEF", "{workdir}": "AUTORESEARCH_WORKDIR",
-             "{train_py}": "AUTORESEARCH_TRAIN_PY", "{description}": "AUTORESEARCH_DESCRIPTION"}
+PLACEHOLDERS = tuple(AGENT_ENV)
 KILL_GRACE = 5.0          # seconds between SIGTERM and SIGKILL of an agent's group
 POLL_SECONDS = 0.2        # how often running agents are checked
 SNAPSHOT_SECONDS = 2.0    # how often the coordinator is asked what is in flight
@@ -75,8 +77,17 @@ class Refused(RuntimeError):
 
 
 class Source(Protocol):
-    def snapshot(self) -> dict: ...
+    def snapshot(self, watch: list[int]) -> dict: ...
     def submit(self, train_py: str, description: str, base: str | None) -> dict: ...
+
+
+def with_head(snapshot: dict, head: dict) -> dict:
+    """A brief snapshot completed with the head's files (``query head``): the head's train.py
+    goes into ``head``, program.md beside it."""
+    return {**snapshot, "program_md": head.get("program_md", ""),
+            "head": {**(snapshot.get("head") or {}), "commit": head.get("commit"),
+                     "candidate_id": head.get("candidate_id"),
+                     "train_py": head.get("train_py")}}
 
 
 # ---- the command --------------------------------------------------------------------------
@@ -124,15 +135,15 @@ class Proposal:
 
     @property
     def train_py(self) -> Path:
-        return self.workdir / "train.py"
+        return self.workdir / TRAIN_PY_NAME
 
     @property
     def brief(self) -> Path:
-        return self.workdir / "brief.md"
+        return self.workdir / BRIEF_NAME
 
     @property
     def description_file(self) -> Path:
-        return self.workdir / "description.txt"
+        return self.workdir / DESCRIPTION_NAME
 
     @property
     def transcript_path(self) -> Path:
@@ -287,6 +298,17 @@ def judge_proposal(head_text: str, text: str | None, description: str, returncod
     return Judged("submit", "", description)
 
 
+def is_duplicate(reply: dict, description: str, base: str) -> bool:
+    """A ``duplicate`` reply that is really our own submission answered twice (the client
+    re-sends a request whose reply was lost) is not a duplicate: same base, same description,
+    still undecided."""
+    if not reply.get("duplicate"):
+        return False
+    ours = (reply.get("base") == base and not reply.get("verdict")
+            and reply.get("description") == " ".join(description.split()))
+    return not ours
+
+
 # ---- the loops ----------------------------------------------------------------------------
 
 def default_say(line: str) -> None:
@@ -326,7 +348,7 @@ class _Follower:
             return self.snap
         self.snap_at = now
         try:
-            snap = self.source.snapshot()
+            snap = self.source.snapshot(self.pending_decisions())
         except SourceUnavailable as exc:
             if self.unreachable is None:
                 self.say(f"coordinator unreachable, retrying: {exc}")
@@ -341,6 +363,8 @@ class _Follower:
         return snap
 
     def _report_decisions(self, snap: dict) -> None:
+        """Say each of our candidates' decision once: from the recent decisions (with their
+        numbers), else from ``watched`` once it is in a final state (say, stale)."""
         for d in reversed(snap.get("decisions") or []):
             cid = d.get("candidate_id")
             if cid in self.ours and cid not in self.decided:
@@ -350,6 +374,14 @@ class _Follower:
                 head = fmt_value(d.get("head_mean", d.get("head_bpb")), d.get("head_sem"))
                 nums = "" if verdict == "FAILED" else f": {value} vs head {head}"
                 self.say(f"{verdict} #{cid} ({self.ours[cid]}){nums} -- {d.get('reason')}")
+        for c in snap.get("watched") or []:
+            cid = c.get("candidate_id")
+            if cid in self.ours and cid not in self.decided and (
+                    c.get("verdict") or c.get("state") in CANDIDATE_FINAL):
+                self.decided.add(cid)
+                word = str(c.get("verdict") or c.get("state")).upper()
+                reason = f" -- {c['reason']}" if c.get("reason") else ""
+                self.say(f"{word} #{cid} ({self.ours[cid]}){reason}")
 
     def room(self, proposing: int) -> int:
         """New proposals allowed now (0 while the coordinator is unreachable)."""
@@ -405,6 +437,31 @@ class AgentRunner(_Follower):
         self.killing = False
         self.records: list[dict] = []
 
+    def resume_unsent(self) -> int:
+        """Take up the proposals a previous runner on this OUT finished but could not send
+        (``proposal.json`` state ``unsent``: the coordinator was unreachable, then the runner
+        died). Resending is safe: the coordinator answers a text it has with that candidate."""
+        found = 0
+        for state_file in sorted(self.out_dir.glob("*/proposal.json")):
+            try:
+                rec = json.loads(state_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if rec.get("state") != "unsent" or not isinstance(rec.get("head_commit"), str):
+                continue
+            slot = next((x for x in self.slots if x.name == rec.get("slot")), self.slots[0])
+            p = Proposal(slot=slot.name, dir=state_file.parent, head_commit=rec["head_commit"],
+                         head_train_py="", started=float(rec.get("started") or 0))
+            if not p.train_py.is_file():
+                continue
+            self.unsent.append((slot, p, Judged("submit", "", str(rec.get("description") or
+                                                                 f"{slot.name}: (no description)"))))
+            found += 1
+        if found:
+            self.say(f"found {found} finished proposal(s) not yet submitted in {self.out_dir}: "
+                     "sending them first")
+        return found
+
     # -- control --
 
     def stop(self, kill: bool = False) -> None:
@@ -426,6 +483,14 @@ class AgentRunner(_Follower):
             else:
                 self.say("stopping: no agent running")
 
+    def shutdown(self) -> None:
+        """Kill and reap every running agent without asking the coordinator anything (it
+        refused us, or we are going away)."""
+        self.stop(kill=True)
+        while any(s.proposal is not None for s in self.slots):
+            self._reap(self.clock())
+            time.sleep(POLL_SECONDS)
+
     @property
     def done(self) -> bool:
         busy = any(s.proposal is not None for s in self.slots)
@@ -435,11 +500,14 @@ class AgentRunner(_Follower):
             return False
         if self.stopping:
             return True
-        return self.max_proposals is not None and self.started >= self.max_proposals
+        # after --limit: done once the last proposals' decisions are in (or Ctrl-C)
+        return (self.max_proposals is not None and self.started >= self.max_proposals
+                and not self.pending_decisions())
 
     def run(self) -> None:
         self.say(f"{len(self.slots)} proposer(s), agent timeout {self.timeout:g}s, slack "
                  f"{self.slack}; proposals in {self.out_dir}")
+        self.resume_unsent()
         while not self.done:
             self.step()
             time.sleep(POLL_SECONDS)
@@ -455,19 +523,7 @@ class AgentRunner(_Follower):
 
     def step(self) -> None:
         now = self.clock()
-        for s in self.slots:
-            p = s.proposal
-            if p is None:
-                continue
-            if p.kill_at is not None and now >= p.kill_at:
-                signal_group(p, signal.SIGKILL)
-                p.kill_at = None
-            rc = exited(p)
-            if rc is not None:
-                self._finished(s, p, rc)
-            elif not p.timed_out and not p.killed and now >= p.deadline:
-                p.timed_out = True
-                self._kill(p, f"timed out after {self.timeout:g}s")
+        self._reap(now)
         snap = self.refresh()
         if snap is not None:
             self._retry_unsent()
@@ -484,6 +540,22 @@ class AgentRunner(_Follower):
             if s.proposal is None and now >= s.not_before:
                 if self._start(s, snap):
                     room -= 1
+
+    def _reap(self, now: float) -> None:
+        """Finish agents that exited; stop those past their deadline or kill grace."""
+        for s in self.slots:
+            p = s.proposal
+            if p is None:
+                continue
+            if p.kill_at is not None and now >= p.kill_at:
+                signal_group(p, signal.SIGKILL)
+                p.kill_at = None
+            rc = exited(p)
+            if rc is not None:
+                self._finished(s, p, rc)
+            elif not p.timed_out and not p.killed and now >= p.deadline:
+                p.timed_out = True
+                self._kill(p, f"timed out after {self.timeout:g}s")
 
     def _kill(self, p: Proposal, why: str) -> None:
         p.killed = True
@@ -563,7 +635,7 @@ class AgentRunner(_Follower):
             self.say(f"{s.name}: refused: {exc}")
             return True
         cid = data.get("candidate_id")
-        kind = "duplicate" if data.get("duplicate") else "submitted"
+        kind = "duplicate" if is_duplicate(data, j.description, p.head_commit) else "submitted"
         self._record(s, p, Judged(kind, "", j.description), 0, data)
         s.failures = 0
         if isinstance(cid, int):
@@ -619,6 +691,9 @@ class SweepRunner(_Follower):
 
     def stop(self, kill: bool = False) -> None:
         self.stopping = True
+
+    def shutdown(self) -> None:
+        self.stop(kill=True)
 
     @property
     def done(self) -> bool:
@@ -693,6 +768,6 @@ def install_signals(runner: AgentRunner | SweepRunner) -> None:
     signal.signal(signal.SIGTERM, on_term)
 
 
-__all__ = ["AgentRunner", "SweepRunner", "Source", "SourceUnavailable", "Refused",
-           "parse_command", "expand", "judge_proposal", "Judged", "Proposal", "new_proposal",
+__all__ = ["AgentRunner", "SweepRunner", "with_head", "Source", "SourceUnavailable", "Refused",
+           "parse_command", "expand", "judge_proposal", "is_duplicate", "Judged", "Proposal", "new_proposal",
            "start_agent", "exited", "signal_group", "install_signals", "PLACEHOLDERS", "AGENT_ENV"]

@@ -8,8 +8,9 @@ resources: the progress plot is embedded as a base64 PNG (also written beside it
 
 Sections, in the order a researcher reads them in the morning: the headline per hardware class
 (head vs baseline), the progress plot, the kept changes (gain +- sem, confidence, the train.py
-diff of each keep commit against its parent), failures by kind with their reasons, the workers
-(runs per hour, lost leases, utilisation over the night), the noise per class, every decision.
+diff of each keep commit against its parent), candidates still open, failures by kind with
+their reasons, the workers (runs per hour, lost leases, utilisation over the night), the noise
+per class, every decision.
 
 Without matplotlib (an optional extra) the page is still written, with every table and a note
 in place of the plot saying how to install it; ``ReportResult.plot_error`` carries the same
@@ -124,6 +125,14 @@ def confidence(x: Any) -> str:
     return f"{100 * x:.1f}%" if 0 <= x <= 1 else f"{x:g}"
 
 
+def runs(k: dict) -> str:
+    """``3 vs 4, paired``: the candidate's runs, the head's, and the test that compared them."""
+    if not k.get("n"):
+        return "–"
+    text = str(k["n"]) + (f" vs {k['head_n']}" if k.get("head_n") else "")
+    return text + (", paired" if k.get("test") == "paired" else "")
+
+
 def _title(night: dict) -> str:
     return f"{night.get('branch') or 'autoresearch'}: val_bpb per hardware class"
 
@@ -219,14 +228,14 @@ def render(night: dict, png: bytes | None, plot_error: str | None) -> str:
     add(f"<h2>Kept changes ({len(night['kept'])})</h2>")
     if night["kept"]:
         add("<table><tr><th>#</th><th>change</th><th>class</th><th class='n'>val_bpb</th>"
-            "<th class='n'>head before</th><th class='n'>gain ± sem</th><th class='n'>runs</th>"
+            "<th class='n'>head before</th><th class='n'>gain ± sem</th><th class='n'>runs (vs head)</th>"
             "<th class='n'>confidence</th><th>kept</th><th>commit</th></tr>")
         for k in night["kept"]:
             add(f"<tr><td>#{k['candidate_id']}</td><td class='kept'>{esc(k['description'])}</td>"
                 f"<td>{esc(k['hw_class'])}</td><td class='n'>{pm(k['mean'], k['sem'])}</td>"
                 f"<td class='n'>{pm(k['head_bpb'], k['head_sem'])}</td>"
                 f"<td class='n'>{pm(k['gain'], k['gain_sem'], signed=True)}</td>"
-                f"<td class='n'>{esc(k['n'] or '–')}</td>"
+                f"<td class='n'>{esc(runs(k))}</td>"
                 f"<td class='n'>{confidence(k['confidence'])}</td>"
                 f"<td>{when(k['decided_at'])}</td><td><code>{esc(str(k['commit'])[:10])}"
                 "</code></td></tr>")
@@ -237,6 +246,18 @@ def render(night: dict, png: bytes | None, plot_error: str | None) -> str:
                 f"<p class='muted'>{esc(k['reason'])}</p>{render_diff(k['diff'])}</details>")
     else:
         add("<p class='muted'>Nothing kept yet: the head is still the baseline.</p>")
+
+    open_ = [(s["hw_class"], p) for s in night["progress"] for p in s["pending"]]
+    if open_:
+        add(f"<h2>Still open ({len(open_)})</h2><p class='muted'>Measured but not decided when "
+            "the report was made (repeats under way, or waiting for the head's runs).</p>"
+            "<table><tr><th>#</th><th>description</th><th>class</th><th class='n'>val_bpb</th>"
+            "<th class='n'>runs</th><th>state</th></tr>")
+        for hw, p in open_:
+            add(f"<tr><td>#{p['candidate_id']}</td><td>{esc(p['description'])}</td>"
+                f"<td>{esc(hw)}</td><td class='n'>{pm(p['mean'], p['sem'])}</td>"
+                f"<td class='n'>{p['n']}</td><td>{esc(p['state'])}</td></tr>")
+        add("</table>")
 
     fails = night["failures"]
     total = sum(len(v) for v in fails.values())
@@ -267,7 +288,7 @@ def render(night: dict, png: bytes | None, plot_error: str | None) -> str:
             add(f"<tr><td>#{d['candidate_id']}</td><td class='{esc(d['verdict'])}'>"
                 f"{esc(d['verdict'])}</td><td>{esc(d['description'])}</td>"
                 f"<td>{esc(d['hw_class'])}</td><td class='n'>{pm(d['mean'], d['sem'])}</td>"
-                f"<td class='n'>{num(d['head_bpb'])}</td><td class='n'>{esc(d['n'] or '–')}</td>"
+                f"<td class='n'>{num(d['head_bpb'])}</td><td class='n'>{esc(runs(d))}</td>"
                 f"<td class='n'>{confidence(d['confidence'])}</td><td>{esc(d['reason'])}</td>"
                 f"<td>{when(d['decided_at'])}</td></tr>")
         add("</table></details>")

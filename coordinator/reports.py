@@ -149,9 +149,12 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
     for w in L.all("SELECT * FROM workers ORDER BY name, worker_id"):
         r = by_worker.get(w["worker_id"])
         last = seen.get(w["worker_id"], {}).get("last_seen") or w["last_seen"]
+        paused = seen.get(w["worker_id"], {}).get("paused") if w["state"] != "gone" else None
         workers.append({
             "worker_id": w["worker_id"], "name": w["name"], "hw_class": w["hw_class"],
-            "state": "gone" if w["state"] == "gone" else ("running" if r else "idle"),
+            "state": "gone" if w["state"] == "gone" else
+                     ("running" if r else "paused" if paused else "idle"),
+            "paused": paused,
             "attempt_id": r["attempt_id"] if r else None,
             "candidate_id": r["candidate_id"] if r else None,
             "purpose": r["purpose"] if r else None,
@@ -198,8 +201,9 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
 
 
 def log(ledger: Ledger, limit: int = 50) -> dict:
-    """Recent attempts and decisions, newest first (and merged, as ``entries``). An attempt
-    carries the worker's note (why its status) and, when it failed, its log's last line."""
+    """Recent attempts, decisions and retries, newest first (and merged, as ``entries``). An
+    attempt carries the worker's note (why its status) and, when it failed, its log's last
+    line; a retry its reason and the decision it superseded."""
     L = ledger
     attempts = []
     for r in L.all("SELECT a.*, w.name AS worker_name, c.description, c.base_commit "
@@ -252,11 +256,28 @@ def log(ledger: Ledger, limit: int = 50) -> dict:
             "conflicts": details.get("conflicts"), "conflicts_with": details.get("conflicts_with"),
             "resubmit_on": details.get("resubmit_on"),
             "time": fmt_time(r["decided_at"]), "_t": r["decided_at"]})
-    entries = sorted(attempts + decisions, key=lambda e: e["_t"], reverse=True)[:limit]
-    entries = [dict(e, kind="decision" if "verdict" in e else "attempt") for e in entries]
-    for e in attempts + decisions + entries:
+    retries = []
+    # An older ledger opened read-only may lack the table (the coordinator adds it on open).
+    has_retries = L.scalar("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                           "name = 'retries'")
+    for r in L.all("SELECT r.*, c.description FROM retries r JOIN candidates c ON "
+                   "c.id = r.candidate_id ORDER BY r.id DESC LIMIT ?", limit) \
+            if has_retries else []:
+        before = loads(r["decision"], {}) or {}
+        retries.append({
+            "candidate_id": r["candidate_id"], "state": "retried",
+            "from_state": r["from_state"], "reason": r["reason"],
+            "requested_by": r["requested_by"], "previous_reason": before.get("reason"),
+            "description": f"retried ({r['from_state']}: {before.get('reason', '-')}): "
+                           f"{r['reason']}",
+            "time": fmt_time(r["retried_at"]), "_t": r["retried_at"]})
+    kinds = (("attempt", attempts), ("decision", decisions), ("retry", retries))
+    entries = sorted((dict(e, kind=kind) for kind, rows in kinds for e in rows),
+                     key=lambda e: e["_t"], reverse=True)[:limit]
+    for e in attempts + decisions + retries + entries:
         e.pop("_t", None)
-    return {"attempts": attempts, "decisions": decisions, "entries": entries}
+    return {"attempts": attempts, "decisions": decisions, "retries": retries,
+            "entries": entries}
 
 
 def runs_text(details: dict, side: str) -> str | None:

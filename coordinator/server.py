@@ -43,7 +43,8 @@ from typing import Any, Callable
 
 import zmq
 
-from coordinator.core import SubmitRejected
+from coordinator import snapshot
+from coordinator.core import RetryRefused, SubmitRejected
 from coordinator.trust import FleetAuthenticator, TrustError, TrustStore
 from shared import datasync, protocol
 from shared.codec import MAX_FRAME_BYTES, CodecError, decode, encode
@@ -148,6 +149,9 @@ class Server:
     keypair: Any = None          # shared.keys.Keypair of the coordinator
     trust: Any = None            # coordinator.trust.TrustStore; default: opened on core.repo_dir
     dataset: Any = None          # shared.datasync.DatasetServer, or None (workers use their own)
+    # The live dashboard's coordinator.dashboard.SnapshotHolder, or None: each loop turn offers
+    # it the status (taken at most once a second); its HTTP thread only ever reads the holder.
+    snapshot: Any = None
 
     endpoint: str = ""                                   # what we actually bound (port resolved)
     workers: dict[str, WorkerConn] = field(default_factory=dict)
@@ -156,6 +160,7 @@ class Server:
     awaiting: dict[str, float] = field(default_factory=dict)
     worker_keys: dict[str, str] = field(default_factory=dict)   # worker_id -> key that owns it
     _stop: bool = False
+    asker: str | None = None     # key of the query being answered (query handlers take args only)
 
     def __post_init__(self) -> None:
         self.harness_files = harness_file_hashes()
@@ -244,6 +249,8 @@ class Server:
                 self._check_keys()
                 self._expire(now)
                 next_beat = now + self.heartbeat_interval
+            if self.snapshot is not None:
+                self.snapshot.offer(self._dashboard_status)
 
     # ---- inbound ------------------------------------------------------------------------
 
@@ -381,7 +388,8 @@ class Server:
     def _on_heartbeat(self, identity: bytes, msg: dict, key: str | None) -> None:
         conn = self._joined(identity, msg, key)
         if conn is not None:
-            self.core.worker_seen(conn.worker_id, msg.get("attempt_id"), msg.get("progress"))
+            self.core.worker_seen(conn.worker_id, msg.get("attempt_id"), msg.get("progress"),
+                                  msg.get("paused"))
 
     def _mismatch(self, harness_fp: str | None, data_hash: str | None) -> str | None:
         """Why a worker with these must not train for us, or None. A worker that states no
@@ -530,6 +538,7 @@ class Server:
                         f"{', '.join(QUERY_HANDLERS)}")
             return
         try:
+            self.asker = key   # who asks, for a handler that records it (retry)
             data = answer(self, msg["args"])
         except QueryRefused as exc:
             self._reply(identity, req_id, error=str(exc))
@@ -555,11 +564,36 @@ class Server:
             data["dataset"] = {"name": m["name"], "dataset_hash": m["dataset_hash"]}
         return data
 
+    def _dashboard_status(self) -> dict:
+        """What ``status`` answers, for the dashboard's holder (which keeps only what the page
+        may show: coordinator.dashboard.public_status)."""
+        return self._q_status({})
+
     def _q_log(self, args: dict) -> Any:
         limit = args.get("limit", 50)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
             raise ProtocolError("bad_field", "query log: limit must be a positive integer")
         return self.core.log(limit=limit)
+
+    def _q_head(self, args: dict) -> dict:
+        return snapshot.head_files(self.core.ledger, self.core.repo_dir)
+
+    def _q_brief(self, args: dict) -> dict:
+        decisions = args.get("decisions", snapshot.DEFAULT_DECISIONS)
+        if not isinstance(decisions, int) or isinstance(decisions, bool) or not \
+                0 < decisions <= snapshot.MAX_DECISIONS:
+            raise ProtocolError("bad_field", "query brief: decisions must be an integer in "
+                                f"1..{snapshot.MAX_DECISIONS}")
+        watch = args.get("watch", [])
+        if not isinstance(watch, list) or len(watch) > snapshot.MAX_WATCH or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in watch):
+            raise ProtocolError("bad_field", "query brief: watch must be a list of at most "
+                                f"{snapshot.MAX_WATCH} candidate ids")
+        data = snapshot.proposer_snapshot(self.core.ledger, self.core.repo_dir,
+                                          decisions=decisions, watch=watch)
+        # Workers that can take work: connected and not refused for a harness/data mismatch.
+        data["workers"] = sum(1 for c in self.workers.values() if not c.mismatch)
+        return data
 
     def _q_export(self, args: dict) -> str:
         return self.core.export_tsv()
@@ -585,6 +619,21 @@ class Server:
 
     def _q_dataset_chunk(self, args: dict) -> Any:
         return self._q_dataset(datasync.QUERY_CHUNK, args)
+
+    def _q_retry(self, args: dict) -> dict:
+        """An admin queues a failed candidate again (args candidate_id, reason)."""
+        entry = self.trust.lookup(self.asker) if self.trust is not None and self.asker else None
+        who = entry.name if entry is not None else None
+        try:
+            data = self.core.retry(args.get("candidate_id"), args.get("reason"),
+                                   requested_by=who)
+        except RetryRefused as exc:
+            raise QueryRefused(str(exc)) from None
+        self.event(f"retry #{data['candidate_id']} by {who or 'an admin'}: "
+                   f"{data['reason']} (was {data['retried_from']}: "
+                   f"{data.get('previous_reason') or '-'}); queued again")
+        self._offer_work()
+        return data
 
     # ---- timers -------------------------------------------------------------------------
 
@@ -681,11 +730,14 @@ HANDLERS: dict[str, Callable[[Server, bytes, dict, str | None], None]] = {
 QUERY_HANDLERS: dict[str, Callable[[Server, dict], Any]] = {
     "status": Server._q_status,
     "log": Server._q_log,
+    "head": Server._q_head,
+    "brief": Server._q_brief,
     "export": Server._q_export,
     "keys": Server._q_keys,
     "harness": Server._q_harness,
     "dataset_manifest": Server._q_dataset_manifest,
     "dataset_chunk": Server._q_dataset_chunk,
+    "retry": Server._q_retry,
 }
 protocol.check_handlers(protocol.COORDINATOR, HANDLERS, QUERY_HANDLERS)
 
@@ -743,11 +795,13 @@ def describe_submission(data: Any, description: str) -> str:
 def serve(core: Any, bind: str, heartbeat_interval: float = HEARTBEAT_INTERVAL,
           liveness: int = HEARTBEAT_LIVENESS, banner: Callable[[str], None] | None = None,
           keypair: Any = None, dataset: Any = None,
-          restart_grace: float = RECONNECT_MAX) -> None:
+          restart_grace: float = RECONNECT_MAX, snapshot: Any = None) -> None:
     """Run the server until SIGINT/SIGTERM; the caller closes the core afterwards.
-    ``keypair`` None = plain TCP (insecure); ``dataset`` = a DatasetServer to serve."""
+    ``keypair`` None = plain TCP (insecure); ``dataset`` = a DatasetServer to serve;
+    ``snapshot`` = the live dashboard's SnapshotHolder, fed from the loop."""
     server = Server(core, bind=bind, heartbeat_interval=heartbeat_interval, liveness=liveness,
-                    keypair=keypair, dataset=dataset, restart_grace=restart_grace)
+                    keypair=keypair, dataset=dataset, restart_grace=restart_grace,
+                    snapshot=snapshot)
     server.install_signal_handlers()
     try:
         if banner:

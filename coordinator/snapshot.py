@@ -1,11 +1,16 @@
-"""What a proposer needs to know about the run, as one plain map (coordinator side, no wire).
+"""What proposers need to know about the run, as plain maps (coordinator side, no wire).
 
-``proposer_snapshot(core)`` reads a ``Coordinator`` and returns the map ``coordinator.brief``
-renders and ``coordinator.pacing`` counts: the head (commit, candidate, its train.py text, its
-val_bpb per hardware class as mean +- sem over runs), ``program.md`` at the head, the last K
-decisions, what is queued / running / measured and waiting, the last failures with their log
-tails, the noise per class, the run settings and the candidate counts. The server adds
-``workers`` (connected workers that can take work): only it knows who is connected.
+Two read-only functions over the ledger, like ``coordinator.reports`` (the server answers
+``query head`` and ``query brief`` with them):
+
+  * ``head_files``: the head's commit and candidate id, its train.py and program.md -- what a
+    proposer edits and reads, fetched only when the head moves;
+  * ``proposer_snapshot``: what ``coordinator.brief`` renders and ``coordinator.pacing``
+    counts: the head's val_bpb per hardware class (mean +- sem over its runs), the last K
+    decisions (with the candidate's mean +- sem where it has runs), what is queued / running /
+    measured and waiting, the last failures with their log tails, the noise per class, the run
+    settings and the candidate counts, and the ``watched`` candidates' summaries. The server
+    adds ``workers`` (connected workers that can take work): only it knows who is connected.
 
 Noise per class is ``coordinator.noise.pooled`` over the repeated ok runs of each candidate on
 that class (head re-measurements and candidate repeats alike); a class without repeats is left
@@ -15,8 +20,10 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any
+from typing import Any, Iterable, Mapping
 
+from coordinator import reports
+from coordinator.ledger import Ledger
 from coordinator.noise import pooled
 from coordinator.repo import GitError, read_blob
 from coordinator.stats import mean, sum_sq_dev
@@ -24,6 +31,8 @@ from coordinator.stats import mean, sum_sq_dev
 DEFAULT_DECISIONS = 20
 DEFAULT_FAILURES = 5
 TAIL_CHARS = 4000          # characters of a failure's log sent to proposers
+MAX_WATCH = 500            # candidate ids one snapshot reports on
+MAX_DECISIONS = 500        # decisions one snapshot carries at most
 
 
 def mean_sem(values: list[float]) -> tuple[float | None, float | None]:
@@ -36,21 +45,33 @@ def mean_sem(values: list[float]) -> tuple[float | None, float | None]:
     return mean(vals), math.sqrt(sum_sq_dev(vals) / (len(vals) - 1) / len(vals))
 
 
-def proposer_snapshot(core: Any, decisions: int = DEFAULT_DECISIONS,
-                      failures: int = DEFAULT_FAILURES) -> dict:
-    status = core.status()
-    log = core.log(limit=max(1, decisions))
-    L = core.ledger
-    head_commit = status["head"]
-    head_cid = status["head_candidate"]
+def head_files(ledger: Ledger, repo_dir: Any) -> dict:
+    """The head's commit, candidate id, train.py and program.md (what ``query head`` sends)."""
+    head = ledger.head()
+    commit, cid = head["commit_sha"], head["candidate_id"]
     try:
-        train_py = read_blob(core.repo_dir, head_commit, "train.py")
-    except GitError:
-        train_py = L.candidate(head_cid)["train_py"]
+        train_py = read_blob(repo_dir, commit, "train.py")
+    except GitError:   # only if someone damaged the repo: the ledger holds the text too
+        train_py = ledger.candidate(cid)["train_py"]
     try:
-        program = read_blob(core.repo_dir, head_commit, "program.md")
+        program = read_blob(repo_dir, commit, "program.md")
     except GitError:
         program = ""
+    return {"commit": commit, "candidate_id": cid, "train_py": train_py, "program_md": program}
+
+
+def proposer_snapshot(ledger: Ledger, repo_dir: Any, decisions: int = DEFAULT_DECISIONS,
+                      failures: int = DEFAULT_FAILURES, watch: Iterable[int] = (),
+                      seen: Mapping[str, dict] | None = None) -> dict:
+    """See the module docstring. Read-only over the ledger (like ``coordinator.reports``);
+    ``watch``: candidate ids whose summaries (state, verdict, reason) the caller follows,
+    returned as ``watched`` however old their decision; ``seen``: the server's heartbeats,
+    for the progress of running attempts."""
+    L = ledger
+    status = reports.status(L, repo_dir, seen=seen)
+    log = reports.log(L, limit=max(1, decisions))
+    head_commit = status["head"]
+    head_cid = status["head_candidate"]
 
     ok = L.all("SELECT candidate_id, hw_class, val_bpb FROM attempts WHERE state = 'done' "
                "AND status = 'ok' AND val_bpb IS NOT NULL")
@@ -107,14 +128,20 @@ def proposer_snapshot(core: Any, decisions: int = DEFAULT_DECISIONS,
         m, sem = mean_sem(vals)
         awaiting.append({**r, "mean": m, "sem": sem, "runs": len(vals)})
 
+    watched = []
+    for i in list(watch)[:MAX_WATCH]:
+        row = L.candidate(i) if isinstance(i, int) and not isinstance(i, bool) else None
+        if row is not None:
+            watched.append(reports.candidate_summary(L, row))
     return {
+        "watched": watched,
         "tag": status["tag"], "branch": status["branch"],
         "head": {"commit": head_commit, "candidate_id": head_cid, "description": head_desc,
-                 "train_py": train_py, "values": values},
-        "program_md": program, "settings": status["settings"], "counts": status["counts"],
+                 "values": values},
+        "settings": status["settings"], "counts": status["counts"],
         "decisions": decided, "queued": status["queue"], "running": running,
         "awaiting": awaiting, "failures": fails, "noise": noise,
     }
 
 
-__all__ = ["proposer_snapshot", "mean_sem"]
+__all__ = ["proposer_snapshot", "head_files", "mean_sem"]

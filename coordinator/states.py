@@ -13,6 +13,7 @@ often):
                  |-> measured          its runs are in, the head's are not (yet) enough
                  |                     on that class: decided when they are
                  \-> queued            its only lease was lost or left: try again elsewhere
+    failed -> queued                   (an admin's `retry`, with the reason recorded)
 
 A candidate is *running* while it holds at least one live lease; it is decided only when all of
 its leases are in (coordinator.rule on its runs and the head's, on its class).
@@ -75,9 +76,15 @@ CANDIDATE_TRANSITIONS: dict[str, frozenset[str]] = {
     REPEATING: frozenset({RUNNING, MEASURED, KEPT, DISCARDED, STALE}),
     KEPT: frozenset(),
     DISCARDED: frozenset(),
-    FAILED: frozenset(),
+    # Final for the machine; only an admin's retry (Coordinator.retry) takes it back.
+    FAILED: frozenset({QUEUED}),
+    # final: resubmit the change on top of the head instead
     STALE: frozenset(),
 }
+
+# Candidates an admin may send back to the queue (``autoresearch-coord retry``): a failure can
+# be the fleet's fault (lost leases on a flaky machine), not the candidate's.
+RETRYABLE = frozenset({FAILED})
 
 # ---- attempts ------------------------------------------------------------------------------
 

@@ -28,7 +28,8 @@ Roles (one per key; a machine that both works and submits uses two keys, ``worke
 
     worker     hello ready heartbeat result bye; query dataset_manifest|dataset_chunk|harness
     submitter  submit; query status|log|export
-    admin      what a submitter may, plus query keys
+    admin      what a submitter may, plus query keys|retry (retry: a failed candidate queued
+               again)
     (unknown)  enrol only                      (revoked) nothing
 
 (``PERMISSIONS`` is derived from ``shared.protocol.SCHEMA`` / ``QUERIES``, which are the truth;
@@ -190,12 +191,13 @@ class TrustStore:
     @classmethod
     def open(cls, repo_dir: Path, clock: Callable[[], float] = time.time) -> "TrustStore":
         """Open the trust list of research repo ``repo_dir`` with a private connection."""
-        from coordinator.ledger import ledger_path
+        from coordinator.ledger import check_ledger, ledger_path
         from coordinator.repo import state_dir
 
         path = ledger_path(state_dir(Path(repo_dir).expanduser()))
         if not path.exists():
             raise FileNotFoundError(f"no ledger at {path}: run `autoresearch-coord init` first")
+        check_ledger(path)   # a damaged/empty/locked ledger is refused before sqlite writes
         conn = sqlite3.connect(str(path), isolation_level=None, timeout=10.0,
                                check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")

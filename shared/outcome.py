@@ -21,9 +21,15 @@ The first four are the harness's own (``shared.trainer_contract.RESULT_STATUSES`
 exit codes); timeout and cancelled only the worker can know. ``note`` is one line saying why
 this status ("no result within 330s", "log limit exceeded (67108864 bytes)", ...): it is stored
 on the attempt and is the first thing a failure's reason says.
+
+``conditions`` is what the worker's machine was doing at the start and end of the run,
+``{"start": reading, "end": reading}`` with readings from ``worker.conditions.read_conditions``
+(power, thermal state, memory pressure and swap counters). The coordinator stores it on the
+attempt and judges from it whether the machine slowed the run (``coordinator.slowdown``).
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,6 +116,23 @@ def _db_int(value: Any) -> int | None:
     return None
 
 
+READING_KEYS = ("start", "end")
+MAX_READING_CHARS = 8192   # one machine reading is ~600 characters of JSON
+
+
+def _readings(cond: Any) -> dict:
+    """The ``conditions`` map of an untrusted outcome: only the start / end readings that are
+    maps, made plain, each dropped if oversized (they are advisory: never worth a big row)."""
+    out = {}
+    for key in READING_KEYS:
+        value = cond.get(key) if isinstance(cond, dict) else None
+        if isinstance(value, dict):
+            value = plain(value)
+            if depth(value) <= 4 and len(json.dumps(value)) <= MAX_READING_CHARS:
+                out[key] = value
+    return out
+
+
 @dataclass
 class Outcome:
     status: str                    # one of STATUSES
@@ -119,6 +142,7 @@ class Outcome:
     exit_code: int | None = None   # Popen convention: -N = killed by signal N; None = not started
     wall_seconds: float | None = 0.0   # None: the sender did not say
     note: str = ""                 # one line: why this status (e.g. "log limit exceeded")
+    conditions: dict = field(default_factory=dict)  # {"start", "end"} machine readings
 
     def to_wire(self) -> dict:
         """The ``outcome`` map of a result message (plain data: survives msgpack and JSON)."""
@@ -131,6 +155,7 @@ class Outcome:
             "wall_seconds": (None if self.wall_seconds is None
                              else round(float(self.wall_seconds), 3)),
             "note": self.note,
+            "conditions": plain(self.conditions) if isinstance(self.conditions, dict) else {},
         }
 
     @classmethod
@@ -166,11 +191,13 @@ class Outcome:
         result = m.get("result")
         tail = m.get("log_tail")
         wall = _finite_number(m.get("wall_seconds"))
+        cond = m.get("conditions")
         return cls(status=status, val_bpb=bpb,
                    result=plain(result) if isinstance(result, dict) else {},
                    log_tail=plain(tail)[-MAX_LOG_TAIL:] if isinstance(tail, str) else "",
                    exit_code=_db_int(m.get("exit_code")),
-                   wall_seconds=wall, note=note[:MAX_NOTE])
+                   wall_seconds=wall, note=note[:MAX_NOTE],
+                   conditions=_readings(cond))
 
     @classmethod
     def refused(cls, note: str) -> "Outcome":

@@ -28,14 +28,16 @@ Conversation of one worker:
                                     <- welcome(...)            (or error: version mismatch)
     ready                           ->
                                     <- assign(attempt_id, train_py, settings, timeout)
-    heartbeat(attempt_id, progress) ->  (every interval while training)
+    heartbeat(attempt_id, progress) ->  (every interval while training; ``paused``: why not
+                                         taking work, while the worker's machine says no)
                                     <- heartbeat
     result(attempt_id, outcome)     ->
                                     <- ack(attempt_id, accepted)
     ready                           ->  ...
 
-Clients (``autoresearch-coord submit/status/log/export``) send a request carrying ``req_id``
-and wait for the reply carrying the same ``req_id``.
+Clients (``autoresearch-coord submit/status/log/export``, and the proposers ``agents`` and
+``sweep``, which ask ``query head`` and ``query brief``) send a request carrying ``req_id`` and
+wait for the reply carrying the same ``req_id``.
 
 With keys (the default), every message is judged by the coordinator's trust list
 (coordinator.trust): an unknown key may only ``enrol`` (redeem an invite; answered with
@@ -96,6 +98,13 @@ QUERIES: dict[str, frozenset[str]] = {
     "log": CLIENTS,
     "export": CLIENTS,
     "keys": _by(ADMIN),
+    # args candidate_id (int), reason (str): queue a failed candidate again (Coordinator.retry)
+    "retry": _by(ADMIN),
+    # proposers (autoresearch-coord agents / sweep): the head's train.py, commit and program.md;
+    # and what a brief needs (decisions, in flight, failures, noise, workers connected), with
+    # args decisions (int) and watch (candidate ids whose fate the proposer follows)
+    "head": CLIENTS,
+    "brief": CLIENTS,
     # the worker's dataset fetch (shared.datasync) and its harness diagnosis
     "dataset_manifest": _by(WORKER),
     "dataset_chunk": _by(WORKER),
@@ -113,8 +122,10 @@ SCHEMA: dict[str, Message] = {
     "ready": Message({"worker_id": (str,)}, _by(WORKER),
                      {"harness_fingerprint": (str,), "dataset_hash": OPT_STR}),
     # both ways; a worker's carries its worker_id, the attempt it runs and its progress
+    # ... and, while it takes no new work because of its machine (worker.gate), why
     "heartbeat": Message({}, _by(WORKER, COORDINATOR),
-                         {"worker_id": (str,), "attempt_id": OPT_STR, "progress": OPT_MAP}),
+                         {"worker_id": (str,), "attempt_id": OPT_STR, "progress": OPT_MAP,
+                          "paused": OPT_STR}),
     # outcome: shared.outcome.Outcome.to_wire(); read back only with Outcome.from_wire
     "result": Message({"worker_id": (str,), "attempt_id": (str,), "outcome": (dict,)},
                       _by(WORKER)),

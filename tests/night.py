@@ -1,16 +1,37 @@
 """A simulated night for the report and dashboard tests: a real ``Coordinator`` (real ledger,
-real git) driven in-process, with a fake clock so eight hours of research take a second.
+real git) driven in-process, with a fake clock so hours of research take a second.
 
-Nothing is trained: each "run" reports the val_bpb the plan gives it. The fleet end-to-end
-tests (test_report.py) cover the same report built from a ledger real processes wrote.
+Nothing is trained. Each candidate has an *effect* on val_bpb; a run of candidate c on class C
+reports ``BASE[C] + effect[c] + noise`` (noise from a fixed sequence), a failing one reports
+crash/nan. Workers simply ask for work until nobody gets any, so the night follows whatever the
+coordinator's scheduling and decision rule do (one screening run, repeats, head re-measures).
+The fleet end-to-end tests (test_report.py) cover the report built from a ledger that real
+processes wrote.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from coordinator.core import Coordinator
 
 M1, M4 = "Apple M1 Pro/16GB/metal", "Apple M4 Max/64GB/metal"
+BASE = {M1: 1.500, M4: 1.300}
+NOISE = [0.002, -0.003, 0.001, 0.004, -0.002, 0.0, 0.003, -0.001, 0.002, -0.004, 0.001, -0.002]
+RUN_SECONDS = 330.0
+
+# (description, effect on val_bpb; None = the run fails) -- submitted in this order
+PLAN = [
+    ("raise learning rate to 0.04", -0.030),
+    ("wider MLP (4x -> 5x)", +0.020),
+    ("rotary base 10000 -> 50000", -0.045),
+    ("untie embeddings", -0.040),
+    ("drop weight decay", +0.010),
+    ("muon momentum 0.95", -0.070),
+    ("bad init (diverges)", None),
+    ("GQA with 2 kv heads", -0.095),
+    ("typo in forward", None),
+]
 
 
 @dataclass
@@ -28,78 +49,67 @@ class Clock:
 class Night:
     core: Coordinator
     clock: Clock
+    effects: dict[int, float | None] = field(default_factory=lambda: {0: 0.0})
     kept: list[int] = field(default_factory=list)
     discarded: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
+    stale: list[int] = field(default_factory=list)
+    workers: list[str] = field(default_factory=list)
+    _noise: itertools.cycle = field(default_factory=lambda: itertools.cycle(NOISE))
 
     def hello(self, wid: str, hw: str) -> None:
         self.core.worker_hello(wid, wid, {"chip": hw}, hw, None)
+        self.workers.append(wid)
 
-    def run(self, wid: str, bpb: float | None, seconds: float = 330.0,
-            status: str = "ok") -> object:
-        """The worker takes its next assignment and reports ``bpb`` after ``seconds``."""
+    def submit(self, variant, desc: str, effect: float | None) -> int:
+        n = len(self.effects)
+        # A distinct text per candidate, whatever its effect: each sets its own knob of the
+        # stand-in, on its own line, so candidates from one head rebase onto each other's keeps
+        # (coordinator.rebase) instead of conflicting, as different ideas would.
+        cid = self.core.submit(variant(knob=n), desc)["candidate_id"]
+        self.effects[cid] = effect
+        return cid
+
+    def step(self, wid: str) -> bool:
+        """``wid`` asks for work and reports its run; False if it got none."""
         a = self.core.next_assignment(wid)
-        assert a is not None, f"{wid} got no work"
+        if a is None:
+            return False
+        hw = self.core.ledger.worker(wid)["hw_class"]
+        effect = self.effects.get(a.candidate_id, 0.0)
         self.core.worker_seen(wid, a.attempt_id, {"step": 40, "progress": 0.5, "loss": 3.2,
                                                   "tok_per_sec": 9000.0, "elapsed": 150.0})
-        self.clock.advance(seconds)
-        outcome = {"status": status, "val_bpb": bpb, "exit_code": 0 if status == "ok" else 1,
-                   "log_tail": "step 10 | loss nan\nFloatingPointError: loss is nan"
-                   if status == "nan" else "", "result": {"peak_vram_mb": 4096.0}}
+        if effect is None:
+            status = "nan" if self.core.ledger.candidate(a.candidate_id)["description"] \
+                .startswith("bad init") else "crash"
+            self.clock.advance(40)
+            outcome = {"status": status, "val_bpb": None, "exit_code": 1,
+                       "log_tail": "step 10 | loss nan\nFloatingPointError: loss is nan"
+                       if status == "nan" else "Traceback ...\nAttributeError: no Linaer"}
+        else:
+            self.clock.advance(RUN_SECONDS)
+            outcome = {"status": "ok", "val_bpb": BASE[hw] + effect + next(self._noise),
+                       "exit_code": 0, "result": {"peak_vram_mb": 4096.0}}
         ack = self.core.record_result(wid, a.attempt_id, outcome)
         for d in ack.decisions:
-            getattr(self, {"kept": "kept", "discarded": "discarded",
-                           "failed": "failed"}[d.verdict]).append(d.candidate_id)
-        return a
+            getattr(self, d.verdict).append(d.candidate_id)
+        return True
+
+    def run_until_idle(self, limit: int = 500) -> None:
+        for _ in range(limit):
+            if not any([self.step(w) for w in self.workers]):
+                return
+        raise AssertionError("the simulated night did not settle")
 
 
-BASE = {M1: 1.500, M4: 1.300}
-
-
-def simulate(repo, variant) -> Night:
-    """Two classes, three workers, nine candidates: kept ones on both classes, discards, a nan
-    and a crash; after a keep on one class the head is re-measured on the other. A variant's
-    val_bpb is the class's baseline + the kept changes' effects + its own (plus small noise)."""
+def simulate(repo, variant, plan=PLAN) -> Night:
+    """Two classes (M1: two workers, M4: one), the plan's candidates, run until idle."""
     clock = Clock()
-    core = Coordinator(repo, clock=clock)
-    n = Night(core, clock)
+    n = Night(Coordinator(repo, clock=clock), clock)
     n.hello("m1-a", M1)
     n.hello("m1-b", M1)
     n.hello("m4", M4)
-    plan = [  # (description, effect on val_bpb (None = fails), worker)
-        ("raise learning rate to 0.04", -0.030, "m1-a"),
-        ("wider MLP (4x -> 5x)", +0.020, "m1-b"),
-        ("rotary base 10000 -> 50000", -0.035, "m4"),
-        ("untie embeddings", -0.002, "m1-a"),
-        ("drop weight decay", +0.010, "m1-b"),
-        ("muon momentum 0.95", -0.025, "m4"),
-        ("bad init (diverges)", None, "m1-a"),
-        ("GQA with 2 kv heads", -0.020, "m1-b"),
-        ("typo in forward", None, "m4"),
-    ]
-    return play(n, plan, variant)
-
-
-def play(n: Night, plan, variant) -> Night:
-    # Each variant rewrites the stand-in's BPB line, so each is submitted on top of the head as
-    # it stands when its turn comes (as an agent would): written against an older head, it
-    # would conflict with the keeps since (coordinator.rebase) and end stale, not run.
-    gained = 0.0
-    noise = iter([0.002, -0.003, 0.001, 0.004, -0.002, 0.0, 0.003, -0.001, 0.002, -0.004] * 9)
-    for i, (desc, effect, wid) in enumerate(plan):
-        n.core.submit(variant(bpb=round(1.0 + i / 100, 3), sleep=0.01), desc)
-        hw = n.core.ledger.worker(wid)["hw_class"]
-        head = n.core.ledger.head()
-        measured = n.core.ledger.scalar(
-            "SELECT COUNT(*) FROM attempts WHERE candidate_id = ? AND hw_class = ? AND "
-            "state = 'done' AND status = 'ok'", head["candidate_id"], hw)
-        if not measured:   # the current head first, on this class
-            n.run(wid, BASE[hw] + gained + next(noise), 300)
-        if effect is None:
-            n.run(wid, None, 40, status="nan" if "diverges" in desc else "crash")
-            continue
-        before = len(n.kept)
-        n.run(wid, BASE[hw] + gained + effect + next(noise), 330)
-        if len(n.kept) > before:
-            gained += effect
+    for desc, effect in plan:
+        n.submit(variant, desc, effect)
+    n.run_until_idle()
     return n

@@ -18,6 +18,7 @@ import pytest
 from coordinator.dashboard import (Dashboard, DashboardError, SnapshotHolder, parse_address,
                                    public_status)
 from night import M1, simulate
+from test_fleet import fleet  # noqa: F401  (the fixture)
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -183,3 +184,101 @@ def test_page_in_headless_chromium_shows_live_progress_and_the_head(live_night):
     shot = RESULTS / "dashboard.png"
     r = _chromium(dash.url, f"--screenshot={shot}", "--window-size=1280,2000")
     assert r.returncode == 0 and shot.read_bytes().startswith(b"\x89PNG")
+
+
+# ---- start --dashboard: the page of a real loopback fleet ------------------------------------
+
+def _wait_snapshot(url: str, ok, what: str) -> dict:
+    import time
+    import urllib.request
+
+    end = time.monotonic() + 60
+    snap: dict = {}
+    while time.monotonic() < end:
+        with urllib.request.urlopen(url + "api/snapshot", timeout=10) as r:
+            snap = json.loads(r.read())
+        if ok(snap):
+            return snap
+        time.sleep(0.2)
+    raise AssertionError(f"dashboard never showed {what}: {snap}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install "
+                                              "chromium; CI installs it)")
+def test_start_dashboard_shows_a_real_fleet_in_chromium(fleet, fleet_variant):
+    from test_fleet import submit, wait_head_measured
+
+    coord = fleet.coord("tcp://127.0.0.1:0", "--dashboard", "0")
+    ep = coord.wait_for(r"listening on (tcp://\S+)").group(1)
+    url = coord.wait_for(r"dashboard (http://127\.0\.0\.1:\d+/) \(read-only").group(1)
+    coord.wait_for(r"watch with:")
+    fleet.worker(ep, "w1")
+    wait_head_measured(coord)
+    # A slow variant: its progress lines arrive every 6 s for 30 s, so the page sees it live.
+    slow = submit(ep, fleet_variant(bpb=1.45, sleep=30.0), "a slow but steady change")
+
+    def running(snap):
+        st = snap.get("status") or {}
+        return any(w.get("candidate_id") == slow["candidate_id"] and
+                   (w.get("progress") or {}).get("step") is not None
+                   for w in st.get("workers", []))
+
+    snap = _wait_snapshot(url, running, "w1 running with progress")
+    head = next(h for h in snap["status"]["heads"] if h["val_bpb"] is not None)
+    assert head["val_bpb"] == pytest.approx(1.5)
+    assert b"server_key" not in json.dumps(snap).encode() and "trusted" not in snap["status"]
+
+    r = _chromium(url, "--dump-dom")
+    assert r.returncode == 0, r.stderr[-2000:]
+    dom = r.stdout
+    assert "w1" in dom and f"candidate #{slow['candidate_id']}" in dom
+    assert "step " in dom and "tok/s" in dom and "left" in dom     # the live progress bar
+    assert "1.5000" in dom                                           # the head's val_bpb
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shot = RESULTS / "dashboard_fleet.png"
+    r = _chromium(url, f"--screenshot={shot}", "--window-size=1280,1100")
+    assert r.returncode == 0 and shot.read_bytes().startswith(b"\x89PNG")
+    assert coord.p.poll() is None
+
+
+def test_start_refuses_a_bad_or_taken_dashboard_address(fleet_repo, prepared_sample, monkeypatch):
+    import socket
+    import sys
+
+    monkeypatch.setenv("AUTORESEARCH_DATA", str(prepared_sample))
+
+    def start(*args):
+        return subprocess.run([sys.executable, "-m", "coordinator.cli", "start", str(fleet_repo),
+                               "--bind", "tcp://127.0.0.1:0", *args], capture_output=True,
+                              text=True, timeout=60)
+
+    r = start("--dashboard", "everywhere")
+    assert r.returncode == 2 and "expected PORT or HOST:PORT" in r.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = start("--dashboard", str(taken.getsockname()[1]))
+    assert r.returncode == 1 and "cannot serve the dashboard on 127.0.0.1" in r.stderr
+    assert "listening on" not in r.stdout
+    # the coordinator's lock was released: a later start is not refused as busy
+    from coordinator.core import Coordinator
+    Coordinator(fleet_repo).close()
+
+
+def test_the_poll_loop_publishes_the_status_into_the_holder(fleet_repo):
+    """Server(snapshot=holder): each loop turn offers the holder the status (whatever status
+    answers, secrets included -- the page filters); nothing else touches the holder."""
+    import time
+
+    from serving import served
+
+    holder = SnapshotHolder(interval=0.05)
+    with served(fleet_repo, snapshot=holder) as (core, server):
+        end = time.monotonic() + 30
+        while holder.get()[0] < 3 and time.monotonic() < end:
+            time.sleep(0.02)
+        seq, data, _ = holder.get()
+        assert seq >= 3, "the loop did not keep publishing"
+        assert data["branch"] == core.branch and data["security"] == "insecure"
+        assert public_status(data)["branch"] == core.branch

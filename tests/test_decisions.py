@@ -18,8 +18,8 @@ import pytest
 from coordinator import repo as R
 from coordinator import scheduling as S
 from coordinator.core import Coordinator
-from coordinator.ledger import MIGRATIONS, SCHEMA, SCHEMA_VERSION, Ledger, ledger_path
-from test_core import reopen
+from coordinator.ledger import MIGRATIONS, SCHEMA, SCHEMA_VERSION
+from tests.test_core import reopen
 
 BASE = "LR = 0.01\nprint('baseline', LR)\n"
 A, B = "Apple M1 Pro/16GB/metal", "cpu/x86_64/24GB"
@@ -368,7 +368,7 @@ def test_kill_minus_nine_during_repeats_loses_no_run_and_decides_once(tmp_path):
         p.wait()
         p.stdout.close()
         p.stderr.close()
-        with reopen(d) as c:   # a git child of the killed loop may hold the lock a moment
+        with reopen(d) as c:   # (a git child of the killed process may hold the lock briefly)
             L = c.ledger
             done = {r["attempt_id"]: r["val_bpb"] for r in L.all(
                 "SELECT attempt_id, val_bpb FROM attempts WHERE state = 'done'")}

@@ -39,8 +39,9 @@ def test_a_lucky_do_nothing_variant_is_repeated_and_discarded(fleet, fleet_varia
     assert len(at) == 1
     lines[at[0]] = LUCKY_ONCE + "\n"
     lucky = submit(ep, "".join(lines), "changes nothing")
-    better = submit(ep, fleet_variant(bpb=1.40), "clearly better")
     coord.wait_for(rf"DISCARD #{lucky['candidate_id']}\b.*\(3\) vs head 1\.5000 ± \S+ \(3\)")
+    # (submitted after that decision: a keep meanwhile would change the head it is judged by)
+    better = submit(ep, fleet_variant(bpb=1.40), "clearly better")
     coord.wait_for(rf"KEEP #{better['candidate_id']}\b.*1\.4000 ± \S+ \(2\)")
 
     db = sqlite3.connect(fleet.repo / ".autoresearch" / "ledger.sqlite3")

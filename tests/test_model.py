@@ -228,7 +228,7 @@ def test_adamw_step_matches_formula():
     config = tiny_config(n_layer=2)
     model = tiny_model(config)
     groups = train.param_groups(model)
-    opt = train.AdamW(model, groups)
+    opt = train.Optimizer(model, groups)
     before = dict(train.tree_flatten(model.parameters()))
     grads = train.tree_map(lambda p: mx.full(p.shape, 0.5), model.parameters())
     opt.update(model, grads, mx.array(0.5), mx.array(0.5))
@@ -246,7 +246,7 @@ def test_bf16_weights_keep_float32_masters_so_small_steps_accumulate():
     config = tiny_config(n_layer=2)
     model = tiny_model(config)
     model.set_dtype(mx.bfloat16)
-    opt = train.AdamW(model, train.param_groups(model))
+    opt = train.Optimizer(model, train.param_groups(model))
     assert set(opt.state["master"]) == {n for n, _ in train.tree_flatten(model.trainable_parameters())}
 
     @partial(mx.compile, inputs=[model.state, opt.state], outputs=[model.state, opt.state])
@@ -268,14 +268,14 @@ def test_bf16_weights_keep_float32_masters_so_small_steps_accumulate():
 
 def test_float32_model_has_no_master_copies():
     model = tiny_model(tiny_config(n_layer=2))
-    assert train.AdamW(model, train.param_groups(model)).state["master"] == {}
+    assert train.Optimizer(model, train.param_groups(model)).state["master"] == {}
 
 
 def test_compiled_training_reduces_loss_on_repeated_sequences():
     config = tiny_config(n_layer=2, T=16, vocab=32, d=32)
     model = tiny_model(config)
     masks = train.attention_masks(config, mx.float32)
-    opt = train.AdamW(model, train.param_groups(model))
+    opt = train.Optimizer(model, train.param_groups(model))
     loss_and_grad = nn.value_and_grad(
         model, lambda m, x, y: train.softcap_cross_entropy(m(x, masks), y).mean())
     state = [model.state, opt.state]

@@ -196,3 +196,21 @@ def test_last_line():
     assert last_line("a\nb\n\n  c  \n\n") == "c"
     assert last_line(None) == "" and last_line("   ") == ""
     assert last_line("x" * 1000) == "x" * 300
+
+
+def test_conditions_travel_with_the_outcome_and_hostile_ones_are_dropped():
+    from shared.outcome import MAX_READING_CHARS, Outcome
+
+    reading = {"power": {"source": "ac"}, "memory": {"level": "warn", "swapouts": 12},
+               "thermal": {"state": "throttled", "unknown_lines": ["x"]}}
+    o = Outcome("ok", 1.5, conditions={"start": reading, "end": reading})
+    back = Outcome.from_wire(o.to_wire())
+    assert back.conditions == {"start": reading, "end": reading}
+    assert Outcome.from_wire({"status": "ok", "val_bpb": 1.0}).conditions == {}
+    hostile = {"start": "nope", "end": {"a": "x" * (MAX_READING_CHARS + 1)}, "extra": {}}
+    assert Outcome.from_wire({"status": "ok", "val_bpb": 1.0,
+                              "conditions": hostile}).conditions == {}
+    deep = {"end": {"a": {"b": {"c": {"d": {"e": 1}}}}}}
+    assert Outcome.from_wire({"status": "ok", "val_bpb": 1.0, "conditions": deep}).conditions \
+        == {}
+    assert Outcome.from_wire({"status": "ok", "val_bpb": 1.0, "conditions": [1]}).conditions == {}

@@ -221,3 +221,16 @@ def test_profile_command_shows_conditions_now():
     assert set(data["now"]) == {"at", "power", "thermal", "memory", "idle_seconds"}
     assert data["now"]["power"]["source"] in ("ac", "battery", "ups", "unknown")
     assert data["now"]["memory"]["level"] in ("normal", "warn", "critical")
+
+
+def test_memory_override_sets_memory_and_class():
+    read = linux_reader("linux_xeon_24gb")
+    kw = dict(system="Linux", read=read, mlx_probe=cpu_mlx, cpu_count=2, cpu_available=2)
+    p = profile_machine(1, memory_gb=4, **kw)
+    assert p["memory_bytes"] == p["usable_memory_bytes"] == 4 * 2**30
+    assert p["memory_override"] is True
+    assert p["hw_class"] == "Intel Xeon Platinum 8375C/4GB/cpu/1t"
+    assert "memory_override" not in profile_machine(1, **kw)
+    for bad in (0, -1, True, "8"):
+        with pytest.raises(ValueError, match="memory_gb"):
+            profile_machine(1, memory_gb=bad, **kw)

@@ -20,9 +20,10 @@ import pytest
 
 from coordinator.core import Coordinator, SubmitRejected
 from coordinator.proposers import (
-    AgentRunner, Refused, SourceUnavailable, SweepRunner, judge_proposal, parse_command,
+    AgentRunner, Refused, SourceUnavailable, SweepRunner, is_duplicate, judge_proposal,
+    parse_command, with_head,
 )
-from coordinator.snapshot import mean_sem, proposer_snapshot
+from coordinator.snapshot import head_files, mean_sem, proposer_snapshot
 from coordinator import sweep as S
 
 HW = "cpu/test/1GB"
@@ -74,11 +75,13 @@ class CoreSource:
         self.down = False
         self.snapshots = 0
 
-    def snapshot(self) -> dict:
+    def snapshot(self, watch: list[int]) -> dict:
         if self.down:
             raise SourceUnavailable("no coordinator answering (test)")
         self.snapshots += 1
-        return {**proposer_snapshot(self.core), "workers": self.workers}
+        snap = proposer_snapshot(self.core.ledger, self.core.repo_dir, watch=watch)
+        return with_head({**snap, "workers": self.workers},
+                         head_files(self.core.ledger, self.core.repo_dir))
 
     def submit(self, train_py: str, description: str, base: str | None) -> dict:
         if self.down:
@@ -189,7 +192,7 @@ def test_unchanged_broken_and_failing_agents_are_fed_back(core, agent, tmp_path)
     argv = agent("same", "broken", "fail", "edit 1.45")
     r = runner(CoreSource(core, workers=1), argv, tmp_path / "out", lines, count=1, slack=0,
                max_proposals=4)
-    drive(r, lambda: r.done)
+    drive(r, lambda: len(r.records) == 4)
     assert [x["state"] for x in r.records] == ["unchanged", "does_not_compile", "agent_failed",
                                                "submitted"], lines
     assert "SyntaxError" in r.records[1]["detail"]
@@ -220,7 +223,7 @@ def test_hung_agent_is_killed_at_its_timeout_with_its_children(core, agent, tmp_
         assert time.monotonic() < end, "grandchild survived the group kill"
         time.sleep(0.05)
     # restarted after the backoff; its brief says what happened
-    drive(r, lambda: r.done)
+    drive(r, lambda: len(r.records) == 2)
     assert r.records[1]["state"] == "submitted"
     assert "ran out of time" in (Path(r.records[1]["dir"]) / "work" / "brief.md").read_text()
 
@@ -297,9 +300,29 @@ def test_unreachable_coordinator_keeps_the_proposal_and_sends_it_later(core, age
     assert json.loads((p.dir / "proposal.json").read_text())["state"] == "unsent"
     assert not r.done
     src.down = False
-    drive(r, lambda: r.done)
+    drive(r, lambda: r.records and not r.unsent)
     assert r.records[-1]["state"] == "submitted"
     assert any("coordinator reachable again" in ln for ln in lines)
+
+
+def test_a_new_runner_sends_what_a_killed_one_could_not(core, agent, tmp_path):
+    lines: list[str] = []
+    src = CoreSource(core, workers=1)
+    out = tmp_path / "out"
+    r = runner(src, agent("edit 1.33"), out, lines, count=1, slack=0, max_proposals=1)
+    drive(r, lambda: r.started == 1)
+    src.down = True
+    drive(r, lambda: r.unsent)
+    del r                                    # the runner dies (kill -9): nothing else is kept
+    assert core.status()["counts"]["queued"] == 0
+    src.down = False
+    r2 = runner(src, agent(), out, lines, count=1, slack=0, max_proposals=0)
+    assert r2.resume_unsent() == 1
+    drive(r2, lambda: r2.records)
+    assert r2.records[0]["state"] == "submitted" and r2.records[0]["description"] == \
+        "set BPB to 1.33"
+    assert core.status()["counts"]["queued"] == 1
+    assert r2.resume_unsent() == 0           # sent: not taken up again
 
 
 def test_judge_proposal():
@@ -311,6 +334,15 @@ def test_judge_proposal():
     assert judge_proposal(head, "x = 2\n", "d", 1, False, 5).kind == "agent_failed"
     assert judge_proposal(head, "x = 2\n", "d", -9, False, 5).detail == "killed by signal 9"
     assert judge_proposal(head, "x = 2\n", "d", -15, True, 5).kind == "timeout"
+
+
+def test_a_resent_submit_answered_as_duplicate_is_still_ours():
+    reply = {"duplicate": True, "candidate_id": 4, "base": "abc", "description": "x y",
+             "state": "queued"}
+    assert not is_duplicate(reply, "x   y", "abc")            # our request, answered twice
+    assert is_duplicate(reply, "x y", "def")                   # someone's, on another head
+    assert is_duplicate({**reply, "verdict": "kept"}, "x y", "abc")   # decided before
+    assert not is_duplicate({**reply, "duplicate": False}, "z", "q")
 
 
 def test_parse_command():
@@ -362,10 +394,12 @@ def test_snapshot_from_a_real_core(core, fleet_repo, fleet_variant):
     core.record_result("w1", att.attempt_id, {"status": "crash", "val_bpb": None,
                                               "log_tail": "Traceback\nRuntimeError: boom\n",
                                               "exit_code": 1, "wall_seconds": 0.1})
-    snap = proposer_snapshot(core)
-    head = snap["head"]
-    assert head["candidate_id"] == a and head["train_py"] == (fleet_repo / "train.py").read_text()
-    assert "autoresearch run" in snap["program_md"]
+    snap = proposer_snapshot(core.ledger, core.repo_dir)
+    files = head_files(core.ledger, core.repo_dir)
+    assert snap["head"]["candidate_id"] == files["candidate_id"] == a
+    assert files["train_py"] == (fleet_repo / "train.py").read_text()
+    assert files["commit"] == snap["head"]["commit"]
+    assert "autoresearch run" in files["program_md"]
     assert [d["candidate_id"] for d in snap["decisions"]][:2] == [b, a]
     assert snap["failures"][0]["candidate_id"] == b
     assert "RuntimeError: boom" in snap["failures"][0]["log_tail"]
@@ -377,3 +411,42 @@ def test_mean_sem():
     m, s = mean_sem([1.0, 1.2, 1.1])
     assert abs(m - 1.1) < 1e-12 and abs(s - 0.0577350) < 1e-6
     assert mean_sem([1.0]) == (1.0, None) and mean_sem([]) == (None, None)
+
+
+def test_a_decision_older_than_the_recent_list_is_still_reported(core, fleet_variant):
+    """The runner follows its candidates by id (``watch``), not only through the last K."""
+    w = Worker(core)
+    w.run_one()
+    lines: list[str] = []
+
+    class FewDecisions(CoreSource):
+        def snapshot(self, watch):
+            snap = super().snapshot(watch)
+            return {**snap, "decisions": []}      # as if many decisions came in between
+    r = SweepRunner(FewDecisions(core, workers=1), S.parse_params(["BPB=1.2"]),
+                    [{"BPB": 1.2}], slack=0, say=lines.append, snapshot_every=0)
+    drive(r, lambda: r.done, workers=[w])
+    cid = r.results[0]["candidate_id"]
+    assert any(ln.startswith(f"KEPT #{cid} (sweep)") for ln in lines), lines
+
+
+# ---- the commands' own refusals (no coordinator needed) ----------------------------------
+
+def _cli(*args: str):
+    import subprocess
+    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True,
+                          text=True, timeout=DEADLINE)
+
+
+def test_bad_specs_and_commands_are_one_line_errors_before_connecting():
+    nowhere = ["--connect", "tcp://127.0.0.1:9", "--insecure"]
+    r = _cli("sweep", "--param", "DEPTH=two", *nowhere)
+    assert r.returncode == 2 and "--param DEPTH=two: 'two' is not a number" in r.stderr, r
+    r = _cli("sweep", "--param", "LR=log:0.01:0.1", "--mode", "grid", *nowhere)
+    assert r.returncode == 2 and "needs a number of values" in r.stderr, r
+    r = _cli("agents", "--command", "no-such-agent-program-here {brief}", *nowhere)
+    assert r.returncode == 2 and "'no-such-agent-program-here' is not a program" in r.stderr, r
+    r = _cli("agents", "--command", "claude -p 'unbalanced", *nowhere)
+    assert r.returncode == 2 and "No closing quotation" in r.stderr, r
+    r = _cli("sweep", "--param", "DEPTH=2,3", "--connect", "tcp://127.0.0.1:9", "--insecure")
+    assert r.returncode == 1 and "no coordinator answering" in r.stderr, r

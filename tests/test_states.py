@@ -16,6 +16,7 @@ LEGAL_CANDIDATE = {
     ("repeating", "kept"), ("repeating", "discarded"),
     # rebasing: a change that does not replay onto the head ends it (coordinator.rebase)
     ("queued", "stale"), ("running", "stale"), ("measured", "stale"), ("repeating", "stale"),
+    ("failed", "queued"),   # only by an admin's retry (Coordinator.retry)
 }
 LEGAL_ATTEMPT = {
     ("leased", "done"), ("leased", "lost"), ("leased", "cancelled"),
@@ -42,8 +43,9 @@ def test_attempt_transitions(old, new):
 
 
 def test_final_states_go_nowhere_and_unknown_states_are_refused():
-    for s in ("kept", "discarded", "failed"):
+    for s in ("kept", "discarded"):
         assert not st.CANDIDATE_TRANSITIONS[s]
+    assert st.CANDIDATE_TRANSITIONS["failed"] == {"queued"} and st.RETRYABLE == {"failed"}
     with pytest.raises(st.IllegalTransition, match="unknown state 'paused'"):
         st.check_candidate("queued", "paused")
     with pytest.raises(st.IllegalTransition, match="unknown state"):

@@ -75,3 +75,13 @@ def test_depth_edit_that_is_not_whole_heads_trains(tmp_path, prepared_sample):
     assert doc["depth"] == 3 and doc["config"]["n_embd"] == 128 and doc["config"]["n_head"] == 2
     assert math.isfinite(doc["val_bpb"])
     assert progress[-1]["loss"] < progress[0]["loss"], [p["loss"] for p in progress]
+
+
+def test_muon_run_trains_and_says_so(tmp_path, prepared_sample):
+    text = presets.apply_overrides(presets.baseline_train_py("tiny"), {"OPTIMIZER": "muon"})
+    proc, doc, progress = run_train(text, tmp_path, prepared_sample)
+    assert proc.returncode == harness.EXIT_OK, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert doc["optimizer"] == "muon" and "group matrices" in proc.stdout
+    assert "muon momentum 0.85->0.95" in proc.stdout
+    assert math.isfinite(doc["val_bpb"])
+    assert progress[-1]["loss"] < progress[0]["loss"] - 0.3, [p["loss"] for p in progress]

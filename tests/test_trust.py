@@ -6,7 +6,7 @@ import threading
 import pytest
 import zmq
 
-from coordinator.ledger import Ledger
+from coordinator.ledger import SCHEMA_VERSION, Ledger
 from coordinator.trust import (
     ENROL, FleetAuthenticator, InviteError, TrustError, TrustStore, allowed, trust_command,
 )
@@ -195,7 +195,7 @@ def test_check_verdicts(store):
 def test_schema_is_idempotent_and_leaves_ledger_version(ledger):
     TrustStore(ledger)
     TrustStore(ledger)
-    assert ledger.get_meta("schema_version") == 1
+    assert ledger.get_meta("schema_version") == SCHEMA_VERSION
 
 
 # ---- real sockets: ROUTER with FleetAuthenticator, DEALER clients ---------------------------

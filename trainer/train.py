@@ -11,10 +11,12 @@ the result file) lives in the fixed harness, trainer/harness.py. Run it directly
 
 The model and optimizer follow upstream autoresearch (nanochat's GPT) as ported to MLX:
 token + value embeddings, RoPE + QK-norm, sliding-window attention, relu^2 MLP, per-layer
-residual scalars, logit softcap, and AdamW with six parameter groups.
+residual scalars, logit softcap, and AdamW with six parameter groups (OPTIMIZER = "muon" trains
+the matrices with upstream's Muon instead).
 """
 
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -41,6 +43,10 @@ WINDOW_PATTERN = "SSSL"    # per-layer attention window, tiled over depth: S = T
 TOTAL_BATCH_SIZE = 2**16   # tokens per optimizer step
 DEVICE_BATCH_SIZE = 16     # rows per forward/backward pass (lower it if memory is short)
 
+# Optimizer: "adamw" (the seed's: AdamW for all six groups) or "muon" (upstream's: the matrices
+# group trains with Muon, see class Optimizer; the other five groups keep AdamW).
+OPTIMIZER = "adamw"
+
 # AdamW, six parameter groups (the seed's table). Embedding and unembedding LRs are scaled by
 # 1/sqrt(d_model/768) at build time, so they stay right when the width changes.
 EMBEDDING_LR = 0.6         # wte
@@ -53,6 +59,13 @@ WEIGHT_DECAY = 0.2         # decoupled weight decay, matrices only; scheduled WD
 ADAM_BETAS = (0.8, 0.95)   # every group except x0_lambdas
 X0_BETAS = (0.96, 0.95)    # x0_lambdas: more momentum, so they move slowly and smoothly
 ADAM_EPS = 1e-10
+
+# Muon (OPTIMIZER = "muon"): lr MATRIX_LR * sqrt(max(1, out/in)), weight decay WEIGHT_DECAY
+# scheduled as for AdamW but cautious (only where update and weight agree in sign).
+MUON_MOMENTUM = (0.85, 0.95)  # Nesterov momentum, ramped linearly from the first to the second ...
+MUON_MOMENTUM_STEPS = 300     # ... over this many optimizer steps
+MUON_NS_STEPS = 5             # polar-express Newton-Schulz iterations (one coefficient row each)
+MUON_BETA2 = 0.95             # NorMuon: EMA of the per-row (or per-column) mean square update
 
 # LR schedule over progress = training_seconds / time_budget (time-based, like upstream)
 WARMUP_RATIO = 0.0         # no warmup: a short budget cannot afford it
@@ -340,7 +353,8 @@ def estimate_flops(config: GPTConfig, counts: dict) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizer: AdamW by hand, so each group's hyperparameters are in plain sight.
+# Optimizer: AdamW (and Muon, OPTIMIZER = "muon") by hand, so each group's hyperparameters are
+# in plain sight.
 
 
 @dataclass
@@ -350,6 +364,7 @@ class ParamGroup:
     betas: tuple
     weight_decay: float
     params: list  # parameter names (dotted paths from tree_flatten)
+    kind: str = "adamw"  # "adamw" | "muon"
 
 
 def param_groups(model: GPT) -> list[ParamGroup]:
@@ -357,19 +372,69 @@ def param_groups(model: GPT) -> list[ParamGroup]:
     groups = [ParamGroup("wte", EMBEDDING_LR * scale, ADAM_BETAS, 0.0, []),
               ParamGroup("value_embeds", VALUE_EMBED_LR * scale, ADAM_BETAS, 0.0, []),
               ParamGroup("lm_head", UNEMBEDDING_LR * scale, ADAM_BETAS, 0.0, []),
-              ParamGroup("matrices", MATRIX_LR, ADAM_BETAS, WEIGHT_DECAY, []),
+              ParamGroup("matrices", MATRIX_LR, ADAM_BETAS, WEIGHT_DECAY, [],
+                         kind="muon" if OPTIMIZER == "muon" else "adamw"),
               ParamGroup("resid_lambdas", RESID_LR, ADAM_BETAS, 0.0, []),
               ParamGroup("x0_lambdas", X0_LR, X0_BETAS, 0.0, [])]
+    if OPTIMIZER not in ("adamw", "muon"):
+        raise ValueError(f"OPTIMIZER must be 'adamw' or 'muon', got {OPTIMIZER!r}")
     by_name = {g.name: g for g in groups}
     for name, p in tree_flatten(model.trainable_parameters()):
         by_name[param_category(name, p.ndim)].params.append(name)
     return groups
 
 
-class AdamW:
-    """Adam moments in float32 whatever the weights' dtype; decoupled weight decay
-    p <- p * (1 - lr * wd); bias-corrected. LR and WD multipliers arrive as mx.arrays so a
-    compiled update never retraces when the schedule moves.
+# Polar-express coefficients (a, b, c) per Newton-Schulz step, X <- a X + (b A + c A^2) X with
+# A = X X^T: tuned so five steps push every singular value of a normalised matrix close to 1.
+POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+
+def orthogonalize(g: mx.array, steps: int = MUON_NS_STEPS, dtype=mx.float32) -> mx.array:
+    """The nearest semi-orthogonal matrix to g (U V^T of its SVD), approximately, by matmuls
+    only: normalise, then polar-express Newton-Schulz steps on the wide orientation (the Gram
+    matrix A is the small side squared). dtype: bf16 on Metal, float32 on the CPU backend."""
+    x = g.astype(dtype)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / (mx.sqrt(mx.sum(mx.square(x.astype(mx.float32)))).astype(dtype) * 1.02 + 1e-6)
+    for a, b, c in POLAR_EXPRESS[:steps]:
+        A = x @ x.T
+        x = a * x + (b * A + c * (A @ A)) @ x
+    return (x.T if tall else x).astype(mx.float32)
+
+
+def muon_blocks(name: str, shape: tuple, config: GPTConfig) -> list[int]:
+    """Row counts of the separate matrices inside one weight: the fused c_qkv weight is q, k and
+    v stacked (each orthogonalised on its own, as three nn.Linear would be); others are whole."""
+    if name.endswith("attn.c_qkv.weight"):
+        hd = config.n_embd // config.n_head
+        blocks = [config.n_head * hd, config.n_kv_head * hd, config.n_kv_head * hd]
+        assert sum(blocks) == shape[0], (name, shape, blocks)
+        return blocks
+    return [shape[0]]
+
+
+def muon_momentum(step: int) -> float:
+    """Muon's momentum: MUON_MOMENTUM[0] -> [1] linearly over MUON_MOMENTUM_STEPS steps."""
+    frac = min(step / MUON_MOMENTUM_STEPS, 1.0)
+    return (1 - frac) * MUON_MOMENTUM[0] + frac * MUON_MOMENTUM[1]
+
+
+class Optimizer:
+    """AdamW for "adamw" groups, Muon for "muon" groups; state in float32 whatever the weights'
+    dtype. LR, WD and momentum arrive as mx.arrays so a compiled update never retraces when the
+    schedule moves.
+
+    AdamW: decoupled weight decay p <- p * (1 - lr * wd); bias-corrected moments.
+    Muon, per matrix block (muon_blocks): Nesterov momentum on the gradient; orthogonalize();
+    NorMuon: divide each row (column, if wider than tall) by the root of an EMA of its mean
+    square, then rescale to the orthogonalised update's norm; lr * sqrt(max(1, out/in));
+    cautious weight decay: p <- p - lr * (u + wd * p * [u * p >= 0]).
 
     Master weights: when the model runs in bf16 (Metal), the optimizer keeps a float32 copy of
     every weight and writes bf16 copies into the model. Updating bf16 weights in place would lose
@@ -378,38 +443,82 @@ class AdamW:
 
     def __init__(self, model: GPT, groups: list[ParamGroup]):
         self.groups = groups
+        self.config = model.config
         params = dict(tree_flatten(model.trainable_parameters()))
-        zeros = lambda n: mx.zeros(params[n].shape, dtype=mx.float32)
-        names = [n for g in groups for n in g.params]
+        self.ns_dtype = params["lm_head.weight"].dtype  # bf16 Newton-Schulz on Metal, else f32
+        zeros = lambda shape: mx.zeros(shape, dtype=mx.float32)
+        adam = [n for g in groups if g.kind == "adamw" for n in g.params]
+        muon = [n for g in groups if g.kind == "muon" for n in g.params]
         self.state = {"step": mx.array(0.0),
-                      "m": {n: zeros(n) for n in names},
-                      "v": {n: zeros(n) for n in names},
-                      "master": {n: params[n].astype(mx.float32) for n in names
+                      "m": {n: zeros(params[n].shape) for n in adam + muon},
+                      "v": {n: zeros(params[n].shape) for n in adam},
+                      "row_v": {n: [zeros(self._row_v_shape(rows, params[n].shape[1]))
+                                    for rows in muon_blocks(n, params[n].shape, self.config)]
+                                for n in muon},
+                      "master": {n: params[n].astype(mx.float32) for n in adam + muon
                                  if params[n].dtype != mx.float32}}
 
-    def update(self, model: GPT, grads, lr_mult: mx.array, wd_mult: mx.array):
+    @staticmethod
+    def _row_v_shape(rows: int, cols: int) -> tuple:
+        return (rows, 1) if rows >= cols else (1, cols)
+
+    def update(self, model: GPT, grads, lr_mult: mx.array, wd_mult: mx.array,
+               momentum: mx.array | None = None):
         params = dict(tree_flatten(model.trainable_parameters()))
         grads = dict(tree_flatten(grads))
-        m, v, master = self.state["m"], self.state["v"], self.state["master"]
+        master = self.state["master"]
         step = self.state["step"] + 1
+        if momentum is None:
+            momentum = mx.array(MUON_MOMENTUM[1])
         new = []
         for g in self.groups:
-            b1, b2 = g.betas
             lr = g.lr * lr_mult
-            bias1, bias2 = 1 - b1 ** step, 1 - b2 ** step
+            wd = g.weight_decay * wd_mult if g.weight_decay else None
             for n in g.params:
                 grad = grads[n].astype(mx.float32)
-                m[n] = b1 * m[n] + (1 - b1) * grad
-                v[n] = b2 * v[n] + (1 - b2) * mx.square(grad)
                 p = master[n] if n in master else params[n]
-                if g.weight_decay:
-                    p = p * (1 - lr * g.weight_decay * wd_mult)
-                p = p - lr * (m[n] / bias1) / (mx.sqrt(v[n] / bias2) + ADAM_EPS)
+                if g.kind == "muon":
+                    p = self._muon(n, p, grad, lr, wd, momentum)
+                else:
+                    p = self._adamw(n, p, grad, lr, wd, g.betas, step)
                 if n in master:
                     master[n] = p
                 new.append((n, p.astype(params[n].dtype)))
         self.state["step"] = step
         model.update(tree_unflatten(new))
+
+    def _adamw(self, n, p, grad, lr, wd, betas, step):
+        m, v = self.state["m"], self.state["v"]
+        b1, b2 = betas
+        m[n] = b1 * m[n] + (1 - b1) * grad
+        v[n] = b2 * v[n] + (1 - b2) * mx.square(grad)
+        if wd is not None:
+            p = p * (1 - lr * wd)
+        return p - lr * (m[n] / (1 - b1 ** step)) / (mx.sqrt(v[n] / (1 - b2 ** step)) + ADAM_EPS)
+
+    def _muon(self, n, p, grad, lr, wd, momentum):
+        m = self.state["m"]
+        m[n] = momentum * m[n] + (1 - momentum) * grad
+        nesterov = (1 - momentum) * grad + momentum * m[n]
+        blocks = muon_blocks(n, p.shape, self.config)
+        parts = mx.split(nesterov, list(itertools.accumulate(blocks))[:-1], axis=0)
+        updates = []
+        for i, part in enumerate(parts):
+            u = orthogonalize(part, MUON_NS_STEPS, self.ns_dtype)
+            rows, cols = u.shape
+            axis = 1 if rows >= cols else 0  # NorMuon statistics per row of a tall matrix
+            mean_sq = mx.mean(mx.square(u), axis=axis, keepdims=True)
+            row_v = self.state["row_v"][n]
+            row_v[i] = MUON_BETA2 * row_v[i] + (1 - MUON_BETA2) * mean_sq
+            scaled = u * mx.rsqrt(mx.maximum(row_v[i], 1e-10))
+            norm_ratio = mx.sqrt(mx.sum(mx.square(u))) / mx.maximum(
+                mx.sqrt(mx.sum(mx.square(scaled))), 1e-10)
+            updates.append(scaled * norm_ratio * math.sqrt(max(1.0, rows / cols)))
+        u = mx.concatenate(updates, axis=0) if len(updates) > 1 else updates[0]
+        if wd is None:
+            return p - lr * u
+        cautious = (u * p >= 0).astype(mx.float32)  # decay only where it agrees with the update
+        return p - lr * (u + wd * p * cautious)
 
 
 def lr_multiplier(progress: float) -> float:
@@ -460,9 +569,12 @@ def main(argv=None):
 
     groups = param_groups(model)
     for g in groups:
-        print(f"  group {g.name:<13} lr {g.lr:.5f} betas {g.betas} wd {g.weight_decay} "
+        how = (f"muon momentum {MUON_MOMENTUM[0]}->{MUON_MOMENTUM[1]} over {MUON_MOMENTUM_STEPS} "
+               f"steps, {MUON_NS_STEPS} NS steps, beta2 {MUON_BETA2}, cautious"
+               if g.kind == "muon" else f"adamw betas {g.betas}")
+        print(f"  group {g.name:<13} lr {g.lr:.5f} wd {g.weight_decay} {how} "
               f"({len(g.params)} tensors)", flush=True)
-    optimizer = AdamW(model, groups)
+    optimizer = Optimizer(model, groups)
 
     head = LOSS_HEAD if LOSS_HEAD != "auto" else ("numpy" if run.backend == "cpu" else "mlx")
     if head not in ("numpy", "mlx"):
@@ -494,8 +606,8 @@ def main(argv=None):
             return loss, grads
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def optimizer_step(grads, lr_mult, wd_mult):
-        optimizer.update(model, grads, lr_mult, wd_mult)
+    def optimizer_step(grads, lr_mult, wd_mult, momentum):
+        optimizer.update(model, grads, lr_mult, wd_mult, momentum)
 
     loader = run.train_loader(DEVICE_BATCH_SIZE)
     startup_seconds = time.time() - t_start
@@ -516,7 +628,7 @@ def main(argv=None):
             mx.eval(loss, grads)  # bound memory to one micro-batch's graph
         if grad_accum_steps > 1:
             grads = tree_map(lambda g: g / grad_accum_steps, grads)
-        optimizer_step(grads, lr_mult, wd_mult)
+        optimizer_step(grads, lr_mult, wd_mult, mx.array(muon_momentum(step)))
         mx.eval(model.parameters(), optimizer.state)
         train_loss = loss.item() / grad_accum_steps
         dt = time.time() - t0
@@ -562,6 +674,7 @@ def main(argv=None):
                total_tokens_M=step * TOTAL_BATCH_SIZE / 1e6, tok_per_sec=tok_per_sec,
                params=counts, flops_per_token=flops_per_token,
                grad_accum_steps=grad_accum_steps, untimed_seconds=untimed_seconds, loss_head=head,
+               optimizer=OPTIMIZER,
                config=dataclasses.asdict(config))
 
 

@@ -65,6 +65,7 @@ from typing import Any, Callable
 import zmq
 
 from shared import protocol
+from shared.awake import KeepAwake
 from shared.codec import CodecError, decode, encode
 from shared.datasync import (DataSyncError, check_manifest, fetch_dataset, harness_difference,
                              harness_file_hashes, harness_fingerprint)
@@ -75,10 +76,11 @@ from shared.protocol import (HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, RECONNECT_I
                              RECONNECT_MAX, ProtocolError)
 from trainer.backend import trainer_env
 from trainer.dataset import DatasetError, read_manifest
-from worker import kernel_cache, states
+from worker import gate, kernel_cache, states
+from worker.conditions import read_conditions
 from worker.runner import AttemptProcess, AttemptSpec, LowDiskSpace, default_run_root
-from worker.states import (BLOCKED, CONNECTING, ENROLLING, FETCHING, HOLDING, IDLE, REPORTING,
-                           RUNNING, STOPPED)
+from worker.states import (BLOCKED, CONNECTING, ENROLLING, FETCHING, HOLDING, IDLE, PAUSED,
+                           REPORTING, RUNNING, STOPPED)
 
 READY_RESEND = 3.0        # seconds between ``ready`` re-sends while idle and unassigned
 MAX_POLL_SECONDS = 0.25   # poll slice: how quickly signals and the subprocess are noticed
@@ -189,6 +191,10 @@ class AgentConfig:
     keypair: Any = None          # shared.keys.Keypair of this worker; None = --insecure
     server_key: Any = None       # the coordinator's pinned public key (Z85)
     invite: str | None = None    # one-time token to enrol with if the coordinator lacks our key
+    allow_battery: bool = False  # take new work on battery too (worker.gate)
+    when_idle: float | None = None   # seconds of keyboard/mouse idle before new work; None: any
+    keep_awake: bool = True      # hold caffeinate (macOS) for every trainer's lifetime
+    gate_poll: float = gate.POLL_SECONDS   # how often a waiting worker re-reads its conditions
 
 
 class Agent:
@@ -199,7 +205,9 @@ class Agent:
                  start_attempt: Callable[..., Any] | None = None,
                  run_root: Path | None = None,
                  env: dict[str, str] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 conditions: Callable[..., dict] = read_conditions,
+                 system: str | None = None):
         self.cfg = config
         self.profile = profile
         self.hw_class = profile["hw_class"]
@@ -254,6 +262,15 @@ class Agent:
         self.fetch_result: tuple | None = None
         self.fetch_retry_at = 0.0
 
+        # the machine's conditions (worker.gate): why no new work now, and the run's readings
+        self.conditions = conditions
+        self.gate_settings = gate.GateSettings(config.allow_battery, config.when_idle)
+        self.pause_reason: str | None = None
+        self.next_gate = 0.0                    # when to re-read the conditions while waiting
+        self.start_conditions: dict | None = None   # read just before the trainer started
+        self.awake: KeepAwake | None = None
+        self.system = system                    # None: this machine's (tests pass "Darwin")
+
     # ---- state --------------------------------------------------------------------------
 
     def _to(self, new: str) -> None:
@@ -275,9 +292,39 @@ class Agent:
             self._to(HOLDING)
         elif self.want_hash is not None and self.have_hash != self.want_hash:
             self._to(FETCHING)
+        elif self._gate(now):
+            self._to(PAUSED)
         else:
             self._to(IDLE)
             self.next_ready = now
+
+    def _gate(self, now: float, force: bool = False) -> str | None:
+        """Why the machine's conditions say no new work (``worker.gate``), re-read at most every
+        ``gate_poll`` seconds; logs each change once."""
+        if not self._gating:
+            return None
+        if force or now >= self.next_gate:
+            self._judge_gate(self._read_conditions(), now)
+        return self.pause_reason
+
+    def _judge_gate(self, conditions: dict, now: float) -> str | None:
+        self.next_gate = now + self.cfg.gate_poll
+        reason = gate.paused_reason(conditions, self.gate_settings)
+        if reason != self.pause_reason:
+            self.event(f"paused: {reason}" if reason else
+                       "resuming: the machine's conditions allow new work again")
+            self.pause_reason = reason
+        return reason
+
+    @property
+    def _gating(self) -> bool:
+        return not self.cfg.allow_battery or bool(self.cfg.when_idle)
+
+    def _read_conditions(self) -> dict:
+        try:
+            return self.conditions(with_idle=bool(self.cfg.when_idle))
+        except Exception as exc:   # a probe must never stop the worker
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
     def _leave(self) -> None:
         self._send("bye", worker_id=self.worker_id, reason="worker stopped by its operator")
@@ -384,6 +431,8 @@ class Agent:
             if self.proc is not None:  # never leave a trainer behind
                 self.proc.cancel("worker exiting")
                 self.proc.wait(timeout=SHUTDOWN_WAIT)
+            if self.awake is not None:
+                self.awake.stop()
         return self.exit_code
 
     def _step(self) -> None:
@@ -424,13 +473,19 @@ class Agent:
             return
         if self.sock is not None and now >= self.next_beat:
             progress = self.proc.progress() if self.proc is not None else None
+            beat = {"paused": self.pause_reason} if self.state == PAUSED else {}
             self._send("heartbeat", worker_id=self.worker_id, attempt_id=self.attempt_id,
-                       progress=progress if isinstance(progress, dict) else None)
+                       progress=progress if isinstance(progress, dict) else None, **beat)
             self.next_beat = now + self.interval
         if self.state == REPORTING and now >= self.next_result:
             self._send_pending()
         elif self.state == HOLDING and now >= self.hold_until:
             self._settle()
+        elif self.state == PAUSED and now >= self.next_gate:
+            if not self._gate(now):
+                self._settle()
+        elif self.state == IDLE and now >= self.next_gate and self._gate(now):
+            self._settle()   # unplugged (or someone came back) while idle
         elif self.state == FETCHING and self.fetch_thread is None and now >= self.fetch_retry_at:
             self._start_fetch()
         elif self.state == IDLE and now >= self.next_ready:
@@ -638,7 +693,15 @@ class Agent:
         self.event(f"assigned {attempt_id}: {purpose} #{msg['candidate_id']} "
                    f"({msg['commit'][:8]}), timeout {float(msg['timeout']):.0f}s")
         problem = self._preflight()
+        # The machine now: the run's first reading, and a last look at the gate (an assign
+        # may have crossed an unplugging, or the pause itself).
+        self.start_conditions = self._read_conditions()
+        if problem is None and self._gating:
+            reason = self._judge_gate(self.start_conditions, self.clock())
+            if reason:
+                problem = f"paused: {reason}"
         if problem is not None:
+            self.start_conditions = None
             self._refuse_attempt(attempt_id, f"worker will not run it: {problem}")
             return
         env = dict(self.env)
@@ -658,6 +721,11 @@ class Agent:
             return
         self.attempt_id = attempt_id
         self._to(RUNNING)
+        pid = getattr(self.proc, "pid", None)
+        if self.cfg.keep_awake and isinstance(pid, int):
+            self.awake = KeepAwake.start(pid, system=self.system)
+            if self.awake.note and self.awake.argv:
+                self.event(f"the machine may sleep during {attempt_id}: {self.awake.note}")
 
     def _report(self, attempt_id: str, outcome: dict) -> None:
         self.pending = {"attempt_id": attempt_id, "outcome": outcome}
@@ -693,6 +761,12 @@ class Agent:
         wire = outcome.to_wire() if hasattr(outcome, "to_wire") else dict(outcome)
         attempt_id = self.attempt_id
         self.proc, self.attempt_id, self.cancel_at = None, None, None
+        if self.awake is not None:
+            self.awake.stop()
+            self.awake = None
+        # the machine before and after: the coordinator judges whether it slowed the run
+        wire["conditions"] = {"start": self.start_conditions, "end": self._read_conditions()}
+        self.start_conditions = None
         bpb = wire.get("val_bpb")
         bpb_s = f" val_bpb {bpb:.4f}" if isinstance(bpb, (int, float)) else ""
         self.event(f"finished {attempt_id}: {wire.get('status')}{bpb_s} "

@@ -70,6 +70,19 @@ def join_options(f):
                           "machine's key if the coordinator does not trust it yet."),
         click.option("--insecure", is_flag=True,
                      help="No keys, plain TCP: only for a coordinator started with --insecure."),
+        click.option("--allow-battery", is_flag=True,
+                     help="Take new work on battery power too. By default a laptop takes new "
+                          "work only on AC power: unplugged, it finishes the current run and "
+                          "pauses until plugged in."),
+        click.option("--when-idle", type=click.FloatRange(min=0, min_open=True), default=None,
+                     metavar="MINUTES",
+                     help="Take new work only when the keyboard and mouse have been idle this "
+                          "long (macOS); a run that has started always finishes."),
+        click.option("--memory-gb", type=click.FloatRange(min=0, min_open=True), default=None,
+                     envvar="AUTORESEARCH_MEMORY_GB", metavar="GB",
+                     help="Report this much memory instead of what the machine says (its "
+                          "hardware class follows). For tests and machines that misreport; "
+                          "leave it unset otherwise."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -109,13 +122,22 @@ def _server_key(endpoint: str, server_key: str | None, invite: str | None,
 @join_options
 def join(endpoint: str, name: str | None, cache_dir: Path | None, threads: int | None,
          heartbeat_interval: float, liveness: int, reconnect_max: float,
-         server_key: str | None, invite: str | None, insecure: bool) -> None:
+         server_key: str | None, invite: str | None, insecure: bool, allow_battery: bool,
+         when_idle: float | None, memory_gb: float | None) -> None:
     """Join the coordinator at ENDPOINT (e.g. tcp://lab-mac.local:5555) and train until Ctrl-C.
 
     The coordinator must hold the key given by --server-key (else this worker refuses to run
     anything) and must trust this machine's worker key: if it does not, the worker prints its
     key and the one command the coordinator's admin runs, or enrols itself with --invite.
     The coordinator's dataset is fetched into --cache-dir on first join (no internet needed).
+
+    On someone's laptop: new work only on AC power (--allow-battery lifts it) and, with
+    --when-idle, only when nobody has touched the keyboard or mouse for that long. A run that
+    has started always finishes and is reported; then the worker pauses, and the coordinator's
+    status says why. During each run the Mac is kept awake (caffeinate, tied to the trainer's
+    pid). The machine's thermal state, memory pressure and swap at the start and end of every
+    run go with its result; a run the machine slowed is not counted and runs again.
+
     To run it in the background at every login instead, use `autoresearch-worker install`
     with the same arguments.
     """
@@ -124,7 +146,12 @@ def join(endpoint: str, name: str | None, cache_dir: Path | None, threads: int |
     from worker.agent import Agent, AgentConfig, default_cache_dir
     from worker.profile import profile_machine
 
+    from worker.idle import idle_supported
+
     _check_endpoint(endpoint)
+    if when_idle and not idle_supported():
+        raise click.UsageError("--when-idle needs macOS's keyboard/mouse idle time; this "
+                               "system cannot tell when it is idle")
     pinned = _server_key(endpoint, server_key, invite, insecure)
     keypair = None
     if not insecure:
@@ -137,8 +164,9 @@ def join(endpoint: str, name: str | None, cache_dir: Path | None, threads: int |
                       heartbeat_interval=heartbeat_interval, liveness=liveness,
                       reconnect_initial=min(RECONNECT_INITIAL, reconnect_max),
                       reconnect_max=reconnect_max, keypair=keypair, server_key=pinned,
-                      invite=invite)
-    profile = profile_machine(threads)
+                      invite=invite, allow_battery=allow_battery,
+                      when_idle=when_idle * 60 if when_idle else None)
+    profile = profile_machine(threads, memory_gb=memory_gb)
     agent = Agent(cfg, profile)
     agent.install_signal_handlers()
     sys.exit(agent.run())

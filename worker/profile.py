@@ -227,12 +227,19 @@ def profile_machine(
     cpu_count: int | None = None,
     cpu_available: int | None = None,
     machine: str | None = None,
+    memory_gb: float | None = None,
 ) -> dict:
     """Profile this machine. ``threads``: the BLAS thread count the trainer will be given
-    (None = the OpenBLAS default, one per available CPU). The keyword-only arguments
+    (None = the OpenBLAS default, one per available CPU). ``memory_gb`` replaces the memory
+    the probes found (installed and usable alike, so the hardware class follows): for tests
+    and machines that misreport it (``join --memory-gb``). The other keyword-only arguments
     replace the probes (tests feed recorded outputs through them)."""
     if threads is not None and (not isinstance(threads, int) or threads <= 0):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    if memory_gb is not None and (isinstance(memory_gb, bool)
+                                  or not isinstance(memory_gb, (int, float))
+                                  or not memory_gb > 0):
+        raise ValueError(f"memory_gb must be a positive number, got {memory_gb!r}")
     system = system or platform.system()
     if system == "Darwin":
         found = _macos(run)
@@ -271,6 +278,9 @@ def profile_machine(
         # otherwise; that default is what the class must describe.
         "blas_threads": threads if threads is not None else (available if backend == "cpu" else None),
     }
+    if memory_gb is not None:
+        profile["memory_bytes"] = profile["usable_memory_bytes"] = int(memory_gb * 2**30)
+        profile["memory_override"] = True
     profile["hw_class"] = hardware_class(profile)
     return profile
 

@@ -42,8 +42,15 @@ Finished run dirs are pruned to the newest ``keep_runs`` per run_root. Each work
 its own run_root (``default_run_root``), so workers sharing one machine and cache never touch
 each other's files.
 
-Known limit: if the worker itself is SIGKILLed, its attempt's group is not killed; the trainer
-dies at its next write to the closed log pipe (BrokenPipeError) rather than at the timeout.
+If the worker itself dies (SIGKILL included, on Linux and macOS), its trainer goes with it:
+the worker holds the only write end of a *lifeline* pipe; the bootstrap forks a sentinel into
+the trainer's group that blocks reading it and SIGKILLs the whole group at EOF (the kernel
+closes the worker's end however it dies). A sentinel process, not a thread: it also covers a
+trainer stuck in C code or exec'd, and it is killed with the group like everything else (the
+bootstrap retires and reaps it when train.py returns). On Linux the trainer also gets
+``PR_SET_PDEATHSIG`` = SIGKILL, set only when the attempt is started from the worker's main
+thread: the death signal follows the *thread* that forked, and a short-lived thread would kill
+a healthy trainer. The worker closes its end once the trainer's group is gone.
 
 Containment of a hostile or broken train.py (it is arbitrary code from an agent):
 - Processes. train.py is started through a small bootstrap (``python -c BOOTSTRAP``) that sets
@@ -136,10 +143,36 @@ SWEEP_ROUNDS = 20             # kill sweeps repeat until a round finds nobody ne
 SCRATCH_DIRS = ("home", "tmp")  # HOME and TMPDIR of the trainer, inside the run dir
 RUN_FILES = ("train.py", "train.log", "result.json", "progress.jsonl")
 
-# Runs train.py as __main__ after setting limits the trainer cannot undo. argv: limit, path.
-# In-process (runpy), not exec: a fresh interpreter would set SIGXFSZ back to ignored.
+# Runs train.py as __main__ after setting limits the trainer cannot undo. argv: limit,
+# lifeline fd, pdeathsig (0|1), path. In-process (runpy), not exec: a fresh
+# interpreter would set SIGXFSZ back to ignored.
 BOOTSTRAP = """\
 import os, sys
+def _lifeline(fd, pdeath):
+    # The worker holds the only write end of pipe fd. A sentinel child (in the trainer's
+    # group, so every kill of the group takes it too) blocks reading it: EOF means the worker
+    # is gone, and nothing may keep training for it, so it SIGKILLs the whole group.
+    import signal
+    if fd < 0:
+        return 0
+    if pdeath and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)  # a cancel's SIGTERM is for the trainer
+            while os.read(fd, 64):
+                pass
+        finally:
+            os.killpg(0, signal.SIGKILL)
+            os._exit(0)
+    os.close(fd)
+    return pid
 def _contain(fsize):
     import resource, signal
     if fsize > 0:
@@ -156,11 +189,21 @@ def _contain(fsize):
         except Exception:
             pass
 _contain(int(sys.argv[1]))
-del _contain
-sys.argv = sys.argv[2:]
+_sentinel = _lifeline(int(sys.argv[2]), sys.argv[3] == "1")
+del _contain, _lifeline
+sys.argv = sys.argv[4:]
 sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
 import runpy
-runpy.run_path(sys.argv[0], run_name="__main__")
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    if _sentinel:  # the run is over: retire the sentinel (reaped here, not left a zombie)
+        import signal
+        try:
+            os.kill(_sentinel, signal.SIGKILL)
+            os.waitpid(_sentinel, 0)
+        except OSError:
+            pass
 """
 
 # os.waitid is missing on macOS before Python 3.13; tests flip this to cover the fallback.
@@ -390,6 +433,7 @@ class AttemptProcess:
         self._sigkilled = False
         self._outcome: Outcome | None = None
         self._token = token
+        self._lifeline = -1        # write end of the trainer's lifeline pipe (set by start)
         self._file_size_limit = file_size_limit
         self._min_free = min_free_bytes
         self._disk_next = self._t0 + DISK_CHECK_INTERVAL
@@ -455,20 +499,29 @@ class AttemptProcess:
         (run_dir / "train.py").write_text(spec.train_py, encoding="utf-8")
         log_file = open(run_dir / "train.log", "wb")
         fsize = int(file_size_limit) if file_size_limit and file_size_limit > 0 else 0
+        # The lifeline (see the module doc): our end is not inheritable, so only this trainer
+        # holds the read end and only this process the write end.
+        life_r, life_w = os.pipe()
+        pdeath = "1" if threading.current_thread() is threading.main_thread() else "0"
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-c", BOOTSTRAP, str(fsize), "train.py"],
+                [sys.executable, "-c", BOOTSTRAP, str(fsize), str(life_r), pdeath, "train.py"],
                 cwd=run_dir, env=child_env,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True,
+                start_new_session=True, close_fds=True, pass_fds=(life_r,),
             )
         except BaseException:
             log_file.close()
+            os.close(life_w)
             raise
+        finally:
+            os.close(life_r)
         _LIVE_DIRS.add(run_dir)
-        return cls(spec, run_dir, proc, log_file, log_limit=log_limit, keep_runs=keep_runs,
-                   kill_grace=kill_grace, token=token, file_size_limit=fsize,
-                   min_free_bytes=min_free_bytes, kernels=kernels)
+        attempt = cls(spec, run_dir, proc, log_file, log_limit=log_limit, keep_runs=keep_runs,
+                      kill_grace=kill_grace, token=token, file_size_limit=fsize,
+                      min_free_bytes=min_free_bytes, kernels=kernels)
+        attempt._lifeline = life_w
+        return attempt
 
     @property
     def attempt_id(self) -> str:
@@ -499,10 +552,15 @@ class AttemptProcess:
                         pass
                     self._sweep(signal.SIGKILL, tree=False)
             self._exit_at = now
+            self._cut_lifeline()
             self._reader.join(timeout=0.05)
         # Stragglers were just killed, so the pipe closes promptly; but never wait long on
         # a process that escaped the group and holds the pipe.
         if self._reader.is_alive() and now - self._exit_at < DRAIN_GRACE:
+            return None
+        # The group was SIGKILLed, but its members (the lifeline sentinel at least) are
+        # orphans until init reaps them: the attempt is over when its group is empty.
+        if self._group_left() and now - self._exit_at < DRAIN_GRACE:
             return None
         self._outcome = self._classify()
         # Keep the kernels of a trainer that exited by itself (a kill can truncate a library).
@@ -612,6 +670,26 @@ class AttemptProcess:
         finally:
             log_file.close()
             pipe.close()
+
+    def _group_left(self) -> bool:
+        """Anything (even an unreaped zombie) left in the trainer's group? Signal 0 only, so
+        asking after the leader was reaped harms nobody."""
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True   # macOS answers EPERM for a group of zombies
+        return True
+
+    def _cut_lifeline(self) -> None:
+        """The trainer's group is gone: close our end of its lifeline."""
+        fd, self._lifeline = self._lifeline, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _leader_exited(self) -> bool:
         if _HAVE_WAITID:

@@ -6,11 +6,13 @@
     fetching    welcomed, lacks the coordinator's dataset: fetching it (or waiting to retry)
     blocked     welcomed, this machine's trainer harness differs: takes no work
     holding     welcomed, backing off (low disk, a mismatch refusal) until a deadline
+    paused      welcomed, the machine's conditions say no new work (on battery, in use:
+                ``worker.gate``); re-read every POLL_SECONDS, idle again when they allow
     running     a trainer subprocess runs the assigned attempt
     reporting   the attempt's result is sent (and re-sent) until the coordinator acks it
     stopped     leaving: bye sent or a refusal that retrying cannot fix (final)
 
-``idle``, ``fetching``, ``blocked`` and ``holding`` are the *waiting* states: the worker holds
+``idle``, ``fetching``, ``blocked``, ``holding`` and ``paused`` are the *waiting* states: the worker holds
 nothing and was welcomed. Losing the link (or a ``hello_first`` error: the coordinator does not
 know us) sends a waiting worker back to ``connecting``; ``running`` and ``reporting`` outlive the
 link -- the trainer keeps going, the next hello carries the attempt, and the result is re-sent
@@ -26,12 +28,13 @@ from __future__ import annotations
 from shared import machine
 from shared.machine import IllegalTransition  # noqa: F401  (raised by check)
 
-CONNECTING, ENROLLING, IDLE, FETCHING, BLOCKED, HOLDING, RUNNING, REPORTING, STOPPED = (
-    "connecting", "enrolling", "idle", "fetching", "blocked", "holding", "running",
+CONNECTING, ENROLLING, IDLE, FETCHING, BLOCKED, HOLDING, PAUSED, RUNNING, REPORTING, STOPPED = (
+    "connecting", "enrolling", "idle", "fetching", "blocked", "holding", "paused", "running",
     "reporting", "stopped")
 
-STATES = (CONNECTING, ENROLLING, IDLE, FETCHING, BLOCKED, HOLDING, RUNNING, REPORTING, STOPPED)
-WAITING = frozenset({IDLE, FETCHING, BLOCKED, HOLDING})
+STATES = (CONNECTING, ENROLLING, IDLE, FETCHING, BLOCKED, HOLDING, PAUSED, RUNNING, REPORTING,
+          STOPPED)
+WAITING = frozenset({IDLE, FETCHING, BLOCKED, HOLDING, PAUSED})
 # Where an assign is taken (it is checked before the run: a blocked or dataset-less worker
 # reports it cancelled at once, which is ``reporting``).
 TAKES_WORK = frozenset({CONNECTING}) | WAITING
@@ -50,6 +53,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     IDLE: _SETTLE | {CONNECTING, RUNNING, REPORTING},
     HOLDING: _SETTLE | {CONNECTING, RUNNING, REPORTING},
     FETCHING: _SETTLE | {CONNECTING, REPORTING},
+    # paused: an assign that crossed the pause is refused (cancelled: requeued, no strike)
+    PAUSED: _SETTLE | {CONNECTING, REPORTING},
     BLOCKED: _SETTLE | {CONNECTING, REPORTING},
     RUNNING: frozenset({REPORTING, STOPPED}),
     # acked -> whichever waiting state the facts say (or stopped, if the operator asked)

@@ -67,17 +67,22 @@ function renderHeads(st, hist) {
     const runs = h.runs ? `${h.runs} run${h.runs > 1 ? "s" : ""}` : h.state;
     return el("div", { class: "card", "data-class": h.hw_class },
       el("div", { class: "cls" }, h.hw_class),
-      el("div", { class: "big head-bpb" }, num(h.val_bpb)),
+      el("div", { class: "big head-bpb" }, num(h.val_bpb),
+        isNum(h.sem) ? el("span", { class: "sem" }, ` ± ${h.sem.toFixed(4)}`) : null),
       el("div", { class: "cls" }, `head #${st.head_candidate} · ${runs}`,
-        isNum(h.sem) ? ` · sem ${h.sem.toFixed(4)}` : ""),
-      delta ? el("div", { class: "delta" }, delta) : null);
+        isNum(h.sigma) ? ` · σ ${h.sigma.toFixed(4)}${h.sigma_source === "prior" ? " (prior)" : ""}` : ""),
+      delta ? el("div", { class: "delta" }, delta) : null,
+      h.drift ? el("div", { class: "failed cls" }, `drift: ${h.drift}`) : null);
   });
   fill("heads", ...(cards.length ? cards : [el("div", { class: "empty" }, "no worker has joined yet")]));
 }
 
 function progressCell(w, settings) {
   const p = w.progress;
-  if (w.state !== "running") return el("td", { class: "muted" }, w.state === "gone" ? (w.gone_reason || "") : "");
+  if (w.state !== "running") {
+    return el("td", { class: "muted" }, w.state === "gone" ? (w.gone_reason || "")
+      : w.state === "paused" ? (w.paused || "") : "");
+  }
   if (!p) return el("td", { class: "muted" }, "starting…");
   const frac = isNum(p.progress) ? Math.min(1, Math.max(0, p.progress)) : 0;
   const budget = settings && settings.time_budget;
@@ -110,7 +115,7 @@ function renderWorkers(st) {
   }
 }
 
-function renderQueue(st) {
+function renderQueue(st, hist) {
   const q = st.queue || [];
   fill("queue-n", q.length ? `(${q.length})` : "");
   table("queue", [["#"], ["description"]],
@@ -118,12 +123,21 @@ function renderQueue(st) {
     "empty");
   if (q.length > 12) document.getElementById("queue").appendChild(
     el("tr", {}, el("td", { colspan: 2, class: "muted" }, `… and ${q.length - 12} more`)));
-  const m = st.awaiting || st.measured || [];
+  // Candidates with runs but no decision: repeats under way, or waiting for the head's runs.
+  const m = st.in_progress || st.measured || [];
+  const sem = {};
+  for (const s of hist.progress || []) for (const p of s.pending || []) sem[p.candidate_id] = p;
   fill("measured-n", m.length ? `(${m.length})` : "");
-  table("measured", [["#"], ["description"], ["val_bpb", "n"], ["waiting for"]],
-    m.map((c) => el("tr", {}, el("td", {}, `#${c.candidate_id}`), el("td", {}, c.description),
-      el("td", { class: "n" }, pm(isNum(c.mean) ? c.mean : c.val_bpb, c.sem)),
-      el("td", { class: "muted" }, c.waiting_for || (isNum(c.needed) ? `${c.needed} more runs` : "")))),
+  table("measured", [["#"], ["description"], ["val_bpb", "n"], ["runs", "n"], ["state"]],
+    m.map((c) => {
+      const h = sem[c.candidate_id] || {};
+      const runs = isNum(c.runs_wanted) && c.runs_wanted > 0 ? `${c.runs || 0} of ${c.runs_wanted}`
+        : String(c.runs || h.n || 0);
+      return el("tr", {}, el("td", {}, `#${c.candidate_id}`), el("td", {}, c.description),
+        el("td", { class: "n" }, pm(isNum(h.mean) ? h.mean : c.val_bpb, h.sem)),
+        el("td", { class: "n" }, runs),
+        el("td", { class: "muted" }, c.waiting_for || c.state || ""));
+    }),
     "nothing waiting");
 }
 
@@ -144,7 +158,7 @@ function renderDecisions(hist) {
     ["head", "n"], ["confidence", "n"], ["reason"]], rows, "no decisions yet");
 }
 
-let keptKey = "";
+let keptKey = null;
 function renderKept(hist) {
   const kept = hist.kept || [];
   const key = kept.map((k) => k.commit).join(",");
@@ -238,7 +252,9 @@ function plot(s) {
   const nk = pts.filter((p) => p.verdict === "kept").length;
   let sub = `${pts.length} decided, ${nk} kept`;
   if (isNum(head)) sub += `, head ${head.toFixed(4)}`;
-  if (isNum(head) && isNum(s.baseline)) sub += ` (${(head - s.baseline).toFixed(4)} vs baseline)`;
+  if (isNum(head) && isNum(s.baseline) && Math.abs(head - s.baseline) > 1e-12) {
+    sub += ` (${(head - s.baseline).toFixed(4)} vs baseline)`;
+  }
   if (pend.length) sub += `, ${pend.length} being measured`;
   svg.appendChild(sv("text", { class: "title", x: L, y: 16 }, `${s.hw_class} — ${sub}`));
   return svg;
@@ -268,7 +284,7 @@ function render(snap) {
   renderHeads(st, hist);
   renderProblems(st, snap);
   renderWorkers(st);
-  renderQueue(st);
+  renderQueue(st, hist);
   renderPlots(hist);
   renderDecisions(hist);
   renderKept(hist);
