@@ -669,7 +669,9 @@ class Coordinator(contextlib.AbstractContextManager):
             (attempt_id, cid, purpose, worker_id, hw, commit, now, index, sha, onto))
         self.ledger.db.execute("UPDATE workers SET attempt_id = ?, last_seen = ? "
                                "WHERE worker_id = ?", (attempt_id, now, worker_id))
-        self._seen.setdefault(worker_id, {})["progress"] = None
+        # The in-memory heartbeat agrees with the ledger's last_seen written just above (status
+        # reads the former on a live run and the latter on a stopped one).
+        self._seen.setdefault(worker_id, {}).update(progress=None, last_seen=now)
         settings = {k: self.settings[k] for k in RUN_FIELDS}
         settings["seed"] = seeds.seed_for(int(self.settings["seed"]), index)
         return Assignment(attempt_id=attempt_id, candidate_id=cid, commit=commit,
