@@ -8,7 +8,8 @@ calls its methods as the server would) is fed by simulated workers on two hardwa
   * every candidate is the current head's train.py with one more *idea* switched on (one line
     ``IDEA_0042 = 1``; each idea has its own line, so git merges them cleanly). An idea has a
     true effect in units of the class's σ: half harmful (exponential, mean +1 σ: mostly
-    slight), 40 % neutral (exactly 0), 10 % helpful (-0.5..-3 σ, uniform). The same stream of ideas, in the same order, for every policy;
+    slight), 10 % helpful (-0.5..-3 σ, uniform; ``--helpful`` changes the share), the rest
+    neutral (exactly 0). The same stream of ideas, in the same order, for every policy;
   * a run's val_bpb = the class's base + the sum of its text's effects + a seed effect shared by
     every text run with that seed index (σ_seed) + fresh run noise (σ_run) + a slow drift of the
     class over the night. Total σ = sqrt(σ_seed² + σ_run²); the defaults are this machine's tiny
@@ -29,6 +30,7 @@ Every policy gets the same compute: ``--runs`` runs in total. Figures per policy
     python benchmarks/decisions.py                       # 3 nights x 2 policies, 450 runs each
     python benchmarks/decisions.py --quick               # 1 night, 150 runs
     python benchmarks/decisions.py --policy greedy --runs 900 --seeds 5
+    python benchmarks/decisions.py --helpful 0.03 --out benchmarks/results/decisions-rare.json
 
 Writes benchmarks/results/decisions.json (git-ignored) with the settings, the load average
 before and after, and every figure.
@@ -95,7 +97,7 @@ def with_idea(text: str, idea: int) -> str:
     return text.replace(f"IDEA_{idea:04d} = 0\n", f"IDEA_{idea:04d} = 1\n", 1)
 
 
-def idea_stream(seed: int) -> list[tuple[str, float]]:
+def idea_stream(seed: int, helpful: float = HELPFUL) -> list[tuple[str, float]]:
     """(kind, effect in σ) for each idea, in submission order; the same for every policy."""
     rng = random.Random(seed)
     out = []
@@ -104,7 +106,7 @@ def idea_stream(seed: int) -> list[tuple[str, float]]:
         if u < HARMFUL:
             # most harm is slight: exponential, mean 1 σ (a third of it under 0.4 σ)
             out.append(("harmful", rng.expovariate(1.0)))
-        elif u < 1.0 - HELPFUL:
+        elif u < 1.0 - helpful:
             out.append(("neutral", 0.0))
         else:
             out.append(("helpful", -rng.uniform(0.5, 3.0)))
@@ -119,6 +121,7 @@ class Night:
     workers: int
     queue: int
     settings: dict = field(default_factory=dict)
+    helpful: float = HELPFUL
 
 
 def policy_settings(policy: str) -> dict:
@@ -128,7 +131,7 @@ def policy_settings(policy: str) -> dict:
 
 
 def simulate(night: Night, log=print) -> dict:
-    ideas = idea_stream(night.seed)
+    ideas = idea_stream(night.seed, night.helpful)
     rng = random.Random(night.seed * 7919 + 1)
     seed_effects = {c.name: [rng.gauss(0.0, c.sigma_seed) for _ in range(64)] for c in CLASSES}
     clock = [0.0]
@@ -269,10 +272,12 @@ def _mean(rows: list[dict], key: str) -> float | None:
               help="Workers per hardware class.")
 @click.option("--queue", type=click.IntRange(min=1), default=2, show_default=True,
               help="Candidates the agents keep waiting.")
+@click.option("--helpful", type=click.FloatRange(0.0, 0.5), default=HELPFUL, show_default=True,
+              help="Fraction of ideas that help (the rest: half harmful, the others neutral).")
 @click.option("--quick", is_flag=True, help="One night of 150 runs per policy.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=OUT,
               show_default=True, help="Where the JSON goes.")
-def main(policies, runs, seeds, workers, queue, quick, out):
+def main(policies, runs, seeds, workers, queue, helpful, quick, out):
     """Compare keep/discard policies on the real coordinator with simulated workers."""
     if quick:
         runs, seeds = 150, 1
@@ -284,7 +289,7 @@ def main(policies, runs, seeds, workers, queue, quick, out):
     nights = []
     for policy in policies:
         for s in range(seeds):
-            night = Night(policy, s + 1, runs, workers, queue, policy_settings(policy))
+            night = Night(policy, s + 1, runs, workers, queue, policy_settings(policy), helpful)
             click.echo(f"{policy}, night {s + 1}/{seeds}: {runs} runs on "
                        f"{workers * len(CLASSES)} workers", err=True)
             nights.append(simulate(night, log=lambda m: click.echo(m, err=True)))
@@ -297,6 +302,7 @@ def main(policies, runs, seeds, workers, queue, quick, out):
     load_after = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") \
         else None
     doc = {"classes": [asdict(c) | {"sigma": c.sigma} for c in CLASSES], "runs": runs,
+           "mix": {"harmful": HARMFUL, "helpful": helpful, "neutral": 1 - HARMFUL - helpful},
            "seeds": seeds, "workers_per_class": workers, "queue": queue,
            "wall_seconds": time.time() - t0, "loadavg_before": load_before,
            "loadavg_after": load_after, "summary": summary, "nights": nights}

@@ -12,9 +12,17 @@ Cases (Linux CPU backend; on macOS the OpenBLAS cases are skipped, the rest run 
                  allocator hands big buffers back to glibc, which by default returns them to
                  the OS, so every [tokens x vocab] temporary page-faults fresh zeroed pages
   default-noblas the same without OpenBLAS (MLX's bundled reference BLAS; very slow)
+  default-mlxhead the same with train.py's LOSS_HEAD = "mlx": the softcapped loss's tanh/exp
+                 in MLX's CPU kernels instead of numpy (what the numpy head buys)
+  default-muon   the same with OPTIMIZER = "muon" (what Muon's Newton-Schulz steps cost)
+
+Eval tok/s (eval tokens / eval seconds, 32K tokens at T=256) is reported next to training's:
+the eval forward should run at >= 2x training's tok/s. --rounds N repeats the chosen cases
+interleaved (A, B, A, B), so the machine's load falls on every case alike.
 
     python benchmarks/trainer.py                  # all cases
     python benchmarks/trainer.py --only tiny default --budget 30
+    python benchmarks/trainer.py --only default default-mlxhead --rounds 3
 """
 
 from __future__ import annotations
@@ -58,6 +66,10 @@ def cases(budget: int) -> dict:
                            blas=True, threads=1, env={}),
         "default-mmap": dict(preset="seed", overrides=DEFAULT_T256, seq_len=256, budget=budget,
                              blas=True, threads=None, env=GLIBC_DEFAULT_MALLOC),
+        "default-mlxhead": dict(preset="seed", overrides={**DEFAULT_T256, "LOSS_HEAD": "mlx"},
+                                seq_len=256, budget=budget, blas=True, threads=None, env={}),
+        "default-muon": dict(preset="seed", overrides={**DEFAULT_T256, "OPTIMIZER": "muon"},
+                             seq_len=256, budget=budget, blas=True, threads=None, env={}),
         # Steps take tens of seconds without OpenBLAS: a short budget still measures 1-2 steps.
         "default-noblas": dict(preset="seed", overrides=DEFAULT_T256, seq_len=256,
                                budget=min(budget, 20), blas=False, threads=None, env={}),
@@ -85,7 +97,7 @@ def run_case(name: str, case: dict, dataset: Path, workdir: Path) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("AUTORESEARCH_") and k != "LD_PRELOAD"}
     env.update(AUTORESEARCH_DATA=str(dataset), AUTORESEARCH_SEQ_LEN=str(case["seq_len"]),
-               AUTORESEARCH_EVAL_TOKENS="8192", AUTORESEARCH_RESULT=str(result),
+               AUTORESEARCH_EVAL_TOKENS="32768", AUTORESEARCH_RESULT=str(result),
                AUTORESEARCH_PROGRESS=str(progress))
     if case["blas"]:
         env = backend.trainer_env(env, case["threads"])
@@ -120,6 +132,9 @@ def run_case(name: str, case: dict, dataset: Path, workdir: Path) -> dict:
                median_tok_per_sec=tokens_per_step / step_s if step_s and tokens_per_step else None,
                first_steps_seconds=doc.get("untimed_seconds"),
                startup_seconds=doc.get("startup_seconds"), eval_seconds=doc.get("eval_seconds"),
+               eval_tok_per_sec=(doc["eval_tokens"] / doc["eval_seconds"]
+                                 if doc.get("eval_seconds") and doc.get("eval_tokens") else None),
+               loss_head=doc.get("loss_head"), optimizer=doc.get("optimizer"),
                peak_memory_mb=doc.get("peak_vram_mb"), num_params_M=doc.get("num_params_M"),
                backend=doc.get("backend"))
     return row
@@ -130,13 +145,14 @@ def fmt(value, spec):
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'case':<15}{'status':>7}{'tok/s':>9}{'med tok/s':>10}{'step s':>8}{'first2 s':>9}"
-            f"{'startup s':>10}{'eval s':>8}{'peak MB':>9}{'steps':>6}  load before/after")
+    head = (f"{'case':<16}{'status':>7}{'tok/s':>9}{'med tok/s':>10}{'eval tok/s':>11}{'step s':>8}"
+            f"{'first2 s':>9}{'startup s':>10}{'eval s':>8}{'peak MB':>9}{'steps':>6}  load before/after")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['case']:<15}{r.get('status', 'error'):>7}{fmt(r.get('tok_per_sec'), ',.0f'):>9}"
-              f"{fmt(r.get('median_tok_per_sec'), ',.0f'):>10}{fmt(r.get('step_seconds'), '.3f'):>8}"
+        print(f"{r['case']:<16}{r.get('status', 'error'):>7}{fmt(r.get('tok_per_sec'), ',.0f'):>9}"
+              f"{fmt(r.get('median_tok_per_sec'), ',.0f'):>10}"
+              f"{fmt(r.get('eval_tok_per_sec'), ',.0f'):>11}{fmt(r.get('step_seconds'), '.3f'):>8}"
               f"{fmt(r.get('first_steps_seconds'), '.1f'):>9}"
               f"{fmt(r.get('startup_seconds'), '.1f'):>10}{fmt(r.get('eval_seconds'), '.1f'):>8}"
               f"{fmt(r.get('peak_memory_mb'), ',.0f'):>9}{fmt(r.get('num_steps'), 'd'):>6}  "
@@ -152,6 +168,7 @@ def main(argv=None) -> None:
                     help="training seconds for the default-config cases (default 30)")
     ap.add_argument("--cache", type=Path, default=None,
                     help="cache root for the prepared sample (default: a temporary directory)")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the cases, interleaved")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -163,9 +180,10 @@ def main(argv=None) -> None:
         cache = args.cache or Path(tmp) / "cache"
         dataset = sample_dataset(cache)
         rows = []
-        for name in names:
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            rows.append(run_case(name, chosen[name], dataset, Path(tmp) / "runs"))
+        for round_ in range(args.rounds):
+            for name in names:
+                print(f"running {name} ...", file=sys.stderr, flush=True)
+                rows.append(run_case(name, chosen[name], dataset, Path(tmp) / f"runs{round_}"))
     doc = {"benchmark": "trainer", "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                        "python": platform.python_version()},

@@ -17,16 +17,20 @@ proposal got back) into the brief. Sections, in the order an agent needs them:
 
 Snapshot fields (all optional; missing ones render as "(none)"): ``tag``, ``head`` {commit,
 candidate_id, description, values: [{hw_class, mean, sem, runs}]}, ``decisions`` [{candidate_id,
-verdict, description, hw_class, mean|val_bpb, sem, runs, head_mean|head_bpb, head_sem, reason}],
-``queued`` / ``running`` / ``awaiting`` [{candidate_id, description, hw_class, worker, mean,
-sem, runs, waiting_for}], ``failures`` [{candidate_id, description, hw_class, status, reason,
-log_tail}], ``noise`` [{hw_class, sigma, runs}], ``workers`` (int), ``settings``, ``program_md``.
+verdict, description, hw_class, mean|val_bpb, sem, runs, head_mean|head_bpb, head_sem, reason,
+value_text, head_text (``mean ± sem (n)`` as the decision stored them: preferred)}], ``queued``
+/ ``running`` / ``awaiting`` [{candidate_id, description, hw_class, worker, mean, sem, runs,
+waiting_for}], ``failures`` [{candidate_id, description, hw_class, status, reason, log_tail}],
+``noise`` [{hw_class, text (the noise model's description) | sigma, runs}], ``workers`` (int),
+``program_md``. Numbers are shown the one way runs are shown everywhere (``rule.fmt_runs``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from coordinator.rule import fmt_runs
 
 # The files of one proposal's work directory (coordinator.proposers makes it).
 TRAIN_PY_NAME = "train.py"
@@ -90,15 +94,15 @@ def _isnum(x: Any) -> bool:
 
 
 def fmt_value(mean: Any, sem: Any = None, runs: Any = None) -> str:
-    """``1.4123 ± 0.0040 (3 runs)`` / ``1.4123 (1 run)`` / ``-``."""
+    """``1.4123 ± 0.0040 (3)`` (mean ± sem (runs), ``coordinator.rule.fmt_runs``), or
+    ``1.4123 (1)`` without a sem, ``-`` without a number."""
     if not _isnum(mean):
         return "-"
-    text = f"{mean:.4f}"
-    if _isnum(sem):
-        text += f" ± {sem:.4f}"
-    if isinstance(runs, int) and not isinstance(runs, bool) and runs > 0:
-        text += f" ({runs} run{'s' if runs != 1 else ''})"
-    return text
+    n = runs if isinstance(runs, int) and not isinstance(runs, bool) and runs > 0 else None
+    if _isnum(sem) and n:
+        return fmt_runs(mean, sem, n)
+    text = f"{mean:.4f}" + (f" ± {sem:.4f}" if _isnum(sem) else "")
+    return text + (f" ({n})" if n else "")
 
 
 def _one_line(text: Any, limit: int = 300) -> str:
@@ -113,10 +117,14 @@ def _ref(d: dict) -> str:
 
 
 def _candidate_value(d: dict) -> str:
+    if isinstance(d.get("value_text"), str):     # as the decision stored it
+        return d["value_text"]
     return fmt_value(_get(d, "mean", "val_bpb"), _get(d, "sem"), _get(d, "runs"))
 
 
 def _head_value(d: dict) -> str:
+    if isinstance(d.get("head_text"), str):
+        return d["head_text"]
     return fmt_value(_get(d, "head_mean", "head_bpb"), _get(d, "head_sem"), _get(d, "head_runs"))
 
 
@@ -257,6 +265,9 @@ def _noise(snapshot: dict) -> list[str]:
                 "between runs of the same train.py."]
     out = []
     for n in items:
+        if isinstance(n.get("text"), str):          # the noise model's own description
+            out.append(f"- {_get(n, 'hw_class')}: {n['text']}")
+            continue
         sigma, runs = _get(n, "sigma"), _get(n, "runs")
         s = f"σ ≈ {sigma:.4f}" if _isnum(sigma) else "σ unknown"
         out.append(f"- {_get(n, 'hw_class')}: {s}" + (f" ({runs} runs)" if runs else ""))
@@ -276,7 +287,8 @@ an agent is one proposal.
   last decisions with mean ± sem and their reasons, what is queued, running and awaiting
   repeats right now (other agents are on those: pick something else), recent failures with
   their log tails, the noise per class, what this agent's previous proposal got back, and this
-  file. The paths are also in {env}.
+  file. The paths are also in the environment:
+  {env}.
 - Out: the edited `{TRAIN_PY_NAME}`, one line in `{DESCRIPTION_NAME}` saying what changed and
   why, and exit status 0. The runner submits it based on the head the agent started from.
 - Rules: one idea per proposal; edit only `{TRAIN_PY_NAME}`; do not train, submit or commit;

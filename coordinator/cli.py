@@ -843,8 +843,10 @@ def format_status(data: Any) -> str:
     workers = _rows(data.get("workers"))
     out.append("\nworkers:")
     out.append(_table([[_pick(w, "name", "key"), _pick(w, "state", "status"),
-                        _pick(w, "hw_class"), _pick(w, "attempt_id")] for w in workers],
-                      ["name", "state", "class", "attempt"]) if workers else "  (none)")
+                        _pick(w, "hw_class"), _gb(w.get("usable_memory")),
+                        _pick(w, "attempt_id")] for w in workers],
+                      ["name", "state", "class", "memory", "attempt"])
+               if workers else "  (none)")
     running = _rows(data.get("running"))
     out.append("\nrunning:")
     out.append(_table([[_pick(r, "attempt_id", "key"), f"#{_pick(r, 'candidate_id')}",
@@ -860,6 +862,15 @@ def format_status(data: Any) -> str:
     counts = data.get("counts")
     if isinstance(counts, dict) and counts:
         out.append("\n" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    routed = _rows(data.get("routed"))
+    if routed:
+        out.append("\nrouted away for memory (out of memory on the class, requeued for more):")
+        by_class: dict[str, list[str]] = {}
+        for r in routed:
+            by_class.setdefault(str(r.get("from_class")), []).append(
+                f"#{r.get('candidate_id')} (needs more than "
+                f"{(r.get('memory') or 0) / 2**30:.1f} GB, now {r.get('state')})")
+        out.extend(f"  {hw}: {', '.join(items)}" for hw, items in sorted(by_class.items()))
     paused = [w for w in workers if w.get("paused")]
     if paused:
         out.append("\nworkers paused by their machine:")
@@ -903,6 +914,10 @@ def _based_on(q: dict) -> str:
     return f"{base} (behind the head: rebased when it runs)" if q.get("behind_head") else base
 
 
+def _gb(n: Any) -> str:
+    return f"{n / 2**30:.1f} GB" if isinstance(n, (int, float)) and n else "-"
+
+
 def _progress(p: Any) -> str:
     if not isinstance(p, dict):
         return "-"
@@ -927,7 +942,8 @@ def format_log(data: Any) -> str:
     table = _table([[_pick(r, "time", "at", "created_at", "finished_at"),
                      f"#{_pick(r, 'candidate_id')}",
                      _pick(r, "verdict") or " ".join(
-                         str(x) for x in (r.get("state"), r.get("status")) if x),
+                         str(x) for x in (r.get("state"), r.get("status"),
+                                          "flagged" if r.get("flagged") else None) if x),
                      _pick(r, "runs") or _num(_pick(r, "val_bpb")), _pick(r, "hw_class"),
                      _what_happened(r)] for r in rows],
                    ["time", "cand", "what", "val_bpb", "class", "description"])
@@ -947,6 +963,10 @@ def _what_happened(r: dict) -> Any:
         return f"{text}: {note}" if text else note
     if r.get("verdict") == "stale" and r.get("reason"):
         return f"{text}: {r['reason']}" if text else r["reason"]
+    origin = r.get("origin")
+    if r.get("kind") == "decision" and isinstance(origin, dict) and origin.get("transcript"):
+        who = " on ".join(str(origin[k]) for k in ("proposer", "host") if origin.get(k))
+        return f"{text} ({who + ': ' if who else ''}{origin['transcript']})"
     return text
 
 

@@ -25,6 +25,13 @@ A candidate measured on hardware class C before the head is decided when the hea
 C arrives (``_decide_waiting``). The worker's note (why its status) is stored on the attempt and
 leads a failure's reason.
 
+The worker's machine readings at the start and end of a run (``Outcome.conditions``) and the
+run's tok/s are stored on the attempt; an ok run its machine slowed (``coordinator.slowdown``)
+is marked ``flagged`` -- stored, never counted (``scheduling.is_run``) -- and the candidate is
+leased again (``_requeue``). An ``oom`` candidate is routed (``coordinator.routing``): requeued,
+unbound from its class, for workers with more usable memory than the class it failed on
+(``candidates.min_memory``, a ``routes`` row), or failed when no connected class has more.
+
 Choices worth knowing:
   * candidate 0 is the baseline (state kept, with a "baseline" decision row) so head
     assignments carry an integer candidate id like everything else;
@@ -59,18 +66,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from coordinator import decide, rebase, reports, rule, scheduling, seeds
+from coordinator import (
+    decide, rebase, reports, routing, rule, scheduling, seeds, slowdown,
+)
 from coordinator import noise as noise_model
 from coordinator import states as st
 from coordinator.identity import program_sha, text_sha
-from coordinator.ledger import Ledger, LedgerError, ledger_path
+from coordinator.ledger import Ledger, LedgerError, ledger_path, loads
 from coordinator.repo import (
     CANDIDATE_REFS, DISPLACED_REFS, REBASED_REFS, RUN_FIELDS, ZERO, CoordinatorBusy, GitError,
     acquire_lock, candidate_ref, clear_stale_ref_locks, commit_object, commit_tree_of,
     decision_settings, is_ancestor, list_refs, load_run, make_tree, read_blob, rebased_ref,
     rev_parse, state_dir, sync_worktree, update_ref, write_results_tsv,
 )
-from shared.outcome import CANCELLED, OK, Outcome, plain
+from shared.outcome import CANCELLED, OK, OOM, Outcome, plain
+from shared.protocol import ORIGIN_FIELDS
 
 __all__ = ["Coordinator", "CoordinatorBusy", "SubmitRejected", "RetryRefused", "HelloReply",
            "Assignment", "Decision", "ResultAck", "clean_description"]
@@ -155,6 +165,15 @@ def clean_description(text: Any) -> str:
     if len(clean) > MAX_DESCRIPTION:
         clean = clean[: MAX_DESCRIPTION - 1].rstrip() + "…"
     return clean or "(no description)"
+
+
+def clean_origin(origin: Any) -> dict[str, str]:
+    """The ``ORIGIN_FIELDS`` of a submission's origin map that are text, each cleaned like a
+    description (one line, no control or bidi characters, capped); anything else dropped."""
+    if not isinstance(origin, dict):
+        return {}
+    return {k: clean_description(origin[k]) for k in ORIGIN_FIELDS
+            if isinstance(origin.get(k), str) and origin[k].strip()}
 
 
 def _json(obj: Any) -> str:
@@ -369,23 +388,35 @@ class Coordinator(contextlib.AbstractContextManager):
                     cid)]
                 return None, self._fail_candidate(cid, att["hw_class"],
                                                   decide.lost_reason(times), ids)
+        self._requeue(cid, att["hw_class"])
+        return cid, None
+
+    def _requeue(self, cid: int, hw: str) -> None:
+        """A run of candidate ``cid`` on ``hw`` did not count (lost, cancelled, flagged as
+        slowed by its machine): lease it again."""
         if self.ledger.scalar("SELECT COUNT(*) FROM attempts WHERE candidate_id = ? AND "
                               "state = 'leased'", cid):
-            return cid, None  # other repeats of it are still running: it stays running
-        if self._candidate_runs(self.ledger.candidate(cid), att["hw_class"]):
+            return  # other repeats of it are still running: it stays running
+        if self._candidate_runs(self.ledger.candidate(cid), hw):
             # It has runs on its class: the missing repeat is leased again there.
             self._set_candidate(cid, st.REPEATING)
-            return cid, None
+            return
         self._set_candidate(cid, st.QUEUED)
         self.ledger.db.execute("UPDATE candidates SET hw_class = NULL, runs_wanted = NULL "
                                "WHERE id = ?", (cid,))
-        return cid, None
 
     # ---- workers ------------------------------------------------------------------------
 
     def worker_hello(self, worker_id: str, name: str, profile: dict, hw_class: str,
-                     attempt_id: str | None) -> HelloReply:
-        """A worker (re)joins, saying which attempt it is running (or None)."""
+                     attempt_id: str | None, in_flight: str | None = None) -> HelloReply:
+        """A worker (re)joins, saying which attempt it is running (or None).
+
+        ``in_flight``: the attempt the server has just sent this worker an assign for, which
+        this hello may have crossed -- still its lease (the server sends the assign again). A
+        live lease the worker does not hold otherwise never reached it (an assign lost with a
+        connection or with the previous coordinator process): cancelled, requeued, no strike.
+        The same worker id is the same worker process, so this is never the candidate's fault.
+        """
         with self._mutex:
             now = self._now()
             requeued: list[int] = []
@@ -401,13 +432,16 @@ class Coordinator(contextlib.AbstractContextManager):
                     (worker_id, name, hw_class, _json(profile if isinstance(profile, dict) else {}),
                      now, now))
                 lease = self.ledger.live_lease(worker_id)
-                if lease is not None and attempt_id == lease["attempt_id"]:
+                held = attempt_id if attempt_id is not None else in_flight
+                if lease is not None and held == lease["attempt_id"]:
                     db.execute("UPDATE workers SET attempt_id = ? WHERE worker_id = ?",
-                               (attempt_id, worker_id))
+                               (held, worker_id))
                     reply.reattached = True
                 else:
                     if lease is not None:  # it came back without the attempt we leased it
-                        cid, dec = self._lose(lease, st.LOST, "worker restarted without it")
+                        cid, dec = self._lose(lease, st.CANCELLED,
+                                              "the worker does not hold it: the assign never "
+                                              "reached it")
                         requeued += [cid] if cid is not None else []
                         decided = dec is not None
                     if attempt_id:
@@ -459,6 +493,13 @@ class Coordinator(contextlib.AbstractContextManager):
             return {r[0] for r in self.ledger.all(
                 "SELECT DISTINCT worker_id FROM attempts WHERE state = 'leased'")}
 
+    def live_workers(self) -> set[str]:
+        """Workers the ledger believes alive: not marked gone, or holding a live lease. After a
+        restart each gets one window to say hello, else it is marked gone."""
+        with self._mutex:
+            return self.leased_workers() | {r[0] for r in self.ledger.all(
+                "SELECT worker_id FROM workers WHERE state != 'gone'")}
+
     # ---- scheduling ---------------------------------------------------------------------
 
     def next_assignment(self, worker_id: str) -> Assignment | None:
@@ -484,10 +525,13 @@ class Coordinator(contextlib.AbstractContextManager):
         hw = w["hw_class"]
         head = self.ledger.head()
         on_head = self._head_on(hw)
+        memory = routing.worker_memory(loads(w["profile"], {}))
         skip: set[int] = set()  # went stale just now
         while True:
             queued = [r[0] for r in self.ledger.all(
-                "SELECT id FROM candidates WHERE state = 'queued' ORDER BY id") if r[0] not in skip]
+                "SELECT id, min_memory FROM candidates WHERE state = 'queued' ORDER BY id")
+                if r[0] not in skip
+                and routing.fits(r[1], memory)]   # routed here for more memory, or not
             choice = scheduling.choose(
                 head["candidate_id"], on_head, queued,
                 head_runs=int(self.decision["head_runs"]),
@@ -719,10 +763,22 @@ class Coordinator(contextlib.AbstractContextManager):
                     decisions += [dec] if dec else []
                 else:
                     self._set_attempt(attempt_id, st.DONE)
-                    if att["purpose"] == st.PURPOSE_CANDIDATE and status != OK:
-                        reason = decide.failure_reason(oc, att["hw_class"])
-                        decisions.append(self._fail_candidate(
-                            att["candidate_id"], att["hw_class"], reason, [attempt_id]))
+                    judged = self._judge_slowdown(att, oc) if status == OK else None
+                    if judged is not None and judged.flagged:
+                        note = judged.reason
+                        if att["purpose"] == st.PURPOSE_CANDIDATE:
+                            self._requeue(att["candidate_id"], att["hw_class"])
+                    elif att["purpose"] == st.PURPOSE_CANDIDATE and status != OK:
+                        route = self._route_oom(att) if status == OOM else None
+                        if route is not None and route.requeue:
+                            self._apply_route(att, route)
+                            note = route.reason
+                        else:
+                            reason = decide.failure_reason(oc, att["hw_class"])
+                            if route is not None:   # ran out of memory on the largest class
+                                reason = f"{reason}; {route.reason}"
+                            decisions.append(self._fail_candidate(
+                                att["candidate_id"], att["hw_class"], reason, [attempt_id]))
                     elif att["purpose"] == st.PURPOSE_HEAD and status == OK:
                         note = self._check_drift(att)
                     decisions += self._decide_class(att["hw_class"])
@@ -764,12 +820,61 @@ class Coordinator(contextlib.AbstractContextManager):
         return text
 
     def _store_outcome(self, att, oc: Outcome) -> None:
-        """The outcome as the worker classified it, note included (it says why the status)."""
+        """The outcome as the worker classified it, note included (it says why the status),
+        with the worker's machine readings and the run's average tok/s."""
         self.ledger.db.execute(
             "UPDATE attempts SET status = ?, val_bpb = ?, summary = ?, log_tail = ?, "
-            "exit_code = ?, wall_seconds = ?, note = COALESCE(?, note) WHERE attempt_id = ?",
+            "exit_code = ?, wall_seconds = ?, note = COALESCE(?, note), conditions = ?, "
+            "tok_per_sec = ? WHERE attempt_id = ?",
             (oc.status, oc.val_bpb, _json(oc.result), oc.log_tail or None, oc.exit_code,
-             oc.wall_seconds, oc.note or None, att["attempt_id"]))
+             oc.wall_seconds, oc.note or None, _json(oc.conditions) if oc.conditions else None,
+             slowdown.run_tok_per_sec(oc.result), att["attempt_id"]))
+
+    def _judge_slowdown(self, att, oc: Outcome) -> slowdown.Judgement:
+        """Did the worker's machine slow this ok run (``coordinator.slowdown``)? A flagged run
+        is marked (``attempts.flagged``: ``scheduling.is_run`` leaves it out of everything)
+        and its note says why; a run counted despite machine evidence says that too."""
+        same_text = [r for r in self.ledger.class_attempts(att["candidate_id"], att["hw_class"])
+                     if r["attempt_id"] != att["attempt_id"]
+                     and (r["text_sha"] is None or att["text_sha"] is None
+                          or r["text_sha"] == att["text_sha"])]
+        refs = [r["tok_per_sec"] for r in same_text
+                if scheduling.is_run(r) and r["tok_per_sec"] is not None]
+        judged = slowdown.judge(oc.result, oc.conditions, refs,
+                                sum(1 for r in same_text if r["flagged"]))
+        if judged.reason:
+            self.ledger.db.execute(
+                "UPDATE attempts SET flagged = ?, note = TRIM(COALESCE(note || '; ', '') || ?) "
+                "WHERE attempt_id = ?",
+                (judged.reason if judged.flagged else None, judged.reason, att["attempt_id"]))
+        return judged
+
+    def _route_oom(self, att) -> routing.Route:
+        """Where a candidate goes after running out of memory on ``att``'s class."""
+        me = self.ledger.worker(att["worker_id"])
+        memory = routing.worker_memory(loads(me["profile"], {})) if me is not None else None
+        cand = self.ledger.candidate(att["candidate_id"])
+        connected = [(w["hw_class"], routing.worker_memory(loads(w["profile"], {})))
+                     for w in self.ledger.all("SELECT hw_class, profile FROM workers "
+                                              "WHERE state = 'connected'")]
+        return routing.after_oom(att["hw_class"], memory, cand["min_memory"], connected)
+
+    def _apply_route(self, att, route: routing.Route) -> None:
+        """Requeue an out-of-memory candidate for workers with more memory than ``route``
+        says it needs: unbound from this class (measured from scratch where it lands), its
+        other leases here cancelled (they would run out of memory too)."""
+        cid = att["candidate_id"]
+        for r in self.ledger.all("SELECT attempt_id FROM attempts WHERE candidate_id = ? AND "
+                                 "state = 'leased'", cid):
+            self._set_attempt(r[0], st.CANCELLED, note="candidate routed to more memory")
+        self.ledger.db.execute(
+            "INSERT INTO routes(candidate_id, from_class, memory, reason, routed_at) "
+            "VALUES (?,?,?,?,?)", (cid, att["hw_class"], route.min_memory, route.reason,
+                                   self._now()))
+        if self.ledger.candidate(cid)["state"] != st.QUEUED:
+            self._set_candidate(cid, st.QUEUED)
+        self.ledger.db.execute("UPDATE candidates SET hw_class = NULL, runs_wanted = NULL, "
+                               "min_memory = ? WHERE id = ?", (route.min_memory, cid))
 
     def _candidate_sha(self, cand) -> str:
         """sha256 of the text a candidate's runs must have to count for it: the text it would
@@ -943,11 +1048,13 @@ class Coordinator(contextlib.AbstractContextManager):
 
     # ---- clients ------------------------------------------------------------------------
 
-    def submit(self, train_py: str, description: str, base: str | None = None) -> dict:
+    def submit(self, train_py: str, description: str, base: str | None = None,
+               origin: dict | None = None) -> dict:
         """Queue a train.py variant; SubmitRejected if it cannot be run. The same program as an
         earlier candidate (coordinator.identity: comments and formatting ignored) is answered
         with that candidate (``duplicate: True``, ``same_program_as``) and not queued again;
-        so is the head's own program (nothing to try)."""
+        so is the head's own program (nothing to try). ``origin`` (tool, proposer, host,
+        transcript) is kept beside it (``clean_origin``)."""
         if not isinstance(train_py, str):
             raise SubmitRejected("train.py must be text")
         size = len(train_py.encode("utf-8", "surrogatepass"))
@@ -957,6 +1064,7 @@ class Coordinator(contextlib.AbstractContextManager):
         if err:
             raise SubmitRejected(err)
         desc = clean_description(description)
+        where = clean_origin(origin)
         sha = text_sha(train_py)
         program = program_sha(train_py)
         with self._mutex:
@@ -982,15 +1090,20 @@ class Coordinator(contextlib.AbstractContextManager):
             with self.ledger.tx() as db:
                 cid = int(self.ledger.scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM candidates"))
                 tree = make_tree(self.repo_dir, base_commit, {"train.py": train_py})
+                came = "".join(f"{k}: {v}\n" for k, v in where.items())
                 commit = commit_object(self.repo_dir, tree, [base_commit],
                                        f"candidate #{cid}: {desc}\n\nbase: {base_commit}\n"
-                                       f"sha256(train.py): {sha}\n")
+                                       f"sha256(train.py): {sha}\n{came}")
                 db.execute("INSERT INTO candidates(id, description, sha256, train_py, "
                            "base_commit, commit_sha, state, created_at, updated_at, program_sha,"
                            " text_commit, text_onto, text_sha) "
                            "VALUES (?,?,?,?,?,?,'queued',?,?,?,?,?,?)",
                            (cid, desc, sha, train_py, base_commit, commit, now, now, program,
                             commit, base_commit, sha))
+                if where:
+                    db.execute("INSERT INTO origins(candidate_id, tool, proposer, host, "
+                               "transcript) VALUES (?,?,?,?,?)",
+                               (cid, *(where.get(k) for k in ORIGIN_FIELDS)))
             # After the commit: a crash here leaves the ref missing; reconcile() recreates it.
             update_ref(self.repo_dir, candidate_ref(cid), commit, reason="autoresearch submit")
             row = self.ledger.candidate(cid)

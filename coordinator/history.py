@@ -31,9 +31,9 @@ from typing import Any, Iterator
 
 from coordinator import states as st
 from coordinator.ledger import ReadOnlyLedger, ledger_path, loads
-from coordinator.noise import pooled
+from coordinator import reports, scheduling
 from coordinator.reports import classes
-from coordinator.snapshot import mean_sem
+from coordinator.stats import mean_sem
 
 STAT_FIELDS = ("n", "mean", "sem", "head_n", "head_sem", "gain", "gain_sem", "sigma",
                "confidence", "test", "pairs")
@@ -97,9 +97,10 @@ def _row_stats(row: Any) -> dict:
 
 def _ok_runs(L: Any, cid: int, hw: str, until: float | None = None,
              ids: list[str] | None = None, purpose: str | None = None) -> list[float]:
-    sql = ("SELECT attempt_id, val_bpb, finished_at, purpose FROM attempts WHERE candidate_id = ?"
-           " AND hw_class = ? AND state = 'done' AND status = 'ok' ORDER BY finished_at")
-    rows = L.all(sql, cid, hw)
+    """val_bpb of the runs that count (``scheduling.is_run``: ok, not flagged as slowed)."""
+    rows = [r for r in L.all("SELECT * FROM attempts WHERE candidate_id = ? AND hw_class = ? "
+                             "AND state = 'done' AND status = 'ok' ORDER BY finished_at",
+                             cid, hw) if scheduling.is_run(r)]
     if ids:
         wanted = set(ids)
         rows = [r for r in rows if r["attempt_id"] in wanted]
@@ -199,14 +200,14 @@ def progress(L: Any) -> list[dict]:
             if d["verdict"] == st.KEPT and s["mean"] is not None:
                 step(x, s["mean"], "kept", f"#{d['candidate_id']} {d['description']}")
                 level = s["mean"]
-        # The current head measured here since this class's last decision (kept elsewhere).
+        # The current head as measured here now (kept elsewhere since, or run again).
         head = L.head()
         now_runs = _ok_runs(L, head["candidate_id"], hw)
         now_mean = mean_sem(now_runs)[0]
-        if elsewhere and now_mean is not None and (level is None or
-                                                    abs(now_mean - level) > 1e-12):
-            step(len(points) + 0.5 if level is not None else 0, now_mean, "elsewhere",
-                 "; ".join(elsewhere))
+        if now_mean is not None and (level is None or abs(now_mean - level) > 1e-12):
+            # ends where status puts the head: every run of it here, re-measures included
+            step(len(points) + 0.5 if level is not None else 0, now_mean,
+                 "elsewhere" if elsewhere else "remeasured", "; ".join(elsewhere) or None)
             level = now_mean
         if level is not None:
             step(len(points) + 1, level, "end")     # carry the last level to the edge
@@ -391,23 +392,20 @@ def workers_activity(L: Any, now: float | None = None) -> dict:
 # ---- noise -----------------------------------------------------------------------------------
 
 def noise(L: Any) -> list[dict]:
-    """Per class: the pooled standard deviation between reruns of the same train.py (every
-    candidate or head measured more than once there), with its degrees of freedom; plus the
-    decision rule's own sigma for the class when it records one (meta ``noise``)."""
-    stored = L.get_meta("noise") or {}
+    """Per class, the decision rule's noise model (``reports.class_noise``): σ between reruns
+    of one train.py pooled over every text run more than once there (with its degrees of
+    freedom and groups), σ of one paired difference, and the σ the rule uses (the pool's once
+    it has enough degrees of freedom, else the run's prior)."""
+    prior = reports.prior_sigma(L)
     out = []
     for hw in classes(L):
-        groups: dict[int, list[float]] = {}
-        for r in L.all("SELECT candidate_id, val_bpb FROM attempts WHERE hw_class = ? AND "
-                       "state = 'done' AND status = 'ok' AND val_bpb IS NOT NULL", hw):
-            groups.setdefault(r["candidate_id"], []).append(r["val_bpb"])
-        sigma, dof, repeated = pooled(groups.values())
-        rule = stored.get(hw) if isinstance(stored, dict) else None
-        if isinstance(rule, dict):
-            rule = rule.get("sigma")
-        out.append({"hw_class": hw, "sigma": sigma, "dof": dof,
-                    "repeated": repeated, "runs": sum(len(v) for v in groups.values()),
-                    "rule_sigma": rule if isinstance(rule, (int, float)) else None})
+        nz = reports.class_noise(L, hw, prior)
+        runs = L.scalar("SELECT COUNT(*) FROM attempts WHERE hw_class = ? AND state = 'done' "
+                        "AND status = 'ok'", hw)
+        out.append({"hw_class": hw, "sigma": nz.pooled_sigma, "dof": nz.pooled_df,
+                    "repeated": nz.groups, "runs": runs, "paired_sigma": nz.paired_sigma,
+                    "paired_dof": nz.paired_df, "rule_sigma": nz.sigma,
+                    "rule_source": nz.source, "min_dof": nz.min_df})
     return out
 
 

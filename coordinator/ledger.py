@@ -11,18 +11,25 @@ Tables (times are epoch seconds, REAL; JSON columns are TEXT):
     candidates id, description, sha256 (UNIQUE), train_py, base_commit, commit, state,
                created_at, updated_at, hw_class (the class its runs are on, once it has
                one: a decision uses one class only), runs_wanted (runs the rule asked for
-               in all, on that class), program_sha (coordinator.identity: same program, same
-               result), text_commit / text_onto / text_sha (the commit, head and sha256 of
-               the text its runs use now: its own text on its base, or its change rebased
-               onto a later head, coordinator.rebase). Candidate 0 is the run's baseline.
+               in all, on that class), min_memory (bytes: it ran out of memory on a class
+               with this much, so only workers with more take it -- coordinator.routing),
+               program_sha (coordinator.identity: same program, same result), text_commit /
+               text_onto / text_sha (the commit, head and sha256 of the text its runs use now:
+               its own text on its base, or its change rebased onto a later head,
+               coordinator.rebase). Candidate 0 is the run's baseline (state kept).
     attempts   attempt_id, candidate_id, purpose (head|candidate), worker_id, hw_class,
                commit (what was measured), leased_at, finished_at, state (leased|done|lost|
                cancelled|stale), prior_state (for stale: lost|cancelled), status (outcome:
                ok|crash|nan|oom|timeout|cancelled), val_bpb, summary (harness result JSON),
                log_tail, exit_code, wall_seconds, note, seed_index (repeat i ran with seed i
                of the run's sequence, coordinator.seeds), text_sha (sha256 of the train.py
-               it ran: runs of different texts are never pooled), onto (the head that text
+               it ran: runs of different texts are never pooled), conditions JSON (the
+               worker's machine at the start and end of the run), tok_per_sec (the run's
+               average), flagged (why the machine slowed it: stored, never counted --
+               coordinator.slowdown; NULL for a clean run), onto (the head the text it ran
                sat on: its base, or the head it was rebased onto; NULL for head runs)
+    routes     id, candidate_id, from_class, memory (usable bytes there), reason, routed_at:
+               one row per out-of-memory requeue to a class with more memory
     workers    worker_id, name, hw_class, profile JSON, first_seen, last_seen, attempt_id,
                state (connected|gone), gone_reason
     decisions  id, candidate_id (UNIQUE), hw_class (the one class whose runs decided it),
@@ -38,11 +45,15 @@ Tables (times are epoch seconds, REAL; JSON columns are TEXT):
     retries    id, candidate_id, reason, requested_by, retried_at, from_state, decision (the
                superseded decision row, JSON), attempts_before (attempts rowid at the retry:
                losses before it no longer count toward the candidate's limit)
+    origins    candidate_id, tool (agents|sweep|...), proposer, host, transcript: where a
+               submission came from, when its client said (the proposers do), so the log
+               points at the agent's transcript on the machine that ran it
 
-Schema 1 ledgers (before repeats) are upgraded in place on open: the new columns are added
-empty, and a run without a ``policy`` setting keeps deciding greedily (repo.decision_settings).
-Schema 2 ledgers (before rebasing) gain the text and program columns (programs computed from the
-stored texts; NULL text columns mean "its own text on its base") and the 'stale' verdict.
+Older ledgers are upgraded in place on open (``MIGRATIONS``). Schema 1 (before repeats): the
+new columns are added empty, and a run without a ``policy`` setting keeps deciding greedily
+(repo.decision_settings). Schema 3 ledgers (before rebasing) gain the text and program columns
+(programs computed from the stored texts; NULL text columns mean "its own text on its base")
+and the 'stale' verdict.
 
 Opening an existing ledger first runs ``check_ledger`` (read-only, before sqlite may create
 or change anything): an empty file, a file that is not SQLite, a damaged database
@@ -61,7 +72,7 @@ from typing import Any, Iterator
 
 from coordinator.identity import program_sha
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DECISIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS {name} (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -89,7 +100,7 @@ DECISION_COLUMNS = ("id, candidate_id, hw_class, verdict, head_before, head_afte
 
 
 def _backfill_programs(db: sqlite3.Connection) -> None:
-    """Schema 3: the program hash of every candidate so far (for same-program answers)."""
+    """Schema 4: the program hash of every candidate so far (for same-program answers)."""
     for row in db.execute("SELECT id, train_py FROM candidates").fetchall():
         try:
             program = program_sha(row[1])
@@ -112,17 +123,24 @@ MIGRATIONS: dict[int, tuple] = {
         "ALTER TABLE decisions ADD COLUMN rule TEXT",
         "ALTER TABLE decisions ADD COLUMN details TEXT",
         "ALTER TABLE head ADD COLUMN text_sha TEXT"),
+    3: ("ALTER TABLE candidates ADD COLUMN min_memory INTEGER",
+        "ALTER TABLE attempts ADD COLUMN conditions TEXT",
+        "ALTER TABLE attempts ADD COLUMN tok_per_sec REAL",
+        "ALTER TABLE attempts ADD COLUMN flagged TEXT",
+        "CREATE TABLE IF NOT EXISTS routes (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+        "candidate_id INTEGER NOT NULL REFERENCES candidates(id), from_class TEXT NOT NULL, "
+        "memory INTEGER, reason TEXT NOT NULL, routed_at REAL NOT NULL)"),
     # rebasing (coordinator.rebase) and program identity (coordinator.identity); 'stale' is a
     # verdict now, and SQLite changes a CHECK only by rebuilding the table
-    3: ("ALTER TABLE candidates ADD COLUMN program_sha TEXT",
+    4: ("ALTER TABLE candidates ADD COLUMN program_sha TEXT",
         "ALTER TABLE candidates ADD COLUMN text_commit TEXT",
         "ALTER TABLE candidates ADD COLUMN text_onto TEXT",
         "ALTER TABLE candidates ADD COLUMN text_sha TEXT",
         "ALTER TABLE attempts ADD COLUMN onto TEXT",
-        DECISIONS_TABLE.format(name="decisions_v3"),
-        f"INSERT INTO decisions_v3 ({DECISION_COLUMNS}) SELECT {DECISION_COLUMNS} FROM decisions",
+        DECISIONS_TABLE.format(name="decisions_v4"),
+        f"INSERT INTO decisions_v4 ({DECISION_COLUMNS}) SELECT {DECISION_COLUMNS} FROM decisions",
         "DROP TABLE decisions",
-        "ALTER TABLE decisions_v3 RENAME TO decisions",
+        "ALTER TABLE decisions_v4 RENAME TO decisions",
         "CREATE INDEX IF NOT EXISTS candidates_program ON candidates(program_sha)",
         _backfill_programs),
 }
@@ -147,6 +165,7 @@ CREATE TABLE IF NOT EXISTS candidates (
     updated_at  REAL NOT NULL,
     hw_class    TEXT,
     runs_wanted INTEGER,
+    min_memory  INTEGER,
     program_sha TEXT,
     text_commit TEXT,
     text_onto   TEXT,
@@ -174,10 +193,21 @@ CREATE TABLE IF NOT EXISTS attempts (
     note         TEXT,
     seed_index   INTEGER,
     text_sha     TEXT,
+    conditions   TEXT,
+    tok_per_sec  REAL,
+    flagged      TEXT,
     onto         TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_cand ON attempts(candidate_id, hw_class, state);
 CREATE INDEX IF NOT EXISTS attempts_worker ON attempts(worker_id, state);
+CREATE TABLE IF NOT EXISTS routes (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+    from_class   TEXT NOT NULL,
+    memory       INTEGER,
+    reason       TEXT NOT NULL,
+    routed_at    REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS workers (
     worker_id   TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
@@ -206,6 +236,13 @@ CREATE TABLE IF NOT EXISTS retries (
     from_state      TEXT NOT NULL,
     decision        TEXT,
     attempts_before INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS origins (
+    candidate_id INTEGER PRIMARY KEY REFERENCES candidates(id),
+    tool         TEXT,
+    proposer     TEXT,
+    host         TEXT,
+    transcript   TEXT
 );
 """
 

@@ -30,12 +30,14 @@ Stopping: ``stop(kill=False)`` (first Ctrl-C) starts nothing new and lets runnin
 and be submitted; ``stop(kill=True)`` (second Ctrl-C, or SIGTERM) kills their groups now. State
 that matters is the coordinator's: a submission either reached it or is still on disk in its
 proposal directory (``proposal.json`` state ``unsent``, sent by the next runner on the same
-OUT: ``resume_unsent``), so ``kill -9`` of the runner loses nothing the coordinator accepted. On Linux an agent is also killed if the runner dies
-(``PR_SET_PDEATHSIG``); on macOS a killed runner leaves its agents to finish on their own.
+OUT: ``resume_unsent``), so ``kill -9`` of the runner loses nothing the coordinator accepted. On Linux the agent process itself is killed when the runner
+dies (``PR_SET_PDEATHSIG``; processes the agent started may outlive a ``kill -9`` of the runner,
+nothing can reach them then); on macOS a killed runner leaves its agents to finish on their own.
 
 Command: ``shlex.split`` once, no shell: placeholders are replaced inside each argument, so a
 path with spaces stays one argument and nothing in a path is ever interpreted. Write
-``sh -c '...'`` yourself for pipes or ``$(cat {brief})``.
+``sh -c '...'`` yourself for pipes, and use ``"$AUTORESEARCH_BRIEF"`` etc. inside it (a
+placeholder pasted into a shell script would be parsed by that shell).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ import os
 import secrets
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,6 +56,7 @@ from typing import Any, Callable, Protocol
 
 from coordinator import pacing
 from coordinator.states import CANDIDATE_FINAL
+from shared.protocol import ORIGIN_FIELDS
 from coordinator.brief import (
     AGENT_ENV, BRIEF_NAME, DESCRIPTION_NAME, TRAIN_PY_NAME, BriefContext, Feedback, fmt_value,
     render_brief,
@@ -61,7 +65,10 @@ from coordinator.brief import (
 PLACEHOLDERS = tuple(AGENT_ENV)
 KILL_GRACE = 5.0          # seconds between SIGTERM and SIGKILL of an agent's group
 POLL_SECONDS = 0.2        # how often running agents are checked
-SNAPSHOT_SECONDS = 2.0    # how often the coordinator is asked what is in flight
+# How often the coordinator is asked what is in flight (and again right after each submit).
+# A brief costs the coordinator ~70 ms at 1000 decided candidates (benchmarks/proposers.py):
+# 5 s keeps one runner's polling near 1% of its core; runs last minutes, so nothing waits.
+SNAPSHOT_SECONDS = 5.0
 DEFAULT_TIMEOUT = 900.0   # seconds an agent gets by default
 DEFAULT_DECISIONS = 20    # decisions shown in a brief
 INDEX = "proposals.jsonl"
@@ -78,7 +85,16 @@ class Refused(RuntimeError):
 
 class Source(Protocol):
     def snapshot(self, watch: list[int]) -> dict: ...
-    def submit(self, train_py: str, description: str, base: str | None) -> dict: ...
+    def submit(self, train_py: str, description: str, base: str | None,
+               origin: dict | None = None) -> dict: ...
+
+
+def origin(tool: str, proposer: str | None = None, transcript: Path | None = None) -> dict:
+    """Where a submission comes from (``shared.protocol.ORIGIN_FIELDS``): the coordinator
+    keeps it, and its log points there."""
+    values = {"tool": tool, "proposer": proposer, "host": socket.gethostname(),
+              "transcript": None if transcript is None else str(transcript)}
+    return {k: values[k] for k in ORIGIN_FIELDS if values.get(k)}
 
 
 def with_head(snapshot: dict, head: dict) -> dict:
@@ -400,9 +416,10 @@ class _Follower:
     def pending_decisions(self) -> list[int]:
         return sorted(set(self.ours) - self.decided)
 
-    def submit(self, train_py: str, description: str, base: str | None, who: str) -> dict:
+    def submit(self, train_py: str, description: str, base: str | None, who: str,
+               where: dict | None = None) -> dict:
         """Raises Refused or SourceUnavailable; records the candidate as ours."""
-        data = self.source.submit(train_py, description, base)
+        data = self.source.submit(train_py, description, base, where)
         cid = data.get("candidate_id") if isinstance(data, dict) else None
         if isinstance(cid, int):
             self.ours.setdefault(cid, who)
@@ -620,7 +637,8 @@ class AgentRunner(_Follower):
     def _send(self, s: Slot, p: Proposal, j: Judged) -> bool:
         text = p.train_py.read_text(encoding="utf-8")
         try:
-            data = self.submit(text, j.description, p.head_commit, s.name)
+            data = self.submit(text, j.description, p.head_commit, s.name,
+                               origin("agents", s.name, p.transcript_path))
         except SourceUnavailable as exc:
             if not any(u[1] is p for u in self.unsent):
                 self.unsent.append((s, p, j))
@@ -738,7 +756,8 @@ class SweepRunner(_Follower):
                 continue
             desc = sweep.describe(point)
             try:
-                data = self.submit(sweep.apply_point(text, point), desc, commit, "sweep")
+                data = self.submit(sweep.apply_point(text, point), desc, commit, "sweep",
+                                   origin("sweep"))
             except SourceUnavailable:
                 return                  # retried on the next tick
             except (Refused, sweep.SweepError) as exc:

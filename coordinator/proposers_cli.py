@@ -19,8 +19,8 @@ import click
 
 from coordinator import pacing
 from coordinator.proposers import (
-    DEFAULT_DECISIONS, DEFAULT_TIMEOUT, AgentRunner, Refused, SourceUnavailable, SweepRunner,
-    install_signals, parse_command, with_head,
+    DEFAULT_DECISIONS, DEFAULT_TIMEOUT, SNAPSHOT_SECONDS, AgentRunner, Refused,
+    SourceUnavailable, SweepRunner, install_signals, parse_command, with_head,
 )
 from shared.client import ClientError, NoCoordinator
 from shared.protocol import REQUEST_TIMEOUT
@@ -56,9 +56,10 @@ class WireSource:
             self.head = self._ask("head")
         return with_head(snap, self.head)
 
-    def submit(self, train_py: str, description: str, base: str | None) -> dict:
+    def submit(self, train_py: str, description: str, base: str | None,
+               origin: dict | None = None) -> dict:
         try:
-            return self.client.submit(train_py, description, base)
+            return self.client.submit(train_py, description, base, origin)
         except NoCoordinator as exc:
             raise SourceUnavailable(str(exc)) from None
         except ClientError as exc:
@@ -105,7 +106,9 @@ The agent contract (also at the top of every brief):
 
 \b
 COMMAND is split like a shell would (shlex) but run without one; placeholders are replaced
-inside each argument, so paths are never interpreted. For pipes or $(...) write sh -c '...'.
+inside each argument, so paths are never interpreted. For pipes or $(...) write sh -c '...'
+and use the environment there ("$AUTORESEARCH_BRIEF"): a path pasted into a shell script
+would be parsed by that shell.
 Examples:
   --command 'claude -p "Read {brief} and do what it says." --permission-mode acceptEdits'
   --command 'codex exec --full-auto "Read {brief} and do what it says."'
@@ -153,6 +156,12 @@ Example:
 """
 
 
+def poll_option(f):
+    return click.option("--poll", type=click.FloatRange(min=0.1), default=SNAPSHOT_SECONDS,
+                        show_default=True, metavar="S",
+                        help="Seconds between asking the coordinator what is in flight.")(f)
+
+
 def make_commands(connect_option: Callable, open_client: Callable) -> list[click.Command]:
     """The ``agents`` and ``sweep`` commands, given the CLI's ``--connect/--server-key/
     --insecure`` options and its client factory (``coordinator.cli`` passes its own, so every
@@ -173,14 +182,16 @@ def make_commands(connect_option: Callable, open_client: Callable) -> list[click
                        f"research repo, else ./{DEFAULT_OUT}).")
     @click.option("--decisions", type=click.IntRange(min=1), default=DEFAULT_DECISIONS,
                   show_default=True, metavar="K", help="Recent decisions shown in each brief.")
+    @poll_option
     @click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
                   help="Stop after starting N agent runs (default: run until Ctrl-C).")
     @connect_option
     @click.option("--json", "as_json", is_flag=True,
                   help="Progress on stderr; at the end, every proposal as JSON on stdout.")
     def agents_command(count: int, command: str, timeout: float, slack: int, out_dir: Path | None,
-                       decisions: int, limit: int | None, endpoint: str | None,
-                       server_key: str | None, insecure: bool, as_json: bool) -> None:
+                       decisions: int, poll: float, limit: int | None,
+                       endpoint: str | None, server_key: str | None, insecure: bool,
+                       as_json: bool) -> None:
         try:
             argv = parse_command(command)
         except ValueError as exc:
@@ -192,7 +203,8 @@ def make_commands(connect_option: Callable, open_client: Callable) -> list[click
         with open_client(endpoint, REQUEST_TIMEOUT, server_key, insecure) as c:
             source = WireSource(c, decisions)
             runner = AgentRunner(source, argv, count=count, out_dir=out, timeout=timeout,
-                                 slack=slack, say=say, max_proposals=limit)
+                                 slack=slack, say=say, max_proposals=limit,
+                                 snapshot_every=poll)
             install_signals(runner)
             _run(runner, say)
         if as_json:
@@ -212,6 +224,7 @@ def make_commands(connect_option: Callable, open_client: Callable) -> list[click
     @click.option("--slack", type=click.IntRange(min=0), default=pacing.DEFAULT_SLACK,
                   show_default=True, metavar="K",
                   help="Candidates in flight allowed beyond the connected workers.")
+    @poll_option
     @click.option("--no-wait", "no_wait", is_flag=True,
                   help="Exit once every point is submitted instead of following the decisions.")
     @click.option("--dry-run", is_flag=True,
@@ -220,7 +233,7 @@ def make_commands(connect_option: Callable, open_client: Callable) -> list[click
     @click.option("--json", "as_json", is_flag=True,
                   help="Progress on stderr; at the end, each point and its candidate as JSON.")
     def sweep_command(params: tuple[str, ...], count: int | None, mode: str | None, seed: int,
-                      slack: int, no_wait: bool, dry_run: bool, endpoint: str | None,
+                      slack: int, poll: float, no_wait: bool, dry_run: bool, endpoint: str | None,
                       server_key: str | None, insecure: bool, as_json: bool) -> None:
         from coordinator import sweep
 
@@ -255,7 +268,8 @@ def make_commands(connect_option: Callable, open_client: Callable) -> list[click
                     click.echo(f"{len(rows)} point(s) on head {snap['head']['commit'][:10]}; "
                                "nothing submitted (--dry-run)")
                 return
-            runner = SweepRunner(source, axes, planned, slack=slack, say=say, wait=not no_wait)
+            runner = SweepRunner(source, axes, planned, slack=slack, say=say, wait=not no_wait,
+                                 snapshot_every=poll)
             install_signals(runner)
             _run(runner, say)
         if as_json:

@@ -37,6 +37,7 @@ from filelock import FileLock, Timeout
 
 from coordinator.identity import program_sha, text_sha
 from coordinator.ledger import Ledger, ledger_path
+from coordinator.brief import agent_contract_md
 from coordinator.noise import DEFAULT_PRIOR_SIGMA
 from coordinator.rule import DEFAULTS as RULE_DEFAULTS
 from coordinator.rule import check_settings as check_rule_settings
@@ -467,6 +468,8 @@ tokens, seed {settings['seed']}, time budget {settings['time_budget']} s, hard t
 - Simpler is better: a tiny gain that adds a lot of complexity is not worth keeping; a change
   that deletes code and holds the number is a win.
 - Do not commit to `{branch}` yourself: only the coordinator moves it.
+
+{agent_contract_md()}
 """
 
 

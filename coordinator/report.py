@@ -190,8 +190,8 @@ def render_diff(diff: str | None) -> str:
 
 
 def render(night: dict, png: bytes | None, plot_error: str | None) -> str:
-    p: list[str] = []
-    add = p.append
+    page: list[str] = []
+    add = page.append
     counts = night["counts"]
     add("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>{esc(night.get('branch'))} — autoresearch report</title>"
@@ -247,16 +247,16 @@ def render(night: dict, png: bytes | None, plot_error: str | None) -> str:
     else:
         add("<p class='muted'>Nothing kept yet: the head is still the baseline.</p>")
 
-    open_ = [(s["hw_class"], p) for s in night["progress"] for p in s["pending"]]
+    open_ = [(s["hw_class"], c) for s in night["progress"] for c in s["pending"]]
     if open_:
         add(f"<h2>Still open ({len(open_)})</h2><p class='muted'>Measured but not decided when "
             "the report was made (repeats under way, or waiting for the head's runs).</p>"
             "<table><tr><th>#</th><th>description</th><th>class</th><th class='n'>val_bpb</th>"
             "<th class='n'>runs</th><th>state</th></tr>")
-        for hw, p in open_:
-            add(f"<tr><td>#{p['candidate_id']}</td><td>{esc(p['description'])}</td>"
-                f"<td>{esc(hw)}</td><td class='n'>{pm(p['mean'], p['sem'])}</td>"
-                f"<td class='n'>{p['n']}</td><td>{esc(p['state'])}</td></tr>")
+        for hw, c in open_:
+            add(f"<tr><td>#{c['candidate_id']}</td><td>{esc(c['description'])}</td>"
+                f"<td>{esc(hw)}</td><td class='n'>{pm(c['mean'], c['sem'])}</td>"
+                f"<td class='n'>{c['n']}</td><td>{esc(c['state'])}</td></tr>")
         add("</table>")
 
     fails = night["failures"]
@@ -293,7 +293,7 @@ def render(night: dict, png: bytes | None, plot_error: str | None) -> str:
                 f"<td>{when(d['decided_at'])}</td></tr>")
         add("</table></details>")
     add("</body></html>")
-    return "\n".join(p)
+    return "\n".join(page)
 
 
 def _workers_html(a: dict) -> str:
@@ -345,13 +345,19 @@ def _noise_html(noise: list[dict]) -> str:
     if not noise:
         return p[0] + "<p class='muted'>No measurements yet.</p>"
     p.append("<table><tr><th>class</th><th class='n'>σ between reruns</th><th class='n'>"
-             "degrees of freedom</th><th class='n'>programs rerun</th><th class='n'>ok runs</th>"
-             "<th class='n'>σ used by the rule</th></tr>")
+             "degrees of freedom</th><th class='n'>texts rerun</th><th class='n'>ok runs</th>"
+             "<th class='n'>σ of a paired difference</th><th class='n'>σ the rule uses</th>"
+             "</tr>")
     for n in noise:
+        used = num(n["rule_sigma"])
+        if n.get("rule_source") == "prior":
+            used += f" (prior, until {n['min_dof']} df)"
         p.append(f"<tr><td>{esc(n['hw_class'])}</td><td class='n'>{num(n['sigma'])}</td>"
                  f"<td class='n'>{n['dof']}</td><td class='n'>{n['repeated']}</td>"
-                 f"<td class='n'>{n['runs']}</td><td class='n'>{num(n['rule_sigma'])}</td></tr>")
-    p.append("</table><p class='muted'>σ is the pooled standard deviation of val_bpb between "
-             "runs of the same train.py on the same class (a dash: nothing was run twice "
-             "there yet).</p>")
+                 f"<td class='n'>{n['runs']}</td><td class='n'>{num(n['paired_sigma'])}</td>"
+                 f"<td class='n'>{esc(used)}</td></tr>")
+    p.append("</table><p class='muted'>σ between reruns is the pooled standard deviation of "
+             "val_bpb between runs of the same train.py on the same class (a dash: nothing was "
+             "run twice there yet). Runs that share a seed move together, so a paired "
+             "difference scatters less than √2·σ when seeds matter.</p>")
     return "".join(p)

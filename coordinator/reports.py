@@ -9,10 +9,11 @@ start fixed). Every value returned is plain JSON-able data.
 """
 from __future__ import annotations
 
+import sqlite3
 import time
 from typing import Any, Iterable, Mapping
 
-from coordinator import noise, rule, scheduling
+from coordinator import noise, routing, rule, scheduling
 from coordinator import states as st
 from coordinator.ledger import Ledger, loads
 from coordinator.repo import decision_settings
@@ -75,6 +76,17 @@ def text_provenance(row: Mapping) -> dict:
             "text_commit": scheduling.field_of(row, "text_commit") or row["commit_sha"]}
 
 
+def origin_of(ledger: Ledger, cid: int) -> dict | None:
+    """Where candidate ``cid`` came from (tool, proposer, host, transcript), if its client
+    said; None for a hand submission, or a ledger read-only from before the origins table."""
+    try:
+        r = ledger.one("SELECT tool, proposer, host, transcript FROM origins "
+                       "WHERE candidate_id = ?", cid)
+    except sqlite3.OperationalError:
+        return None
+    return None if r is None else {k: r[k] for k in r.keys() if r[k] is not None}
+
+
 def candidate_summary(ledger: Ledger, row: Mapping, duplicate: bool = False) -> dict:
     """One candidate row as a submitter sees it: state, commit, val_bpb (the mean of its runs
     on its class: the decision's once decided), how many runs, verdict."""
@@ -100,6 +112,7 @@ def candidate_summary(ledger: Ledger, row: Mapping, duplicate: bool = False) -> 
         out["verdict"], out["reason"] = d["verdict"], d["reason"]
         if d["val_bpb"] is not None and d["candidate_id"] != 0:
             out["val_bpb"], out["runs"] = d["val_bpb"], d["n_candidate"] or out["runs"]
+    out["origin"] = origin_of(ledger, row["id"])
     return out
 
 
@@ -159,10 +172,13 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
             "candidate_id": r["candidate_id"] if r else None,
             "purpose": r["purpose"] if r else None,
             "progress": r["progress"] if r else None,
-            "last_seen": fmt_time(last), "gone_reason": w["gone_reason"]})
+            "last_seen": fmt_time(last), "gone_reason": w["gone_reason"],
+            # what memory-aware routing compares (coordinator.routing)
+            "usable_memory": routing.worker_memory(loads(w["profile"], {}))})
     queue = [{"candidate_id": r["id"], "description": r["description"],
               "submitted": fmt_time(r["created_at"]), **text_provenance(r),
-              "behind_head": r["base_commit"] != head["commit_sha"]}
+              "behind_head": r["base_commit"] != head["commit_sha"],
+              "origin": origin_of(L, r["id"])}
              for r in L.all("SELECT * FROM candidates WHERE state = 'queued' ORDER BY id")]
     measured, in_progress = [], []
     for r in L.all("SELECT * FROM candidates WHERE state IN ('running', 'measured', "
@@ -190,12 +206,23 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
     for r in L.all("SELECT state, COUNT(*) FROM candidates WHERE id > 0 GROUP BY state"):
         counts[r[0]] = r[1]
     counts["attempts"] = L.scalar("SELECT COUNT(*) FROM attempts")
+    routed = []
+    try:   # a ledger read offline may predate schema 3 (no flags, no routes)
+        counts["flagged"] = L.scalar("SELECT COUNT(*) FROM attempts WHERE flagged IS NOT NULL")
+        routed = [{"candidate_id": r["candidate_id"], "from_class": r["from_class"],
+                   "memory": r["memory"], "reason": r["reason"], "state": r["state"],
+                   "routed_at": fmt_time(r["routed_at"])}
+                  for r in L.all("SELECT r.*, c.state FROM routes r JOIN candidates c "
+                                 "ON c.id = r.candidate_id ORDER BY r.id")]
+    except sqlite3.OperationalError:
+        pass
     return {
         "repo": str(repo_dir), "tag": L.get_meta("tag"), "branch": L.get_meta("branch"),
         "head": head["commit_sha"], "head_commit": head["commit_sha"],
         "head_candidate": head["candidate_id"], "heads": heads, "workers": workers,
         "queue": queue, "running": running, "measured": measured, "in_progress": in_progress,
         "candidates": candidates, "counts": counts, "settings": dict(L.get_meta("settings")),
+        "routed": routed,
         "problems": problems, "reconciled": list(reconciled),
     }
 
@@ -226,6 +253,9 @@ def log(ledger: Ledger, limit: int = 50) -> dict:
             "exit_code": r["exit_code"], "wall_seconds": r["wall_seconds"],
             "peak_vram_mb": summary.get("peak_vram_mb"),
             "num_steps": summary.get("num_steps"), "note": r["note"],
+            "flagged": scheduling.field_of(r, "flagged"),
+            "tok_per_sec": scheduling.field_of(r, "tok_per_sec"),
+            "conditions": loads(scheduling.field_of(r, "conditions"), None),
             "log_tail": last_line(r["log_tail"]) if r["status"] != OK else None,
             "description": f"{r['purpose']} run of #{r['candidate_id']} "
                            f"({r['description']}) on {r['worker_name'] or r['worker_id']}"
@@ -255,6 +285,7 @@ def log(ledger: Ledger, limit: int = 50) -> dict:
             # stale: what it conflicts with and where to resubmit (coordinator.rebase)
             "conflicts": details.get("conflicts"), "conflicts_with": details.get("conflicts_with"),
             "resubmit_on": details.get("resubmit_on"),
+            "origin": origin_of(L, r["candidate_id"]),
             "time": fmt_time(r["decided_at"]), "_t": r["decided_at"]})
     retries = []
     # An older ledger opened read-only may lack the table (the coordinator adds it on open).

@@ -17,7 +17,8 @@ runs h_1..h_m on the class:
   2. confidence = P(T < -(d + margin)/se), T Student's t with the σ's degrees of freedom
      (normal while σ is the prior): the one-sided confidence that the candidate is better than
      the head by more than the margin.
-  3. After one run (the screen): discard at once unless c_1 < mean(h) - margin - screen·σ.
+  3. After one run (the screen): discard at once unless d < -margin - screen·σ (d of step 1:
+     the first run minus the head's mean, or minus the head's run with its seed when paired).
      Losers and most do-nothing variants cost one run.
   4. With n >= 2 runs: keep if confidence >= the run's confidence (0.95). One lucky run never
      moves the branch. Discard if n reached max_repeats, or if even max_repeats runs at the
@@ -205,11 +206,12 @@ def decide(head: Sequence[Run], cand: Sequence[Run], noise: Noise,
     c = compare(head, cand, noise, settings.margin)
     text = _summary(c, settings)
     if c.n_candidate == 1:
-        bar = c.head_mean - settings.margin - settings.screen * noise.sigma
-        if cand[0].value >= bar:
+        # d is the first run minus the head's mean, or minus the head's run with the same seed
+        # when the class's runs are paired (compare chose which)
+        if c.difference >= -settings.margin - settings.screen * noise.sigma:
             return Verdict(DISCARD, "sequential/screen",
                            f"screened out: first run {cand[0].value:.4f} not below head "
-                           f"{c.head_mean:.4f} - {settings.screen:g}σ; {text}", comparison=c)
+                           f"{c.head_mean:.4f} by {settings.screen:g}σ; {text}", comparison=c)
         need = runs_to_reach(c, settings)
         k = max(1, min(need or 1, settings.max_repeats - 1))
         return Verdict(MORE, "sequential/screen",

@@ -8,8 +8,13 @@ declares lost the ones silent for ``interval * liveness`` seconds. All state cha
 Identity mapping: a worker's ROUTER identity changes every time it reconnects (new DEALER
 socket), so the ``worker_id`` inside each message is the truth and the identity is just where
 replies go. A worker the server does not know (it restarted, or the worker's lease was lost)
-that sends anything but hello/result/bye is answered with ``error`` code ``hello_first``, and the
-worker says hello again, carrying the attempt it still holds.
+that sends anything but hello/result/bye is answered with ``error`` code ``hello_first`` (with
+this process's ``incarnation``, which ``welcome`` carries too), and the worker says hello once,
+carrying the attempt it still holds. A hello that carries no attempt while an assign to that
+worker is in flight crossed the assign: the lease is kept and the assign sent again (as for a
+ready that crossed one). A hello without the lease the ledger holds means the assign never
+reached the worker: cancelled and requeued, never a strike (the same worker id is the same live
+process; a worker that crashed comes back with a new id, and its old one goes silent).
 
 Security (``keypair`` given; the CLI always gives one unless ``start --insecure``): the ROUTER is
 a CURVE server; ``coordinator.trust.FleetAuthenticator`` (ZAP, in the server's own zmq.Context)
@@ -17,7 +22,8 @@ lets every well-formed key finish the handshake and stamps each frame with the s
 key, and every message is judged by ``TrustStore.check`` (roles, revocation) before it is
 handled. Unknown keys may only ``enrol`` (redeem an invite); anything else is answered with
 error ``untrusted`` carrying the peer's key and the admin command that trusts it. A worker_id is
-bound to the key that said hello with it, so one trusted worker cannot speak for another's
+bound to the key that first spoke for it (kept in the ledger, ``trust_worker_ids``, so it holds
+across our restarts and after a revoke), so one trusted worker cannot speak for another's
 lease; a key may own several worker_ids (several workers on one machine). Every heartbeat tick
 the keys of connected workers are looked up again (SQLite reads), so ``autoresearch-coord
 revoke`` -- which writes the same ledger from another process -- cuts a worker off within one
@@ -36,14 +42,17 @@ from __future__ import annotations
 import ipaddress
 import signal
 import socket as pysocket
+import sqlite3
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
 
 from coordinator import snapshot
+from coordinator import states as st
 from coordinator.core import RetryRefused, SubmitRejected
 from coordinator.trust import FleetAuthenticator, TrustError, TrustStore
 from shared import datasync, protocol
@@ -141,7 +150,7 @@ class Server:
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     liveness: int = HEARTBEAT_LIVENESS
     event: Callable[[str], None] = default_event_sink
-    # Extra seconds, after a restart, for workers that held leases to come back (their
+    # Extra seconds, after a restart, for the workers it believed alive to come back (their
     # reconnect backoff tops out at RECONNECT_MAX).
     restart_grace: float = RECONNECT_MAX
     clock: Callable[[], float] = time.monotonic
@@ -156,13 +165,17 @@ class Server:
     endpoint: str = ""                                   # what we actually bound (port resolved)
     workers: dict[str, WorkerConn] = field(default_factory=dict)
     by_identity: dict[bytes, str] = field(default_factory=dict)
-    # Workers that held leases when we (re)started: they get one window to say hello again.
+    # Workers the ledger believed alive when we (re)started: one window to say hello again.
     awaiting: dict[str, float] = field(default_factory=dict)
-    worker_keys: dict[str, str] = field(default_factory=dict)   # worker_id -> key that owns it
+    # Workers gone on the wire whose ledger record failed (worker_id -> (name, lease state,
+    # reason)), retried every heartbeat: see _record_gone.
+    deferred: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     _stop: bool = False
     asker: str | None = None     # key of the query being answered (query handlers take args only)
 
     def __post_init__(self) -> None:
+        # Names this process to workers (welcome, hello_first): they say hello once to each.
+        self.incarnation = uuid.uuid4().hex[:12]
         self.harness_files = harness_file_hashes()
         self.harness_fingerprint = harness_fingerprint(self.harness_files)
         self.dataset_hash = self.dataset.manifest()["dataset_hash"] if self.dataset else None
@@ -218,12 +231,16 @@ class Server:
 
     def run(self) -> None:
         now = self.clock()
-        for wid in sorted(self.core.leased_workers()):
-            # One liveness window is not enough: a worker that saw us go silent is in its
-            # reconnect backoff (up to RECONNECT_MAX) with its socket closed, still training.
+        leased = self.core.leased_workers()
+        for wid in sorted(self.core.live_workers()):
+            # Every worker the ledger believes alive, lease or not (an idle one that died just
+            # before the restart would otherwise stay "idle" forever). One liveness window is
+            # not enough: a worker that saw us go silent is in its reconnect backoff (up to
+            # RECONNECT_MAX) with its socket closed, still training.
             wait = self.window + self.restart_grace
             self.awaiting[wid] = now + wait
-            self.event(f"waiting {wait:.1f}s for worker {wid} (held a lease before restart)")
+            why = "held a lease" if wid in leased else "was connected"
+            self.event(f"waiting {wait:.1f}s for worker {wid} ({why} before restart)")
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         next_beat = now + self.heartbeat_interval
@@ -246,6 +263,7 @@ class Server:
             now = self.clock()
             if now >= next_beat:
                 self._send_heartbeats()
+                self._retry_deferred()
                 self._check_keys()
                 self._expire(now)
                 next_beat = now + self.heartbeat_interval
@@ -326,16 +344,24 @@ class Server:
             self._send(identity, protocol.make(
                 "error", code="bad_field", message="heartbeat: worker_id required from workers"))
             return None
-        owner = self.worker_keys.get(wid)
+        owner = self._owner(wid)
         if key is not None and owner is not None and owner != key:
             raise ProtocolError("forbidden", f"worker id {wid} belongs to another key "
                                 f"({fingerprint(owner)}); a worker speaks only for itself")
         return wid
 
+    def _owner(self, wid: str) -> str | None:
+        """The key that owns worker id ``wid`` (kept in the ledger: it survives our restarts,
+        so right after one no other key can claim a worker id), or None."""
+        return self.trust.worker_owner(wid) if self.trust is not None else None
+
+    def _bind(self, wid: str, key: str | None) -> None:
+        if key is not None and self.trust is not None and self._owner(wid) is None:
+            self.trust.bind_worker(wid, key)
+
     def _heard(self, identity: bytes, wid: str, key: str | None) -> WorkerConn | None:
         """A worker spoke (anything but hello): refresh its liveness and follow its socket."""
-        if key is not None and wid not in self.worker_keys:
-            self.worker_keys[wid] = key   # e.g. a result arriving before hello after our restart
+        self._bind(wid, key)   # e.g. a result arriving before hello after our restart
         conn = self.workers.get(wid)
         if conn is not None:
             conn.last_seen = self.clock()
@@ -354,7 +380,8 @@ class Server:
         conn = self._heard(identity, wid, key)
         if conn is None:
             self._send(identity, protocol.make(
-                "error", code=HELLO_FIRST, message=f"worker {wid} unknown here: send hello"))
+                "error", code=HELLO_FIRST, message=f"worker {wid} unknown here: send hello",
+                incarnation=self.incarnation))
         return conn
 
     def _on_ready(self, identity: bytes, msg: dict, key: str | None) -> None:
@@ -412,27 +439,40 @@ class Server:
         old = self.workers.get(wid)
         if old is not None:
             self.by_identity.pop(old.identity, None)
-        if key is not None:
-            self.worker_keys[wid] = key
+        # A hello without an attempt from a worker we just sent an assign crossed that assign
+        # (the worker says hello when told hello_first, before the assign reaches it): keep
+        # the lease and send the assign again, as for a ready that crossed one. A worker that
+        # already has it ignores the duplicate; one that lost it starts it.
+        in_flight = None
+        if (old is not None and msg["attempt_id"] is None and old.attempt_id is not None
+                and old.assign_msg is not None
+                and old.assign_msg["attempt_id"] == old.attempt_id):
+            in_flight = old.attempt_id
+        self._bind(wid, key)
         conn = WorkerConn(wid, identity, msg["name"], msg["hw_class"], self.clock(),
                           msg["attempt_id"], key=key,
                           harness_fingerprint=msg.get("harness_fingerprint"),
                           dataset_hash=msg.get("dataset_hash"))
         conn.mismatch = self._mismatch(conn.harness_fingerprint, conn.dataset_hash)
         reply = self.core.worker_hello(wid, msg["name"], msg["profile"], msg["hw_class"],
-                                       msg["attempt_id"])
+                                       msg["attempt_id"], in_flight=in_flight)
         self.workers[wid] = conn
         self.by_identity[identity] = wid
         self.awaiting.pop(wid, None)
+        self.deferred.pop(wid, None)   # back before its loss was recorded: it is not lost
         extra: dict[str, Any] = {"harness_fingerprint": self.harness_fingerprint}
         if self.dataset is not None:
             extra["dataset_hash"] = self.dataset_hash
             extra["dataset_name"] = str(self.dataset.manifest()["name"])
         self._send(identity, protocol.make(
             "welcome", heartbeat_interval=self.heartbeat_interval, liveness=self.liveness,
-            **extra))
+            incarnation=self.incarnation, **extra))
         held = f", holding {msg['attempt_id']}" if msg["attempt_id"] else ""
         self.event(f"worker {msg['name']} ({wid}) joined [{msg['hw_class']}]{held}")
+        if in_flight is not None and reply.reattached:
+            conn.attempt_id, conn.assign_msg = in_flight, old.assign_msg
+            self._send(identity, conn.assign_msg)
+            self.event(f"re-sent assign {in_flight} to {conn.name}: its hello crossed the assign")
         cancel = getattr(reply, "cancel_attempt", None)
         if cancel:
             conn.attempt_id = None
@@ -457,10 +497,17 @@ class Server:
 
     def _offer_work(self) -> None:
         """Something changed (submission, requeue, head measured): wake idle workers now
-        rather than when their next ``ready`` comes round."""
+        rather than when their next ``ready`` comes round. Also called from the timer paths:
+        a lease that cannot be written now (sqlite3.OperationalError) waits for the worker's
+        next ``ready``."""
         for conn in list(self.workers.values()):
             if conn.waiting and conn.attempt_id is None:
-                conn.waiting = not self._assign(conn)
+                try:
+                    conn.waiting = not self._assign(conn)
+                except sqlite3.OperationalError as exc:
+                    self.event(f"ledger write failed ({exc}): no assignment now; "
+                               "idle workers get one on their next ready")
+                    return
 
     def _on_result(self, identity: bytes, msg: dict, key: str | None) -> None:
         wid = self._worker_id(identity, msg, key)
@@ -521,7 +568,8 @@ class Server:
     def _on_submit(self, identity: bytes, msg: dict, key: str | None) -> None:
         req_id = msg["req_id"]
         try:
-            data = self.core.submit(msg["train_py"], msg["description"], msg.get("base"))
+            data = self.core.submit(msg["train_py"], msg["description"], msg.get("base"),
+                                    origin=msg.get("origin"))
         except SubmitRejected as exc:
             self._reply(identity, req_id, error=str(exc))
             self.event(f"submission refused: {_first_line(str(exc))}")
@@ -663,13 +711,11 @@ class Server:
             message = verdict.message if verdict is not None and verdict.message else reason
             code = verdict.code if verdict is not None and verdict.code else "revoked"
             self._send(conn.identity, protocol.make("error", code=code, message=message))
-            requeued = self.core.worker_lost(wid, reason)
             self._forget(wid)
+            _, requeued = self._record_gone(wid, conn.name, st.LOST, reason)
             name = entry.name if entry is not None else fingerprint(key)
             self.event(f"worker {conn.name} ({wid}) cut off: {reason} ({name})"
                        f"{_requeued(requeued)}")
-        for wid in [w for w, k in self.worker_keys.items() if k == key]:
-            self.worker_keys.pop(wid, None)
         if lost:
             self._offer_work()
 
@@ -678,17 +724,52 @@ class Server:
         for wid, conn in list(self.workers.items()):
             silent = now - conn.last_seen
             if silent > self.window:
-                requeued = self.core.worker_lost(wid, f"silent for {silent:.1f}s")
                 self._forget(wid)
+                _, requeued = self._record_gone(wid, conn.name, st.LOST,
+                                                f"silent for {silent:.1f}s")
                 self.event(f"worker {conn.name} ({wid}) lost: silent {silent:.1f}s"
                            f"{_requeued(requeued)}")
         for wid, deadline in list(self.awaiting.items()):
             if now >= deadline:
                 del self.awaiting[wid]
                 # Our restart, not the candidate's fault: cancelled, no strike toward LOST_LIMIT.
-                requeued = self.core.worker_bye(wid, "did not return after coordinator restart")
+                _, requeued = self._record_gone(wid, wid, st.CANCELLED,
+                                                "did not return after coordinator restart")
                 self.event(f"worker {wid} lost: did not return after restart{_requeued(requeued)}")
         if len(self.workers) + len(self.awaiting) != before:
+            self._offer_work()
+
+    def _record_gone(self, wid: str, name: str, lease_state: str,
+                     reason: str) -> tuple[bool, list[int]]:
+        """Record in the ledger that a worker is gone (its lease lost, or cancelled: no strike).
+        Called from the timer paths, where nothing else would catch an exception: a failed
+        write (disk full, the ledger write-locked by another process beyond the busy timeout)
+        must not end the coordinator. Then the change waits in ``deferred`` -- the worker is
+        already forgotten on the wire -- and is retried every heartbeat (``_retry_deferred``);
+        what it waits for is said once. Returns (recorded, requeued candidate ids)."""
+        gone = self.core.worker_lost if lease_state == st.LOST else self.core.worker_bye
+        try:
+            requeued = gone(wid, reason)
+        except sqlite3.OperationalError as exc:
+            if wid not in self.deferred:
+                self.event(f"ledger write failed ({exc}): worker {name} ({wid}) gone but not "
+                           f"yet recorded; retrying every {self.heartbeat_interval:g}s")
+            self.deferred[wid] = (name, lease_state, reason)
+            return False, []
+        if self.deferred.pop(wid, None) is not None:
+            self.event(f"ledger writable again: recorded worker {name} ({wid}) "
+                       f"{'lost' if lease_state == st.LOST else 'gone'}: {reason}"
+                       f"{_requeued(requeued)}")
+        return True, list(requeued or [])
+
+    def _retry_deferred(self) -> None:
+        recorded = False
+        for wid, (name, lease_state, reason) in list(self.deferred.items()):
+            done, _ = self._record_gone(wid, name, lease_state, reason)
+            if not done:
+                return   # still failing: the rest would fail the same way
+            recorded = True
+        if recorded:
             self._offer_work()
 
     # ---- helpers ------------------------------------------------------------------------

@@ -12,37 +12,25 @@ Two read-only functions over the ledger, like ``coordinator.reports`` (the serve
     settings and the candidate counts, and the ``watched`` candidates' summaries. The server
     adds ``workers`` (connected workers that can take work): only it knows who is connected.
 
-Noise per class is ``coordinator.noise.pooled`` over the repeated ok runs of each candidate on
-that class (head re-measurements and candidate repeats alike); a class without repeats is left
-out and the brief says so.
+The numbers are the coordinator's own (``coordinator.reports``): the head's mean ± sem per
+class, each decision's means and runs as it stored them, the class's σ from the noise model
+(``coordinator.noise``) -- a candidate awaiting repeats gets the sem σ/√n of its runs so far.
 """
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Any, Iterable, Mapping
 
 from coordinator import reports
+from coordinator import states as st
 from coordinator.ledger import Ledger
-from coordinator.noise import pooled
 from coordinator.repo import GitError, read_blob
-from coordinator.stats import mean, sum_sq_dev
 
 DEFAULT_DECISIONS = 20
 DEFAULT_FAILURES = 5
 TAIL_CHARS = 4000          # characters of a failure's log sent to proposers
 MAX_WATCH = 500            # candidate ids one snapshot reports on
 MAX_DECISIONS = 500        # decisions one snapshot carries at most
-
-
-def mean_sem(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and standard error of the mean (sem None with fewer than 2 values)."""
-    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not vals:
-        return None, None
-    if len(vals) < 2:
-        return mean(vals), None
-    return mean(vals), math.sqrt(sum_sq_dev(vals) / (len(vals) - 1) / len(vals))
 
 
 def head_files(ledger: Ledger, repo_dir: Any) -> dict:
@@ -73,36 +61,22 @@ def proposer_snapshot(ledger: Ledger, repo_dir: Any, decisions: int = DEFAULT_DE
     head_commit = status["head"]
     head_cid = status["head_candidate"]
 
-    ok = L.all("SELECT candidate_id, hw_class, val_bpb FROM attempts WHERE state = 'done' "
-               "AND status = 'ok' AND val_bpb IS NOT NULL")
-    by_cand_class: dict[tuple, list[float]] = defaultdict(list)
-    for r in ok:
-        by_cand_class[(r["candidate_id"], r["hw_class"])].append(r["val_bpb"])
-
-    values = []
-    for hw in sorted({k[1] for k in by_cand_class if k[0] == head_cid}):
-        vals = by_cand_class[(head_cid, hw)]
-        m, sem = mean_sem(vals)
-        values.append({"hw_class": hw, "mean": m, "sem": sem, "runs": len(vals)})
+    heads = {h["hw_class"]: h for h in status["heads"]}
+    values = [{"hw_class": hw, "mean": h["val_bpb"], "sem": h.get("sem"), "runs": h["runs"]}
+              for hw, h in heads.items() if h["runs"]]
+    noise = [{"hw_class": hw, "sigma": h.get("sigma"), "source": h.get("sigma_source"),
+              "text": h.get("noise")} for hw, h in heads.items() if h.get("sigma")]
     head_desc = L.scalar("SELECT description FROM candidates WHERE id = ?", head_cid)
-
-    noise = []
-    for hw in sorted({k[1] for k in by_cand_class}):
-        groups = [v for k, v in by_cand_class.items() if k[1] == hw]
-        sigma, df, _used = pooled(groups)
-        if sigma is not None:
-            runs = sum(len(v) for v in groups if len(v) >= 2)
-            noise.append({"hw_class": hw, "sigma": sigma, "runs": runs, "df": df})
 
     decided = []
     for d in log["decisions"][:decisions]:
-        row = dict(d)
-        vals = by_cand_class.get((d["candidate_id"], d["hw_class"]), [])
-        if vals and d["verdict"] != "failed":
-            row["mean"], row["sem"] = mean_sem(vals)
-            row["runs"] = len(vals)
-        row.setdefault("head_mean", d.get("head_bpb"))
-        decided.append(row)
+        decided.append({
+            "candidate_id": d["candidate_id"], "verdict": d["verdict"],
+            "description": d["description"], "hw_class": d["hw_class"], "reason": d["reason"],
+            "mean": d["val_bpb"], "runs": d.get("n_candidate"), "head_mean": d["head_bpb"],
+            "head_runs": d.get("n_head"), "confidence": d.get("confidence"),
+            # "mean ± sem (n)" as the decision stored it (coordinator.rule.fmt_runs)
+            "value_text": d.get("runs"), "head_text": d.get("head_runs"), "time": d["time"]})
 
     fails = []
     for r in L.all("SELECT d.candidate_id, d.hw_class, d.reason, c.description FROM decisions d "
@@ -117,16 +91,31 @@ def proposer_snapshot(ledger: Ledger, repo_dir: Any, decisions: int = DEFAULT_DE
                       "status": a["status"] if a is not None else "failed",
                       "log_tail": tail[-TAIL_CHARS:]})
 
-    running = [{"candidate_id": r["candidate_id"], "worker": r["worker"],
-                "hw_class": r["hw_class"], "progress": r.get("progress"),
-                "description": L.scalar("SELECT description FROM candidates WHERE id = ?",
-                                        r["candidate_id"])}
-               for r in status["running"] if r["purpose"] == "candidate"]
+    running: dict[int, dict] = {}     # one entry per candidate, however many repeats run
+    for r in status["running"]:
+        if r["purpose"] != "candidate":
+            continue
+        e = running.setdefault(r["candidate_id"], {
+            "candidate_id": r["candidate_id"], "hw_class": r["hw_class"], "workers": [],
+            "description": L.scalar("SELECT description FROM candidates WHERE id = ?",
+                                    r["candidate_id"])})
+        e["workers"].append(r["worker"] or r["worker_id"])
+    for e in running.values():
+        e["worker"] = ", ".join(e.pop("workers"))
     awaiting = []
-    for r in status["measured"]:
-        vals = by_cand_class.get((r["candidate_id"], r["hw_class"]), [])
-        m, sem = mean_sem(vals)
-        awaiting.append({**r, "mean": m, "sem": sem, "runs": len(vals)})
+    for r in status.get("in_progress", []):
+        if r["state"] == st.RUNNING:
+            continue                 # listed under running
+        sigma = heads.get(r["hw_class"], {}).get("sigma")
+        sem = sigma / math.sqrt(r["runs"]) if sigma and r["runs"] else None
+        waiting = next((m["waiting_for"] for m in status["measured"]
+                        if m["candidate_id"] == r["candidate_id"]), None)
+        if waiting is None and r.get("runs_wanted"):
+            waiting = f"repeats: {r['runs']} of {r['runs_wanted']} runs"
+        awaiting.append({"candidate_id": r["candidate_id"], "description": r["description"],
+                         "hw_class": r["hw_class"], "state": r["state"], "mean": r["val_bpb"],
+                         "sem": sem, "runs": r["runs"], "runs_wanted": r.get("runs_wanted"),
+                         "waiting_for": waiting})
 
     watched = []
     for i in list(watch)[:MAX_WATCH]:
@@ -139,9 +128,9 @@ def proposer_snapshot(ledger: Ledger, repo_dir: Any, decisions: int = DEFAULT_DE
         "head": {"commit": head_commit, "candidate_id": head_cid, "description": head_desc,
                  "values": values},
         "settings": status["settings"], "counts": status["counts"],
-        "decisions": decided, "queued": status["queue"], "running": running,
+        "decisions": decided, "queued": status["queue"], "running": list(running.values()),
         "awaiting": awaiting, "failures": fails, "noise": noise,
     }
 
 
-__all__ = ["proposer_snapshot", "head_files", "mean_sem"]
+__all__ = ["proposer_snapshot", "head_files"]

@@ -30,9 +30,10 @@ texts are never pooled). A change that does not replay onto the head ends it:
 An *attempt* is one lease of a candidate (or of the head, to measure it) to one worker:
 
     leased -> done        a result arrived from that worker while the lease was live
-    leased -> lost        the worker went silent / restarted without it: not counted
-    leased -> cancelled   the worker left cleanly (bye) or cancelled it itself, or the
-                          candidate was decided (failed) while it ran: not counted
+    leased -> lost        the worker went silent: not counted
+    leased -> cancelled   the worker left cleanly (bye), cancelled it itself, or never got
+                          it (its hello did not carry it), or the candidate was decided
+                          (failed) while it ran: not counted
     lost | cancelled -> stale   a result arrived anyway, too late: stored, never counted
 
 Only ``coordinator.core`` moves these states (one ledger transaction per change). It asks
@@ -65,9 +66,10 @@ CANDIDATE_FINAL = frozenset({KEPT, DISCARDED, FAILED, STALE})
 CANDIDATE_TRANSITIONS: dict[str, frozenset[str]] = {
     # stale when it is rebased onto the head to run and does not replay (coordinator.rebase)
     QUEUED: frozenset({RUNNING, STALE}),
-    # decided when its last lease is in; back to the queue when its only lease is lost with no
-    # run counted; failed on a bad outcome or too many losses
-    # (repeating, and stale, also when the head moved under its runs: it is rebased again)
+    # decided when its last lease is in; back to the queue when its only lease is lost (or its
+    # run flagged as slowed by the machine) with no run counted, or when it ran out of memory
+    # and a connected class has more (coordinator.routing); failed on a bad outcome or too
+    # many losses; repeating, or stale, when the head moved under its runs (rebased again)
     RUNNING: frozenset({MEASURED, REPEATING, KEPT, DISCARDED, FAILED, QUEUED, STALE}),
     # waits here until the head has enough runs on the candidate's hardware class
     MEASURED: frozenset({REPEATING, KEPT, DISCARDED, STALE}),

@@ -103,4 +103,14 @@ def sum_sq_dev(values: list[float]) -> float:
     return sum((v - m) ** 2 for v in values)
 
 
-__all__ = ["betainc", "normal_cdf", "t_cdf", "t_quantile", "mean", "sum_sq_dev"]
+def mean_sem(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and standard error of the mean of the finite values (sem None with fewer than 2)."""
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not vals:
+        return None, None
+    if len(vals) < 2:
+        return mean(vals), None
+    return mean(vals), math.sqrt(sum_sq_dev(vals) / (len(vals) - 1) / len(vals))
+
+
+__all__ = ["betainc", "normal_cdf", "t_cdf", "t_quantile", "mean", "sum_sq_dev", "mean_sem"]

@@ -1,6 +1,6 @@
 """Who may talk to the coordinator, and what each may say: trust list, roles, invites, ZAP.
 
-The trust list lives in the ledger's SQLite file (``DIR/.autoresearch/ledger.sqlite3``), in two
+The trust list lives in the ledger's SQLite file (``DIR/.autoresearch/ledger.sqlite3``), in three
 tables of its own created by ``ensure_schema`` (idempotent, ``IF NOT EXISTS``; the ledger's
 schema_version is untouched):
 
@@ -10,6 +10,9 @@ schema_version is untouched):
     trust_invites  token_sha256 (PK), role, name_hint, created_at, expires_at,
                    redeemed_at, redeemed_by (public key)
                    -- only the hash of a token is stored; the token is shown once
+    trust_worker_ids  worker_id (PK), public_key, bound_at
+                   -- the key that first spoke for a worker id; only it may speak for that
+                   worker (and its lease), also right after a coordinator restart
 
 Because SQLite (WAL) serialises writers across processes, ``autoresearch-coord trust/revoke/
 invite`` on the coordinator machine can write the list while the server runs, and the server's
@@ -87,6 +90,13 @@ SCHEMA = (
         expires_at   REAL NOT NULL,
         redeemed_at  REAL,
         redeemed_by  TEXT
+    )""",
+    # which key said hello with a worker id first: only that key may speak for that worker (and
+    # its lease), also right after a coordinator restart, before the owner says hello again
+    """CREATE TABLE IF NOT EXISTS trust_worker_ids (
+        worker_id  TEXT PRIMARY KEY,
+        public_key TEXT NOT NULL,
+        bound_at   REAL NOT NULL
     )""",
 )
 
@@ -357,6 +367,25 @@ class TrustStore:
             name = base[: MAX_NAME - len(suffix)] + suffix
             n += 1
         return name
+
+    # ---- worker ids -----------------------------------------------------------------------
+
+    def worker_owner(self, worker_id: str) -> str | None:
+        """The key a worker id is bound to, or None if no key has spoken for it yet."""
+        row = self.conn.execute("SELECT public_key FROM trust_worker_ids WHERE worker_id = ?",
+                                (worker_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def bind_worker(self, worker_id: str, public_key: str | bytes) -> str:
+        """Bind ``worker_id`` to ``public_key`` unless it is bound already; returns the owner.
+        The first key to speak for a worker id keeps it (a key may own several ids: several
+        workers on one machine)."""
+        key = _key_str(public_key)
+        with self._tx() as db:
+            db.execute("INSERT INTO trust_worker_ids(worker_id, public_key, bound_at) "
+                       "VALUES (?, ?, ?) ON CONFLICT(worker_id) DO NOTHING",
+                       (worker_id, key, self.clock()))
+        return self.worker_owner(worker_id)
 
     # ---- per-message decision -----------------------------------------------------------
 

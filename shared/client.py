@@ -66,10 +66,13 @@ class Client:
     def close(self) -> None:
         self.requester.close()
 
-    def submit(self, train_py: str, description: str, base: str | None = None) -> dict:
-        """Queue a train.py variant. Raises ClientError with the reason if it is refused."""
+    def submit(self, train_py: str, description: str, base: str | None = None,
+               origin: dict | None = None) -> dict:
+        """Queue a train.py variant. Raises ClientError with the reason if it is refused.
+        ``origin``: where it came from ({tool, proposer, host, transcript}), kept with it."""
+        extra = {"origin": origin} if origin else {}
         return self.requester.request("submit", train_py=train_py, description=description,
-                                      base=base)
+                                      base=base, **extra)
 
     def enrol(self, token: str, name: str) -> dict:
         """Redeem an invite for this client's key; returns the trust entry."""

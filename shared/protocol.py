@@ -111,6 +111,9 @@ QUERIES: dict[str, frozenset[str]] = {
     "harness": _by(WORKER),
 }
 
+# The keys of a submit's optional ``origin`` map (the coordinator keeps these, as text).
+ORIGIN_FIELDS = ("tool", "proposer", "host", "transcript")
+
 SCHEMA: dict[str, Message] = {
     # worker -> coordinator
     "hello": Message(
@@ -133,9 +136,11 @@ SCHEMA: dict[str, Message] = {
     # coordinator -> worker
     # What the coordinator runs: its harness fingerprint (shared.datasync) and, when it serves
     # a dataset, that dataset's hash and name (workers fetch it with query dataset_manifest/chunk).
+    # ``incarnation`` names this coordinator process (new on every start): a worker says
+    # hello once per incarnation (see ERROR_HELLO_FIRST).
     "welcome": Message({"heartbeat_interval": NUM, "liveness": (int,)}, _by(COORDINATOR),
                        {"harness_fingerprint": (str,), "dataset_hash": (str,),
-                        "dataset_name": (str,)}),
+                        "dataset_name": (str,), "incarnation": (str,)}),
     "assign": Message({"attempt_id": (str,), "candidate_id": (int,), "commit": (str,),
                        "train_py": (str,), "settings": (dict,), "timeout": NUM},
                       _by(COORDINATOR),
@@ -144,10 +149,13 @@ SCHEMA: dict[str, Message] = {
                    _by(COORDINATOR)),
     "cancel": Message({"attempt_id": (str,), "reason": (str,)}, _by(COORDINATOR)),
     "error": Message({"code": (str,), "message": (str,)}, _by(COORDINATOR),
-                     {"req_id": (str,)}),
+                     {"req_id": (str,), "incarnation": (str,)}),
     # client <-> coordinator (workers also query: their dataset fetch)
     "submit": Message({"req_id": (str,), "train_py": (str,), "description": (str,),
-                       "base": OPT_STR}, CLIENTS),
+                       "base": OPT_STR}, CLIENTS,
+                      # where it came from (ORIGIN_FIELDS, str each); the proposers send it
+                      # so the log can point at the agent's transcript
+                      {"origin": OPT_MAP}),
     "query": Message({"req_id": (str,), "what": (str,), "args": (dict,)},
                      frozenset().union(*QUERIES.values())),
     "reply": Message({"req_id": (str,), "ok": (bool,), "data": (object,)}, _by(COORDINATOR)),
@@ -208,8 +216,11 @@ def _check_schema() -> None:
 
 _check_schema()
 
-# ``error`` code a coordinator sends to a worker it does not know (it restarted, or the worker's
-# lease was lost): the worker answers with ``hello`` carrying the attempt it holds.
+# ``error`` code a coordinator sends to a worker it does not know (it restarted, or it declared
+# the worker lost), carrying its incarnation: the worker answers with one ``hello`` carrying the
+# attempt it holds -- one, not one per error: the messages it sent before that hello was
+# processed are answered with hello_first too, and a second hello (still without the attempt an
+# assign is bringing it) would read as a worker that dropped its lease.
 ERROR_HELLO_FIRST = "hello_first"
 
 # ``error`` codes of the security and data layer (coordinator.trust, coordinator.server):

@@ -22,14 +22,14 @@ RUN_SECONDS = 330.0
 
 # (description, effect on val_bpb; None = the run fails) -- submitted in this order
 PLAN = [
-    ("raise learning rate to 0.04", -0.030),
+    ("raise learning rate to 0.04", -0.060),
     ("wider MLP (4x -> 5x)", +0.020),
-    ("rotary base 10000 -> 50000", -0.045),
-    ("untie embeddings", -0.040),
+    ("rotary base 10000 -> 50000", -0.120),
+    ("untie embeddings", -0.100),
     ("drop weight decay", +0.010),
-    ("muon momentum 0.95", -0.070),
+    ("muon momentum 0.95", -0.180),
     ("bad init (diverges)", None),
-    ("GQA with 2 kv heads", -0.095),
+    ("GQA with 2 kv heads", -0.240),
     ("typo in forward", None),
 ]
 
@@ -102,14 +102,41 @@ class Night:
         raise AssertionError("the simulated night did not settle")
 
 
+def research_repo(tmp_path):
+    """A research repo on the run's default decision rule (screen, paired repeats, the head
+    run several times), unlike conftest's fleet_repo (single runs), with the stand-in train.py
+    as its baseline."""
+    from conftest import _FLEET_TRAIN_PY
+    from coordinator.repo import init_repo
+
+    repo = tmp_path / "research"
+    init_repo(repo, tag="night", preset="tiny", train_py=_FLEET_TRAIN_PY)
+    return repo
+
+
 def simulate(repo, variant, plan=PLAN) -> Night:
-    """Two classes (M1: two workers, M4: one), the plan's candidates, run until idle."""
+    """Two classes of two workers each, the plan's candidates, run until idle."""
     clock = Clock()
     n = Night(Coordinator(repo, clock=clock), clock)
     n.hello("m1-a", M1)
     n.hello("m1-b", M1)
-    n.hello("m4", M4)
+    n.hello("m4-a", M4)
+    n.hello("m4-b", M4)
     for desc, effect in plan:
         n.submit(variant, desc, effect)
     n.run_until_idle()
     return n
+
+
+def mid_repeat(n: Night, variant) -> tuple[int, int, object]:
+    """After a night: a promising candidate screened on M1 (so the rule wants repeats) whose
+    repeat m1-b is running mid-way (progress heartbeat), and one more candidate queued.
+    Returns (promising id, queued id, the running assignment)."""
+    promising = n.submit(variant, "promising: half the warmup", -0.30)
+    assert n.step("m1-a")                       # the screening run
+    a = n.core.next_assignment("m1-b")          # a repeat, the queue being empty
+    assert a is not None and a.candidate_id == promising, a
+    queued = n.submit(variant, "smaller batch, more steps", +0.01)
+    n.core.worker_seen("m1-b", a.attempt_id, {"step": 123, "progress": 0.42, "loss": 3.4567,
+                                              "tok_per_sec": 12345.0, "elapsed": 130.0})
+    return promising, queued, a

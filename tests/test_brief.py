@@ -48,9 +48,9 @@ def test_brief_has_the_contract_head_decisions_in_flight_failures_noise_and_prog
     assert "`/tmp/x/work/train.py`" in text and "`/tmp/x/work/description.txt`" in text
     assert "600 seconds" in text and "proposer p2 of 4" in text
     # the head with mean ± sem
-    assert "abcdef1234567890" in text and "1.4123 ± 0.0040 (3 runs)" in text
+    assert "abcdef1234567890" in text and "1.4123 ± 0.0040 (3)" in text
     # decisions with numbers and reasons, the baseline row left out
-    assert "DISCARDED #9 'deeper | narrower': 1.4301 ± 0.0051 (4 runs) vs head 1.4123 ± 0.0040" \
+    assert "DISCARDED #9 'deeper | narrower': 1.4301 ± 0.0051 (4) vs head 1.4123 ± 0.0040" \
         in text
     assert "not better after 4 paired runs" in text
     assert "FAILED #8 'bf16 softmax' [Apple M1 Pro/16GB/metal] -- nan on" in text
@@ -59,7 +59,7 @@ def test_brief_has_the_contract_head_decisions_in_flight_failures_noise_and_prog
     # in flight: queued, running (with worker), awaiting repeats (with the running mean)
     assert "- #12 'lower warmdown'" in text
     assert "- #11 'rope base 50000' on mac-3 [Apple M1 Pro/16GB/metal]" in text
-    assert "- #10 'matrix lr 0.03': 1.4050 ± 0.0060 (2 runs)" in text
+    assert "- #10 'matrix lr 0.03': 1.4050 ± 0.0060 (2)" in text
     assert "2 more paired repeats" in text and "3 workers connected" in text
     # failure with the tail of its log (the last lines, not the first)
     assert "### #8 'bf16 softmax': nan" in text
@@ -86,7 +86,7 @@ def test_previous_feedback_kinds():
     assert "does not compile" in t and "SyntaxError: invalid syntax (line 3)" in t
     t = render_brief(SNAP, ctx(Feedback("duplicate", "", 9, "deeper")))
     assert "a duplicate of #9" in t
-    assert "#9 now: DISCARDED: 1.4301 ± 0.0051 (4 runs) vs head" in t
+    assert "#9 now: DISCARDED: 1.4301 ± 0.0051 (4) vs head" in t
     t = render_brief(SNAP, ctx(Feedback("submitted", "", 11, "rope")))
     assert "submitted as #11" in t and "#11 now: running now" in t
     t = render_brief(SNAP, ctx(Feedback("timeout", "killed after 600 s")))
@@ -118,3 +118,12 @@ def test_backoff_doubles_and_is_capped():
     assert pacing.backoff(0) == 0
     assert [pacing.backoff(n, 5, 300) for n in range(1, 9)] == [5, 10, 20, 40, 80, 160, 300, 300]
     assert pacing.backoff(10_000, 1, 60) == 60
+
+
+def test_mean_sem():
+    from coordinator.stats import mean_sem
+
+    m, s = mean_sem([1.0, 1.2, 1.1])
+    assert abs(m - 1.1) < 1e-12 and abs(s - 0.0577350) < 1e-6
+    assert mean_sem([1.0]) == (1.0, None) and mean_sem([]) == (None, None)
+    assert mean_sem([1.0, float("nan"), 3.0]) == (2.0, 1.0)

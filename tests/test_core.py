@@ -382,9 +382,10 @@ def test_bye_cancels_without_a_strike_and_hello_reattaches_or_cancels(coord):
     coord.worker_seen("a1", a.attempt_id, {"step": 3, "progress": 0.25, "loss": 4.0})
     w = coord.status()["workers"][0]
     assert w["state"] == "running" and w["progress"]["progress"] == 0.25
-    # Restarted without it: the lease is lost, the candidate requeued.
+    # Back without it (the assign never reached it): cancelled, requeued, no strike.
     r = coord.worker_hello("a1", "A1", {}, A, None)
     assert not r.reattached and r.requeued == [1]
+    assert coord.ledger.attempt(a.attempt_id)["state"] == "cancelled"
     # Hello with an attempt that is no longer its lease: told to cancel it.
     r = coord.worker_hello("a1", "A1", {}, A, a.attempt_id)
     assert r.cancel_attempt == a.attempt_id

@@ -17,7 +17,7 @@ import pytest
 
 from coordinator.dashboard import (Dashboard, DashboardError, SnapshotHolder, parse_address,
                                    public_status)
-from night import M1, simulate
+from night import M1, mid_repeat, research_repo, simulate
 from test_fleet import fleet  # noqa: F401  (the fixture)
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
@@ -128,34 +128,42 @@ def test_read_only_and_loopback_host_only(fleet_repo):
 
 
 @pytest.fixture
-def live_night(fleet_repo, fleet_variant):
-    """A simulated night whose worker m1-a is mid-run on a fresh candidate."""
-    n = simulate(fleet_repo, fleet_variant)
-    core = n.core
-    core.submit(fleet_variant(bpb=1.2345), "cosine learning-rate schedule")
-    core.submit(fleet_variant(bpb=1.2346), "smaller batch, more steps")
-    a = core.next_assignment("m1-a")
-    core.worker_seen("m1-a", a.attempt_id, {"step": 123, "progress": 0.42, "loss": 3.4567,
-                                            "tok_per_sec": 12345.0, "elapsed": 130.0})
+def rule_repo(tmp_path):
+    return research_repo(tmp_path)
+
+
+@pytest.fixture
+def live_night(rule_repo, fleet_variant):
+    """A simulated night, then: a promising candidate screened, its repeat running on m1-b
+    mid-way, one more candidate queued; the dashboard serving it."""
+    n = simulate(rule_repo, fleet_variant)
+    promising, queued, _ = mid_repeat(n, fleet_variant)
     holder = SnapshotHolder()
-    holder.publish(core.status())
-    dash = Dashboard(holder, fleet_repo).start()
-    yield n, dash, holder
+    holder.publish(n.core.status())
+    dash = Dashboard(holder, rule_repo).start()
+    yield n, dash, holder, promising
     dash.stop()
-    core.close()
+    n.core.close()
 
 
 def test_snapshot_and_diffs(live_night):
-    n, dash, _ = live_night
+    n, dash, _, promising = live_night
     snap = json.loads(_get(dash, "/api/snapshot")[1])
-    w = next(w for w in snap["status"]["workers"] if w["name"] == "m1-a")
+    w = next(w for w in snap["status"]["workers"] if w["name"] == "m1-b")
     assert w["state"] == "running" and w["progress"]["step"] == 123
+    assert w["candidate_id"] == promising
+    waiting = {c["candidate_id"]: c for c in snap["status"]["in_progress"]}
+    assert waiting[promising]["runs"] == 1 and waiting[promising]["runs_wanted"] >= 2
     hist = snap["history"]
+    pending = [p for s in hist["progress"] for p in s["pending"]]
+    assert [p["candidate_id"] for p in pending] == [promising]
     assert [k["candidate_id"] for k in hist["kept"]] == n.kept
     assert all("diff" not in k for k in hist["kept"])       # diffs come one by one
     code, diff = _get(dash, f"/api/diff/{n.kept[0]}")
     assert code == 200 and diff.startswith(b"diff --git a/train.py b/train.py")
     assert _get(dash, f"/api/diff/{n.discarded[0]}")[0] == 404
+    heads = snap["status"]["heads"]
+    assert all(h["sigma"] > 0 and h["sem"] > 0 for h in heads)   # the rule's noise, shown
 
 
 def _chromium(url: str, *args: str) -> subprocess.CompletedProcess:
@@ -168,15 +176,16 @@ def _chromium(url: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install "
                                               "chromium; CI installs it)")
 def test_page_in_headless_chromium_shows_live_progress_and_the_head(live_night):
-    n, dash, holder = live_night
+    n, dash, holder, promising = live_night
     r = _chromium(dash.url, "--dump-dom")
     assert r.returncode == 0, r.stderr[-2000:]
     dom = r.stdout
     assert 'data-seq="1"' in dom                             # the script ran and rendered
-    assert "m1-a" in dom and "candidate #10" in dom
+    assert "m1-b" in dom and f"candidate #{promising}" in dom
     assert "step 123" in dom and "42%" in dom and "12,345 tok/s" in dom and "left" in dom
-    head_m1 = next(h for h in holder.get()[1]["heads"] if h["hw_class"] == M1)["val_bpb"]
-    assert f"{head_m1:.4f}" in dom
+    head_m1 = next(h for h in holder.get()[1]["heads"] if h["hw_class"] == M1)
+    assert f"{head_m1['val_bpb']:.4f}" in dom and f"± {head_m1['sem']:.4f}" in dom
+    assert "promising: half the warmup" in dom and "1 of " in dom   # awaiting its repeats
     assert "smaller batch, more steps" in dom                # the queue
     assert "GQA with 2 kv heads" in dom                      # a kept change
     assert dom.count("<svg") == 2                            # one plot per class

@@ -284,8 +284,8 @@ def test_a_schema_1_ledger_is_upgraded_and_stays_on_single_runs(tmp_path):
     (sd / "ledger.sqlite3").unlink()
     for suffix in ("-wal", "-shm"):
         (sd / f"ledger.sqlite3{suffix}").unlink(missing_ok=True)
-    added = {(stmt.split()[2], stmt.split()[5])                              # (table, column)
-             for version in range(2, SCHEMA_VERSION + 1) for stmt in MIGRATIONS[version]
+    added = {(stmt.split()[2], stmt.split()[5])   # (table, column) of every later schema
+             for version in sorted(MIGRATIONS) for stmt in MIGRATIONS[version]
              if isinstance(stmt, str) and stmt.startswith("ALTER TABLE") and " ADD " in stmt}
     lines, table = [], None
     for line in SCHEMA.splitlines():

@@ -137,11 +137,12 @@ def fleet(fleet_repo, tmp_path, prepared_sample, monkeypatch):
             p.wait_for(r"watch with:")   # the banner (and the local pin) is complete
             return p, endpoint
 
-        def worker(self, endpoint: str, name: str, **kw) -> Proc:
+        def worker(self, endpoint: str, name: str, *extra: str, env: dict | None = None,
+                   **kw) -> Proc:
             argv = [sys.executable, "-m", "worker.cli", "join", endpoint, "--name", name,
                     "--cache-dir", str(self.cache), "--threads", "1", *HB,
-                    "--reconnect-max", "0.4"]
-            p = Proc(kw.get("prefix", []) + argv if kw.get("prefix") else argv, name)
+                    "--reconnect-max", "0.4", *extra]
+            p = Proc(kw.get("prefix", []) + argv if kw.get("prefix") else argv, name, env=env)
             procs.append(p)
             return p
 

@@ -4,6 +4,7 @@ before it was unplugged, keeps the machine awake for exactly the trainer's lifet
 `caffeinate` on PATH), and reports the conditions at the start and end of the run."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import threading
@@ -114,6 +115,12 @@ def test_battery_pauses_ac_resumes_and_a_started_run_finishes(slow_repo, tmp_pat
             rows = attempts(core)
             assert len(rows) == 1
             assert (rows[0]["state"], rows[0]["status"]) == ("done", "ok")   # it finished
+            # the machine at the run's start (plugged in) and end (unplugged), stored with it
+            cond = json.loads(rows[0]["conditions"])
+            assert cond["start"]["power"]["source"] == "ac"
+            assert cond["end"]["power"]["source"] == "battery"
+            assert cond["end"]["memory"]["swapouts"] > cond["start"]["memory"]["swapouts"]
+            assert rows[0]["flagged"] is None   # a few pages swapped are no evidence
             time.sleep(0.5)
             assert len(attempts(core)) == 1   # and no new one was taken on battery
         finally:

@@ -157,28 +157,14 @@ def test_unusable_ledger_is_refused_in_one_line_and_left_untouched(tmp_path, cas
 
 def test_locked_ledger_is_refused_after_the_busy_timeout(tmp_path):
     """Another process holds the write lock (BEGIN IMMEDIATE) past the busy timeout."""
-    import subprocess
-    import sys
-
     from coordinator.ledger import LedgerRefused
+    from serving import write_locked
 
     _, path = _sound_ledger(tmp_path)
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sqlite3, sys, time\n"
-         f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
-         "c.execute('BEGIN IMMEDIATE')\n"
-         "print('held', flush=True)\n"
-         "sys.stdin.read()\n"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with write_locked(path):
         with pytest.raises(LedgerRefused, match=r"is locked by another process") as err:
             Ledger(path, busy_timeout=0.2)
         assert str(path) in str(err.value) and "\n" not in str(err.value)
-    finally:
-        holder.stdin.close()
-        holder.wait(10)
     Ledger(path, busy_timeout=0.2).close()   # released: opens again
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -23,7 +24,7 @@ from coordinator.proposers import (
     AgentRunner, Refused, SourceUnavailable, SweepRunner, is_duplicate, judge_proposal,
     parse_command, with_head,
 )
-from coordinator.snapshot import head_files, mean_sem, proposer_snapshot
+from coordinator.snapshot import head_files, proposer_snapshot
 from coordinator import sweep as S
 
 HW = "cpu/test/1GB"
@@ -83,11 +84,12 @@ class CoreSource:
         return with_head({**snap, "workers": self.workers},
                          head_files(self.core.ledger, self.core.repo_dir))
 
-    def submit(self, train_py: str, description: str, base: str | None) -> dict:
+    def submit(self, train_py: str, description: str, base: str | None,
+               origin: dict | None = None) -> dict:
         if self.down:
             raise SourceUnavailable("no coordinator answering (test)")
         try:
-            return self.core.submit(train_py, description, base)
+            return self.core.submit(train_py, description, base, origin=origin)
         except SubmitRejected as exc:
             raise Refused(str(exc)) from None
 
@@ -185,6 +187,16 @@ def test_scripted_agents_cycle_submit_and_learn_from_decisions(core, agent, tmp_
     assert f"submitted as #{ids[1]}" in brief and f"#{ids[1]} now: DISCARDED" in brief
     assert f"KEPT #{ids[0]} 'set BPB to 1.40'" in brief
     assert core.ledger.candidate(ids[1])["description"] == "set BPB to 1.60"
+    # the coordinator keeps where it came from: the log points at the transcript
+    where = core.candidate(ids[1])["origin"]
+    assert where["tool"] == "agents" and where["proposer"] == "p1"
+    assert Path(where["transcript"]) == Path(recs[1]["dir"]) / "transcript.txt"
+    logged = {d["candidate_id"]: d for d in core.log(limit=20)["decisions"]}
+    assert logged[ids[1]]["origin"]["transcript"] == where["transcript"]
+    msg = subprocess.run(["git", "-C", str(core.repo_dir), "log", "-1", "--format=%B",
+                          f"refs/autoresearch/candidates/{ids[1]}"], capture_output=True,
+                         text=True, check=True).stdout
+    assert f"transcript: {where['transcript']}" in msg
 
 
 def test_unchanged_broken_and_failing_agents_are_fed_back(core, agent, tmp_path):
@@ -325,6 +337,15 @@ def test_a_new_runner_sends_what_a_killed_one_could_not(core, agent, tmp_path):
     assert r2.resume_unsent() == 0           # sent: not taken up again
 
 
+def test_origin_is_cleaned_and_optional():
+    from coordinator.core import clean_origin
+
+    assert clean_origin(None) == {} and clean_origin("p1") == {}
+    assert clean_origin({"tool": "agents", "proposer": "p\u202e1\n", "host": 7,
+                         "transcript": " /x/t.txt ", "other": "dropped"}) == \
+        {"tool": "agents", "proposer": "p1", "transcript": "/x/t.txt"}
+
+
 def test_judge_proposal():
     head = "x = 1\n"
     assert judge_proposal(head, "x = 2\n", "d", 0, False, 5).kind == "submit"
@@ -407,10 +428,34 @@ def test_snapshot_from_a_real_core(core, fleet_repo, fleet_variant):
     assert snap["counts"]["queued"] == 1
 
 
-def test_mean_sem():
-    m, s = mean_sem([1.0, 1.2, 1.1])
-    assert abs(m - 1.1) < 1e-12 and abs(s - 0.0577350) < 1e-6
-    assert mean_sem([1.0]) == (1.0, None) and mean_sem([]) == (None, None)
+def test_snapshot_and_brief_under_the_sequential_rule(tmp_path, fleet_train_py,
+                                                     fleet_variant):
+    """The default rule: the head is run head_runs times, a promising candidate waits for
+    repeats -- the brief lists it with its runs so far as mean ± sem and the runs wanted."""
+    from coordinator.brief import BriefContext, render_brief
+    from coordinator.repo import init_repo
+
+    repo = tmp_path / "seq"
+    init_repo(repo, tag="seq", preset="tiny", train_py=fleet_train_py)
+    with Coordinator(repo) as c:
+        w = Worker(c)
+        while w.run_one():              # the head's runs on this class
+            pass
+        cid = c.submit(fleet_variant(bpb=1.40), "promising")["candidate_id"]
+        assert w.run_one()              # its screen run passes: repeats are wanted
+        snap = proposer_snapshot(c.ledger, c.repo_dir)
+        head = snap["head"]["values"][0]
+        assert head["runs"] >= 2 and head["sem"] is not None
+        assert snap["noise"] and snap["noise"][0]["text"].startswith("σ")
+        waiting = [x for x in snap["awaiting"] if x["candidate_id"] == cid]
+        assert waiting and waiting[0]["runs"] == 1 and waiting[0]["sem"] > 0, snap["awaiting"]
+        assert waiting[0]["runs_wanted"] and waiting[0]["runs_wanted"] > 1
+        ctx = BriefContext(proposer="p1", proposers=1, workdir="w", train_py="w/train.py",
+                           description_file="w/description.txt", timeout=60)
+        text = render_brief(snap, ctx)
+        assert f"- #{cid} 'promising': 1.4000 ± " in text and "repeats: 1 of " in text, text
+        assert f"1.5000 ± 0.0" in text         # the head's mean ± sem
+
 
 
 def test_a_decision_older_than_the_recent_list_is_still_reported(core, fleet_variant):
@@ -450,3 +495,18 @@ def test_bad_specs_and_commands_are_one_line_errors_before_connecting():
     assert r.returncode == 2 and "No closing quotation" in r.stderr, r
     r = _cli("sweep", "--param", "DEPTH=2,3", "--connect", "tcp://127.0.0.1:9", "--insecure")
     assert r.returncode == 1 and "no coordinator answering" in r.stderr, r
+
+
+def test_a_shell_agent_through_sh_c_and_the_environment(core, tmp_path):
+    """The documented way to use a shell: ``sh -c '...'`` reading the paths from the env."""
+    lines: list[str] = []
+    argv = parse_command("""sh -c 'sed "s/^BPB = .*/BPB = 1.25/" "$AUTORESEARCH_TRAIN_PY" > t &&
+                         mv t "$AUTORESEARCH_TRAIN_PY" && echo "shell: BPB 1.25" |
+                         tee "$AUTORESEARCH_DESCRIPTION"'""")
+    r = runner(CoreSource(core, workers=1), argv, tmp_path / "out dir with spaces", lines,
+               count=1, slack=0, max_proposals=1)
+    drive(r, lambda: r.records)
+    assert r.records[0]["state"] == "submitted", lines
+    row = core.ledger.candidate(r.records[0]["candidate_id"])
+    assert S.head_values(row["train_py"], ["BPB"]) == {"BPB": 1.25}
+    assert row["description"] == "shell: BPB 1.25"

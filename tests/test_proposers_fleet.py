@@ -37,6 +37,7 @@ AGENT = textwrap.dedent('''
     kind, _, arg = step.partition(" ")
     if kind == "hang":
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"])
+        open(os.path.join(plans, "agent.pid"), "w").write(str(os.getpid()))
         open(os.path.join(plans, "hung.pid"), "w").write(str(child.pid))
         time.sleep(1000)
     text = open("train.py").read()
@@ -100,10 +101,17 @@ def test_agents_drive_a_fleet_for_several_cycles(fleet, tmp_path):
     env = submitter_env(fleet, tmp_path, "laptop")
     agents = Proc([sys.executable, "-m", "coordinator.cli", "agents", "--count", "2",
                    "--command", f"{sys.executable} {script} {plans} {{brief}}",
-                   "--timeout", "4", "--slack", "0", "--out", str(out), "--limit", "7",
+                   "--timeout", "4", "--slack", "0", "--out", str(out), "--poll", "0.5",
                    "--connect", ep, "--server-key", server_key(fleet)], "agents", env=env)
     try:
-        assert agents.wait(DEADLINE * 3) == 0, agents.text
+        # which slot takes the next cycle depends on timing; both plans run out in any order
+        end = time.monotonic() + DEADLINE * 3
+        while agents.count(r": submitted #") < 5 or agents.count(r"p1: timeout") < 1 or \
+                agents.count(r"p2: unchanged") < 1:
+            assert time.monotonic() < end and agents.p.poll() is None, agents.text
+            time.sleep(0.1)
+        agents.signal(signal.SIGINT)      # Ctrl-C once: the agent at work finishes
+        assert agents.wait(DEADLINE) == 0, agents.text
     finally:
         stop.set()
         watch.join(5)
@@ -134,7 +142,14 @@ def test_agents_drive_a_fleet_for_several_cycles(fleet, tmp_path):
     briefs = [(Path(r["dir"]) / "work" / "brief.md").read_text() for r in records]
     assert any("KEPT #" in b and "'p1: BPB 1.40'" in b for b in briefs[2:]), briefs[-1]
     assert any("ran out of time" in b for b in briefs)
-    assert "p1: BPB 1.40" in cli("log", "--connect", ep, "--json").stdout
+    # the log points at each agent's transcript on the machine that ran it
+    first = submitted[0]
+    logged = json.loads(cli("log", "--connect", ep, "--json").stdout)
+    by_id = {d["candidate_id"]: d for d in logged["decisions"]}
+    assert by_id[first["candidate_id"]]["origin"]["transcript"] == \
+        str(Path(first["dir"]) / "transcript.txt")
+    assert by_id[first["candidate_id"]]["description"] == "p1: BPB 1.40"
+    assert str(Path(first["dir"]) / "transcript.txt") in cli("log", "--connect", ep).stdout
 
 
 def test_ctrl_c_stops_agents_cleanly(fleet, tmp_path):
@@ -146,7 +161,7 @@ def test_ctrl_c_stops_agents_cleanly(fleet, tmp_path):
     script.write_text(AGENT)
     agents = Proc([sys.executable, "-m", "coordinator.cli", "agents", "--command",
                    f"{sys.executable} {script} {plans} {{brief}}", "--timeout", "600",
-                   "--out", str(tmp_path / "out"), "--connect", ep], "agents")
+                   "--out", str(tmp_path / "out"), "--connect", ep, "--json"], "agents")
     try:
         agents.wait_for(r"p1: agent started")
         end = time.monotonic() + DEADLINE
@@ -160,11 +175,57 @@ def test_ctrl_c_stops_agents_cleanly(fleet, tmp_path):
         assert agents.wait() == 0
     finally:
         agents.stop()
+    records = json.loads(agents.text[agents.text.index("\n[") + 1:])   # --json: stdout's end
+    assert [r["state"] for r in records] == ["agent_failed"]
+    assert records[0]["detail"] == "stopped by the runner"
     pid = int((plans / "hung.pid").read_text())
     end = time.monotonic() + DEADLINE
     while _alive(pid):
         assert time.monotonic() < end, "the agent's child survived Ctrl-C twice"
         time.sleep(0.1)
+
+
+def test_kill_9_of_the_runner_loses_nothing_the_coordinator_accepted(fleet, tmp_path):
+    coord, ep = fleet.started_coord()
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    (plans / "p1.txt").write_text("edit 1.41\nhang\n")
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT)
+    argv = [sys.executable, "-m", "coordinator.cli", "agents", "--command",
+            f"{sys.executable} {script} {plans} {{brief}}", "--timeout", "600", "--slack", "2",
+            "--out", str(tmp_path / "out"), "--connect", ep]
+    agents = Proc(argv, "agents")
+    grandchild = None
+    try:
+        cid = int(agents.wait_for(r"p1: submitted #(\d+)").group(1))
+        end = time.monotonic() + DEADLINE
+        while not (plans / "hung.pid").exists():
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        grandchild = int((plans / "hung.pid").read_text())
+        agent_pid = int((plans / "agent.pid").read_text())
+        agents.signal(signal.SIGKILL)
+        agents.wait()
+        from shared.client import Client
+        with Client(ep, timeout=10) as c:
+            st = c.query("status")
+        assert cid in [q["candidate_id"] for q in st["queue"]]   # accepted, kept
+        if sys.platform.startswith("linux"):                     # PR_SET_PDEATHSIG
+            end = time.monotonic() + DEADLINE
+            while _alive(agent_pid):
+                assert time.monotonic() < end, "the agent outlived its runner"
+                time.sleep(0.05)
+        # a new runner carries on where the old one left off
+        again = Proc(argv + ["--limit", "1"], "agents-2")
+        try:
+            again.wait_for(r"p1: (unchanged|submitted)")
+        finally:
+            again.stop()
+    finally:
+        agents.stop()
+        if grandchild is not None and _alive(grandchild):
+            os.kill(grandchild, signal.SIGKILL)   # started by this test's agent: ours to end
 
 
 def test_sweep_of_three_values_yields_three_candidates(fleet, tmp_path):
@@ -173,7 +234,7 @@ def test_sweep_of_three_values_yields_three_candidates(fleet, tmp_path):
     wait_head_measured(coord)
     env = submitter_env(fleet, tmp_path, "sweeper")
     base = [sys.executable, "-m", "coordinator.cli", "sweep", "--param", "BPB=1.3,1.45,1.5,1.6",
-            "--slack", "0", "--connect", ep, "--server-key", server_key(fleet)]
+            "--slack", "0", "--poll", "0.5", "--connect", ep, "--server-key", server_key(fleet)]
     nope = Proc(base[:5] + ["NOT_IN_TRAIN_PY=1,2"] + base[6:], "nope", env=env)
     assert nope.wait() == 2 and "NOT_IN_TRAIN_PY: not a constant of the head's train.py" \
         in nope.text, nope.text

@@ -330,9 +330,9 @@ def test_kill_minus_nine_during_rebases_leaves_ledger_and_branch_consistent(run_
         check_invariants(c)
 
 
-# ---- a schema-2 run (before rebasing) is upgraded in place -------------------------------------
+# ---- a schema-3 run (before rebasing) is upgraded in place -------------------------------------
 
-def test_a_schema_2_ledger_gains_programs_texts_and_the_stale_verdict(run_dir):
+def test_a_schema_3_ledger_gains_programs_texts_and_the_stale_verdict(run_dir):
     import sqlite3
 
     from coordinator.ledger import SCHEMA_VERSION
@@ -341,7 +341,7 @@ def test_a_schema_2_ledger_gains_programs_texts_and_the_stale_verdict(run_dir):
         c.worker_hello("w1", "W1", {}, HW, None)
         c.record_result("w1", c.next_assignment("w1").attempt_id, ok(1.5))
         old = c.submit(edit(BASE, LR=0.02), "before the upgrade")["candidate_id"]
-    # Make it what schema 2 wrote: no text/program columns, no 'stale' in the CHECK.
+    # Make it what schema 3 wrote: no text/program columns, no 'stale' in the CHECK.
     db = sqlite3.connect(run_dir / ".autoresearch" / "ledger.sqlite3")
     db.execute("DROP INDEX candidates_program")
     for table, column in (("candidates", "program_sha"), ("candidates", "text_commit"),
@@ -353,10 +353,10 @@ def test_a_schema_2_ledger_gains_programs_texts_and_the_stale_verdict(run_dir):
         {sql.replace("'failed', 'stale'", "'failed'").replace("decisions", "d2", 1)};
         INSERT INTO d2 SELECT * FROM decisions; DROP TABLE decisions;
         ALTER TABLE d2 RENAME TO decisions;
-        UPDATE meta SET value = '2' WHERE key = 'schema_version';""")
+        UPDATE meta SET value = '3' WHERE key = 'schema_version';""")
     db.close()
     with Coordinator(run_dir) as c:
-        assert c.ledger.get_meta("schema_version") == SCHEMA_VERSION == 3
+        assert c.ledger.get_meta("schema_version") == SCHEMA_VERSION == 4
         # programs were computed from the stored texts: the same program is answered
         tidy = edit(BASE, LR=0.02).replace("# learning rate", "# lr")
         assert c.submit(tidy, "same, tidied")["same_program_as"] == old

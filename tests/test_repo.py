@@ -49,7 +49,10 @@ def test_init_fresh_directory(tmp_path):
     assert ".autoresearch/" in ignore and "results.tsv" in ignore
     program = (d / "program.md").read_text()
     for needle in ("autoresearch-coord submit", "train.py", "val_bpb", "autoresearch/nov25",
-                   "harness", "7 seconds"):
+                   "harness", "7 seconds",
+                   # the agent contract of `autoresearch-coord agents`: in, out, rules
+                   "autoresearch-coord agents", "brief.md", "description.txt",
+                   "$AUTORESEARCH_TRAIN_PY", "exit status 0", "do not train, submit or commit"):
         assert needle in program, needle
     assert git(d, "status", "--porcelain") == ""
     assert git(d, "log", "-1", "--format=%an <%ae>") == "autoresearch <autoresearch@localhost>"

@@ -24,7 +24,7 @@ from coordinator import history
 from coordinator.core import Coordinator
 from coordinator.ledger import LedgerError, ReadOnlyLedger, ledger_path
 from coordinator.report import write_report
-from night import M1, M4, simulate
+from night import M1, M4, research_repo, simulate
 from test_fleet import fleet  # noqa: F401  (the fixture)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -101,10 +101,15 @@ def test_readonly_ledger_refuses_clearly(tmp_path, fleet_repo):
 # ---- the night as data -----------------------------------------------------------------------
 
 @pytest.fixture
-def night_repo(fleet_repo, fleet_variant):
-    n = simulate(fleet_repo, fleet_variant)
+def rule_repo(tmp_path):
+    return research_repo(tmp_path)
+
+
+@pytest.fixture
+def night_repo(rule_repo, fleet_variant):
+    n = simulate(rule_repo, fleet_variant)
     n.core.close()
-    return fleet_repo, n
+    return rule_repo, n
 
 
 def test_history_of_a_simulated_night(night_repo):
@@ -115,8 +120,8 @@ def test_history_of_a_simulated_night(night_repo):
         head_runs = {hw: [r[0] for r in L.all(
             "SELECT val_bpb FROM attempts WHERE candidate_id = ? AND hw_class = ? AND "
             "state = 'done' AND status = 'ok'", L.head()["candidate_id"], hw)] for hw in (M1, M4)}
-        base_m1 = L.scalar("SELECT val_bpb FROM attempts WHERE candidate_id = 0 AND "
-                           "hw_class = ? ORDER BY finished_at LIMIT 1", M1)
+        base_m1 = L.scalar("SELECT AVG(val_bpb) FROM attempts WHERE candidate_id = 0 AND "
+                           "hw_class = ? AND state = 'done' AND status = 'ok'", M1)
     by_class = {s["hw_class"]: s for s in night["progress"]}
     assert set(by_class) == {M1, M4}
     m1 = by_class[M1]
@@ -140,14 +145,14 @@ def test_history_of_a_simulated_night(night_repo):
     assert set(night["failures"]) == {"nan", "crash"}
     assert "loss is nan" in night["failures"]["nan"][0]["reason"]
     act = night["activity"]
-    assert {w["name"] for w in act["workers"]} == {"m1-a", "m1-b", "m4"}
+    assert {w["name"] for w in act["workers"]} == {"m1-a", "m1-b", "m4-a", "m4-b"}
     assert sum(w["runs"] for w in act["workers"]) == night["attempts"]
     assert all(u is None or 0 <= u <= 1 for u in act["utilisation"])
 
 
-def test_stats_from_repeats_and_from_the_rule(fleet_repo, fleet_variant):
+def test_stats_from_repeats_and_from_the_rule(rule_repo, fleet_variant):
     """Repeats give mean +- sem; statistics the decision rule stores on its row win."""
-    n = simulate(fleet_repo, fleet_variant)
+    n = simulate(rule_repo, fleet_variant)
     core = n.core
     # A rule that records its own numbers (issue 14): n, sigma, confidence columns and its
     # comparison as JSON details on the decision row (added here if this schema lacks them).
@@ -164,8 +169,8 @@ def test_stats_from_repeats_and_from_the_rule(fleet_repo, fleet_variant):
                                 "difference": -0.0311, "se": 0.0051, "pairs": 3}),
                     n.kept[0]))
     core.close()
-    with history.read_run(fleet_repo) as L:
-        kept = history.kept(L, fleet_repo)
+    with history.read_run(rule_repo) as L:
+        kept = history.kept(L, rule_repo)
     first = next(k for k in kept if k["candidate_id"] == n.kept[0])
     assert first["confidence"] == pytest.approx(0.973) and first["sem"] == pytest.approx(0.0042)
     assert first["mean"] == pytest.approx(1.4321) and first["gain"] == pytest.approx(0.0311)
@@ -174,7 +179,7 @@ def test_stats_from_repeats_and_from_the_rule(fleet_repo, fleet_variant):
     assert all(k["gain"] > 0 for k in others)
     if "confidence" not in have:       # no rule statistics: computed ones, no confidence
         assert all(k["confidence"] is None for k in others)
-    text = write_report(fleet_repo, fleet_repo.parent / "out").html_path.read_text()
+    text = write_report(rule_repo, rule_repo.parent / "out").html_path.read_text()
     assert "+0.0311 ± 0.0051" in text and "97.3%" in text and "3 vs 4, paired" in text
 
 
@@ -308,3 +313,19 @@ def test_report_from_a_real_fleet_running_then_stopped(fleet, fleet_variant, tmp
     info = json.loads(r.stdout)
     assert info["kept"] == [better["candidate_id"]] and info["decided"] == 3
     assert "lower bpb" in (out2 / "report.html").read_text()
+
+
+def test_report_lists_what_is_still_open(rule_repo, fleet_variant, tmp_path):
+    """A report made mid-night: the candidate waiting for its repeats is 'still open', with
+    its runs so far; the rule's noise per class is in the noise table."""
+    from night import mid_repeat
+
+    n = simulate(rule_repo, fleet_variant)
+    promising, queued, _ = mid_repeat(n, fleet_variant)
+    n.core.close()
+    text = write_report(rule_repo, tmp_path).html_path.read_text()
+    assert "Still open (1)" in text and "promising: half the warmup" in text
+    with history.read_run(rule_repo) as L:
+        noise = {x["hw_class"]: x for x in history.noise(L)}
+    assert noise[M1]["dof"] >= 1 and noise[M1]["sigma"] > 0 and noise[M1]["rule_sigma"] > 0
+    assert f"{noise[M1]['sigma']:.4f}" in text and "σ the rule uses" in text

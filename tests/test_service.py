@@ -236,6 +236,10 @@ def test_worker_install_cli_fills_in_venv_endpoint_key_and_name(home, tmp_path):
     assert rec.calls[-1] == ["systemctl", "--user", "enable", "--now",
                              "autoresearch-worker-box1.service"]
     assert "journalctl --user -u autoresearch-worker-box1.service -f" in r.output
+    if SYSTEMD_ANALYZE:   # the unit the CLI wrote, with a real key, is one systemd accepts
+        proc = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
     # the key given is now pinned for the endpoint, as `join --server-key` would
     from shared.pins import load_pins
     assert load_pins()["tcp://lab-mac.local:5555"] == key
@@ -256,13 +260,14 @@ def test_worker_install_cli_on_a_mac(home, monkeypatch):
     monkeypatch.setattr(service.platform, "system", lambda: "Darwin")
     key = new_key()
     r = CliRunner().invoke(main, ["install", "tcp://lab:5555", "--server-key", key,
-                                  "--name", "mbp"])
+                                  "--name", "mbp", "--when-idle", "10", "--allow-battery"])
     assert r.exit_code == 0, r.output
     plist = plistlib.loads((h / "Library/LaunchAgents/org.autoresearch.worker.mbp.plist")
                            .read_bytes())
     args = plist["ProgramArguments"]
     assert args[:5] == [WORKER_EXE, "join", "tcp://lab:5555", "--name", "mbp"]
     assert args[args.index("--server-key") + 1] == key
+    assert args[-3:] == ["--allow-battery", "--when-idle", "10.0"]   # passed on as given
     assert plist["StandardOutPath"] == str(h / "Library/Logs/autoresearch/"
                                                "autoresearch-worker-mbp.log")
     assert [c[:2] for c in rec.calls] == [["launchctl", "bootout"], ["launchctl", "enable"],
@@ -291,6 +296,9 @@ def test_worker_install_without_a_key_fails_like_join(home):
     assert home[1].calls == []
     r = CliRunner().invoke(main, ["install", "lab:5555", "--insecure"])
     assert r.exit_code == 2 and "not a ZeroMQ endpoint" in r.output
+    # this Linux cannot tell idle time: a service that would only fail is not installed
+    r = CliRunner().invoke(main, ["install", "tcp://lab:5555", "--insecure", "--when-idle", "5"])
+    assert r.exit_code == 2 and "--when-idle needs macOS" in r.output
 
 
 def test_coordinator_install_cli(home, tmp_path, prepared_sample):

@@ -293,3 +293,15 @@ def test_deny_predicate_refuses_at_handshake(tmp_path):
     finally:
         auth.stop()
         ctx.term()
+
+
+def test_a_worker_id_is_bound_to_the_first_key_and_the_binding_is_in_the_ledger(store, repo):
+    a, b = new_key(), new_key()
+    assert store.worker_owner("w-1") is None
+    assert store.bind_worker("w-1", a) == a
+    assert store.bind_worker("w-1", b) == a          # the first key keeps it
+    assert store.bind_worker("w-2", b) == b          # a key may own several ids
+    store.revoke(store.trust(a, "wa").name)
+    with TrustStore.open(repo) as again:             # another connection (a restarted server)
+        assert again.worker_owner("w-1") == a        # still a's, even after a's revoke
+        assert again.worker_owner("w-2") == b

@@ -52,7 +52,7 @@ OPTIMIZER = "adamw"
 EMBEDDING_LR = 0.6         # wte
 VALUE_EMBED_LR = 0.6       # value embedding tables
 UNEMBEDDING_LR = 0.004     # lm_head
-MATRIX_LR = 0.04           # every weight matrix inside the blocks
+MATRIX_LR = 0.04           # every weight matrix inside the blocks (AdamW or Muon)
 RESID_LR = 0.005           # resid_lambdas
 X0_LR = 0.5                # x0_lambdas
 WEIGHT_DECAY = 0.2         # decoupled weight decay, matrices only; scheduled WD * (1 - progress)
@@ -598,7 +598,10 @@ def main(argv=None):
     def micro_step(x, y):
         return loss_and_grad(model, x, y)
 
-    if head == "numpy":  # not compiled: the forward is evaluated mid-trace to hand it to numpy
+    # Not compiled: the forward is evaluated mid-trace to hand it to numpy. Measured in-process
+    # (DEPTH 4/T 256/B 16, 1 BLAS thread, interleaved, load ~3.5): median micro-step 1.74 s
+    # against 2.31 s for the compiled MLX head; compiling the forward under it gained nothing.
+    if head == "numpy":
         numpy_loss_and_grad = nn.value_and_grad(model, partial(numpy_head_loss, masks=masks))
 
         def micro_step(x, y):

@@ -237,6 +237,8 @@ class Agent:
         self.last_heard = 0.0
         self.next_beat = 0.0
         self.next_ready = 0.0              # idle: when to send ready again
+        self.hello_at: float | None = None  # when our last hello went out, until its welcome
+        self.incarnation: str | None = None  # the coordinator process that welcomed us last
 
         # the attempt (running / reporting)
         self.proc: Any = None              # the running AttemptProcess
@@ -281,11 +283,14 @@ class Agent:
         self.exit_code = code
 
     def _settle(self) -> None:
-        """Welcomed and holding nothing: move to the waiting state the facts say (or leave,
-        if the operator asked)."""
+        """Holding nothing: move to the waiting state the facts say (or leave, if the operator
+        asked) -- or back to ``connecting`` while our hello is unanswered: the coordinator
+        may not know us yet, and the welcome settles again."""
         now = self.clock()
         if self.interrupts:
             self._leave()
+        elif self.hello_at is not None:
+            self._to(CONNECTING)
         elif self.block_reason:
             self._to(BLOCKED)
         elif now < self.hold_until:
@@ -295,8 +300,9 @@ class Agent:
         elif self._gate(now):
             self._to(PAUSED)
         else:
+            if self.state != IDLE:   # a second welcome while idle sends no second ready
+                self.next_ready = now
             self._to(IDLE)
-            self.next_ready = now
 
     def _gate(self, now: float, force: bool = False) -> str | None:
         """Why the machine's conditions say no new work (``worker.gate``), re-read at most every
@@ -395,6 +401,7 @@ class Agent:
         return self.pending["attempt_id"] if self.pending else None
 
     def _hello(self) -> None:
+        self.hello_at = self.clock()
         self._send("hello", worker_id=self.worker_id, name=self.cfg.name, profile=self.profile,
                    hw_class=self.hw_class, attempt_id=self._held_attempt(),
                    harness_fingerprint=self.harness_fp, dataset_hash=self.have_hash)
@@ -585,10 +592,15 @@ class Agent:
         pass   # receiving it refreshed our liveness (``_drain``)
 
     def _on_welcome(self, msg: dict) -> None:
+        self.hello_at = None
         self.interval = float(msg["heartbeat_interval"])
         self.liveness = int(msg["liveness"])
+        incarnation = msg.get("incarnation")
+        again = (" (the coordinator restarted)" if self.incarnation is not None
+                 and incarnation is not None and incarnation != self.incarnation else "")
+        self.incarnation = incarnation
         self.event(f"connected to {self.cfg.endpoint} (heartbeat {self.interval:g}s, "
-                   f"liveness {self.liveness})")
+                   f"liveness {self.liveness}){again}")
         self._on_welcome_info(msg)
         if self.state == REPORTING:
             self._send_pending()
@@ -596,8 +608,17 @@ class Agent:
             self._settle()
 
     def _on_welcome_info(self, msg: dict) -> None:
+        """What the welcome says about the coordinator's harness and dataset. Every welcome
+        decides afresh (this machine's harness is hashed again): a worker blocked for a
+        mismatch takes work again once a later welcome matches (the coordinator upgraded, or
+        the same release reinstalled here)."""
         self.coord_harness = msg.get("harness_fingerprint")
-        if self.coord_harness is not None and self.coord_harness != self.harness_fp:
+        self.harness_fp = local_harness_fingerprint()
+        if self.coord_harness is None or self.coord_harness == self.harness_fp:
+            if self.block_reason:
+                self.event("harness matches the coordinator's now: taking work again")
+            self.block_reason = None
+        else:
             self.block_reason = (f"this machine's trainer harness ({self.harness_fp[:12]}) "
                                  f"differs from the coordinator's ({self.coord_harness[:12]})")
             self.event(f"taking no work: {self.block_reason}; install the same "
@@ -651,6 +672,14 @@ class Agent:
             handler(self, msg)
 
     def _on_hello_first(self, msg: dict) -> None:
+        """The coordinator does not know us (it restarted, or declared us lost): one hello.
+        While that hello is unanswered, further hello_first errors answer what we sent before
+        it and are ignored; a second hello (without the attempt an assign may be bringing)
+        would cost a lease. Only a hello unanswered for a whole window (lost with a dropped
+        connection) is sent again."""
+        if self.hello_at is not None and self.clock() - self.hello_at < self.window:
+            return
+        self.event("the coordinator does not know us (it restarted, or lost us): hello again")
         self._unwelcomed()
         self._hello()
 

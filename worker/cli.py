@@ -95,6 +95,14 @@ def _check_endpoint(endpoint: str) -> None:
                                  param_hint="ENDPOINT")
 
 
+def _check_when_idle(when_idle: float | None) -> None:
+    from worker.idle import idle_supported
+
+    if when_idle and not idle_supported():
+        raise click.UsageError("--when-idle needs macOS's keyboard/mouse idle time; this "
+                               "system cannot tell when it is idle")
+
+
 def _server_key(endpoint: str, server_key: str | None, invite: str | None,
                 insecure: bool, save: bool = True) -> bytes | None:
     """The pinned coordinator key for ENDPOINT (saved when --server-key gives one), or None
@@ -146,12 +154,8 @@ def join(endpoint: str, name: str | None, cache_dir: Path | None, threads: int |
     from worker.agent import Agent, AgentConfig, default_cache_dir
     from worker.profile import profile_machine
 
-    from worker.idle import idle_supported
-
     _check_endpoint(endpoint)
-    if when_idle and not idle_supported():
-        raise click.UsageError("--when-idle needs macOS's keyboard/mouse idle time; this "
-                               "system cannot tell when it is idle")
+    _check_when_idle(when_idle)
     pinned = _server_key(endpoint, server_key, invite, insecure)
     keypair = None
     if not insecure:
@@ -195,6 +199,7 @@ def install(endpoint: str, dry_run: bool, **opts) -> None:
     from worker.agent import default_cache_dir
 
     _check_endpoint(endpoint)
+    _check_when_idle(opts["when_idle"])
     name = opts["name"] or default_name()
     key = _server_key(endpoint, opts["server_key"], opts["invite"], opts["insecure"],
                       save=not dry_run)

@@ -12,13 +12,15 @@
     reporting   the attempt's result is sent (and re-sent) until the coordinator acks it
     stopped     leaving: bye sent or a refusal that retrying cannot fix (final)
 
-``idle``, ``fetching``, ``blocked``, ``holding`` and ``paused`` are the *waiting* states: the worker holds
-nothing and was welcomed. Losing the link (or a ``hello_first`` error: the coordinator does not
-know us) sends a waiting worker back to ``connecting``; ``running`` and ``reporting`` outlive the
-link -- the trainer keeps going, the next hello carries the attempt, and the result is re-sent
-until acked. When an attempt is acked, the next waiting state follows from the facts the
-welcome brought (harness, dataset) and the back-off deadline (``Agent._settle``). An operator's
-first Ctrl-C does not change the state; it makes the next settle ``stopped`` instead.
+``idle``, ``fetching``, ``blocked``, ``holding`` and ``paused`` are the *waiting* states: the
+worker holds nothing and was welcomed. Losing the link (or a ``hello_first`` error: the
+coordinator does not know us) sends a waiting worker back to ``connecting``; ``running`` and
+``reporting`` outlive the link -- the trainer keeps going, the next hello carries the attempt,
+and the result is re-sent until acked. When an attempt is acked, the next waiting state follows
+from the facts the welcome brought (harness, dataset), the back-off deadline and the machine's
+conditions (``Agent._settle``) -- or ``connecting``, if a hello of ours is still unanswered
+(one hello per coordinator incarnation: further ``hello_first`` errors meanwhile are ignored).
+An operator's first Ctrl-C does not change the state; it makes the next settle ``stopped``.
 
 Every change goes through ``check`` (``IllegalTransition`` otherwise), as the coordinator's
 machines do (``coordinator.states``). ``python -m worker.states`` prints the table.
@@ -57,8 +59,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     PAUSED: _SETTLE | {CONNECTING, REPORTING},
     BLOCKED: _SETTLE | {CONNECTING, REPORTING},
     RUNNING: frozenset({REPORTING, STOPPED}),
-    # acked -> whichever waiting state the facts say (or stopped, if the operator asked)
-    REPORTING: _SETTLE,
+    # acked -> whichever waiting state the facts say (or stopped, if the operator asked), or
+    # connecting when the ack beat the welcome of a hello we sent meanwhile
+    REPORTING: _SETTLE | {CONNECTING},
     STOPPED: frozenset(),
 }
 TRANSITIONS = {s: frozenset(t - {s}) for s, t in TRANSITIONS.items()}   # staying is implicit

@@ -31,6 +31,14 @@ const num = (x, d = 4) => (isNum(x) ? x.toFixed(d) : "–");
 const pm = (m, s, d = 4) => (isNum(m) ? m.toFixed(d) + (isNum(s) ? " ± " + s.toFixed(d) : "") : "–");
 const pct = (x) => (isNum(x) ? (x <= 1 ? (100 * x).toFixed(1) + "%" : String(x)) : "–");
 
+// The first clause of a long reason (the whole of it is the cell's tooltip).
+function short(text, n) {
+  text = String(text || "");
+  const cut = text.indexOf(";");
+  if (cut > 0 && cut < n) text = text.slice(0, cut);
+  return text.length > n ? text.slice(0, n - 1) + "…" : text;
+}
+
 function dur(s) {
   if (!isNum(s)) return "–";
   s = Math.max(0, Math.round(s));
@@ -153,7 +161,7 @@ function renderDecisions(hist) {
     el("td", { class: d.verdict }, d.verdict), el("td", {}, d.description),
     el("td", {}, d.hw_class || ""), el("td", { class: "n" }, pm(d.mean, d.sem)),
     el("td", { class: "n" }, num(d.head_bpb)), el("td", { class: "n" }, pct(d.confidence)),
-    el("td", { class: "muted" }, d.reason)));
+    el("td", { class: "muted", title: d.reason || "" }, short(d.reason, 90))));
   table("decisions", [["time"], ["#"], ["verdict"], ["description"], ["class"], ["val_bpb", "n"],
     ["head", "n"], ["confidence", "n"], ["reason"]], rows, "no decisions yet");
 }
