@@ -5,7 +5,8 @@ two keyed workers through the real CLIs on loopback, random ``kill -9`` of all t
 stream of short legitimate runs (the fast stand-in train.py), then the invariants checked from
 the ledger and git. Per seed it reports kills (coordinator / worker), candidates (submitted,
 kept, discarded, failed), attempts by state, violations of the invariants, and spurious strikes
-(lost leases recorded against a worker process that was never killed), with the load average.
+(lost leases held against a worker process that was alive: never killed, or not yet), with the
+load average.
 
     python benchmarks/chaos.py                         # seeds 1..3, 90 s of kills each
     python benchmarks/chaos.py --seed 7 --duration 120
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=90.0, help="seconds of kills per session")
     ap.add_argument("--settle", type=float, default=120.0,
                     help="at most this long for the queue to drain after the last kill")
+    ap.add_argument("--coordinator-weight", type=float, default=1.0,
+                    help="odds of the coordinator being the one killed (each worker: 1)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "chaos.json")
     args = ap.parse_args(argv)
     seeds = (args.seeds or []) + (args.seed_list or []) or [1, 2, 3]
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             root = tmp / f"seed{seed}"
             root.mkdir()
             os.environ["AUTORESEARCH_KEYS"] = str(root / "keys")   # this user's keys, per session
-            cfg = ChaosConfig(seed=seed, duration=args.duration, settle=args.settle)
+            cfg = ChaosConfig(seed=seed, duration=args.duration, settle=args.settle,
+                              coordinator_weight=args.coordinator_weight)
             t0 = time.monotonic()
             print(f"seed {seed}: {args.duration:g}s of kills ...", file=sys.stderr, flush=True)
             report = Session(Lab.make(root), cfg,
@@ -68,16 +72,20 @@ def main(argv: list[str] | None = None) -> int:
                   f"({r['candidates']['kept']} kept, {r['candidates']['discarded']} discarded, "
                   f"{r['candidates']['failed']} failed), {len(r['violations'])} violations, "
                   f"{len(r['spurious_strikes'])} spurious strikes, "
+                  f"{len(r['wasted_runs'])} runs wasted on unkilled workers, "
                   f"{time.monotonic() - t0:.0f}s, load {r['loadavg']}", flush=True)
             for v in r["violations"]:
                 print(f"  VIOLATION {v}", flush=True)
+            for f in r["failures"]:
+                print(f"  failed #{f['candidate_id']}: {f['reason']} (lost on "
+                      f"{', '.join(f['lost_on']) or '-'})", flush=True)
             for s in r["spurious_strikes"]:
                 print(f"  spurious strike: #{s['candidate_id']} on {s['worker']}: {s['note']}",
                       flush=True)
     total = {k: sum(len(s[k]) if isinstance(s[k], list) else 0 for s in sessions)
-             for k in ("violations", "spurious_strikes")}
+             for k in ("violations", "spurious_strikes", "wasted_runs")}
     summary = {
-        "seeds": seeds, "duration": args.duration,
+        "seeds": seeds, "duration": args.duration, "coordinator_weight": args.coordinator_weight,
         "kills": sum(s["kills"]["total"] for s in sessions),
         "candidates": sum(s["candidates"]["submitted"] for s in sessions),
         **total, "sessions": sessions,

@@ -22,6 +22,15 @@ says; fake clock). Then, timed with the machine as it is (the load average is re
     python benchmarks/report.py --sizes 20      # quick
 
 Writes benchmarks/results/report.json.
+
+Measured on the shared 2-core Linux box (2026-12-01, load average 8-10 from other work):
+
+    C=50  (90 runs):  status 0.8 ms, offer 0.16 us, history 7.6 ms, /api/snapshot 0.8 ms
+                      (29 KB), report 0.7 s; loop round trip p50/p95 0.18/2.4 ms without the
+                      dashboard, 0.26/5.1 ms with 4 fetches/s, 0.29/1.9 ms hammered
+    C=300 (558 runs): status 11 ms, history 9.1 ms, /api/snapshot 3.3 ms (123 KB), report
+                      1.4 s; loop p50/p95 0.37/2.7 ms without, 0.35/2.3 ms with 4 fetches/s,
+                      0.43/5.3 ms hammered (210 fetches/s)
 """
 from __future__ import annotations
 

@@ -127,7 +127,10 @@ def decision_stats(L: Any, d: Any) -> dict:
     stats = _row_stats(d)
     hw, cid = d["hw_class"], d["candidate_id"]
     out: dict[str, Any] = {k: None for k in STAT_FIELDS}
-    if hw and d["verdict"] != st.FAILED:
+    # The rule recorded the comparison itself: nothing to recompute (and no queries, which a
+    # dashboard over a long night would otherwise repeat for every decision).
+    complete = all(stats.get(k) is not None for k in ("n", "mean", "sem", "head_sem", "gain"))
+    if hw and d["verdict"] != st.FAILED and not complete:
         runs = _ok_runs(L, cid, hw, ids=loads(d["attempt_ids"], []) or None)
         if not runs:
             runs = _ok_runs(L, cid, hw, until=d["decided_at"], purpose=st.PURPOSE_CANDIDATE)

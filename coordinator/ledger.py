@@ -4,6 +4,8 @@ The git branch is derived from this file and reconciled with it on every start, 
 other way round. Each state change is one ``BEGIN IMMEDIATE ... COMMIT`` (``Ledger.tx()``), so
 a ``kill -9`` leaves either the whole change or none of it. Attempt ids are primary keys and a
 candidate has at most one decision row (UNIQUE), so a replayed result cannot be counted twice.
+``ReadOnlyLedger`` gives the same reads over a ``mode=ro`` connection for everything that only
+looks (report, dashboard, ``status/log/export --dir``): it never writes and takes no lock.
 
 Tables (times are epoch seconds, REAL; JSON columns are TEXT):
 
@@ -498,6 +500,11 @@ class ReadOnlyLedger(Ledger):
             raise LedgerError(f"{self.path}: cannot read the ledger: {exc}") from None
         if version != SCHEMA_VERSION:
             self.db.close()
+            if isinstance(version, int) and 1 <= version < SCHEMA_VERSION:
+                raise LedgerError(f"{self.path}: ledger schema {version}, older than this "
+                                  f"release's {SCHEMA_VERSION}: start the coordinator once with "
+                                  "this release (it upgrades the ledger in place), or read it "
+                                  "with the release that made it")
             raise LedgerError(f"{self.path}: ledger schema {version!r}, this release reads "
                               f"{SCHEMA_VERSION}: use the release that made this run")
 

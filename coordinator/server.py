@@ -3,7 +3,10 @@
 Shape follows the zguide's Paranoid Pirate queue: every peer message refreshes that worker's
 liveness; each heartbeat interval the server sends a heartbeat to every known worker and
 declares lost the ones silent for ``interval * liveness`` seconds. All state changes go through
-``coordinator.core.Coordinator``; this module only owns the wire and the clock.
+``coordinator.core.Coordinator``; this module only owns the wire and the clock. With a live
+dashboard (``snapshot``, a ``coordinator.dashboard.SnapshotHolder``) each loop turn offers it
+the status, taken at most once a second; the dashboard's HTTP thread only reads the holder, so
+no web request ever runs on this loop.
 
 Identity mapping: a worker's ROUTER identity changes every time it reconnects (new DEALER
 socket), so the ``worker_id`` inside each message is the truth and the identity is just where

@@ -329,3 +329,18 @@ def test_report_lists_what_is_still_open(rule_repo, fleet_variant, tmp_path):
         noise = {x["hw_class"]: x for x in history.noise(L)}
     assert noise[M1]["dof"] >= 1 and noise[M1]["sigma"] > 0 and noise[M1]["rule_sigma"] > 0
     assert f"{noise[M1]['sigma']:.4f}" in text and "σ the rule uses" in text
+
+
+def test_readonly_ledger_does_not_upgrade_an_older_schema(fleet_repo):
+    """Upgrading is a write: a reader refuses an older ledger and says how to upgrade it."""
+    import sqlite3 as sq
+
+    path = _ledger_file(fleet_repo)
+    db = sq.connect(path)
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    digest = _sha(path)
+    with pytest.raises(LedgerError, match="start the coordinator once with this release"):
+        ReadOnlyLedger(path)
+    assert _sha(path) == digest

@@ -270,7 +270,11 @@ function plot(s) {
 
 function renderPlots(hist) {
   const series = hist.progress || [];
-  fill("plots", ...(series.length ? series.map(plot) : [el("div", { class: "empty" }, "no measurements yet")]));
+  // A class with nothing decided or being measured gets one line, not an empty chart.
+  const one = (s) => ((s.points || []).length || (s.pending || []).length ? plot(s)
+    : el("div", { class: "empty" }, `${s.hw_class}: nothing decided here yet` +
+      (isNum(s.baseline) ? ` (baseline ${s.baseline.toFixed(4)})` : "")));
+  fill("plots", ...(series.length ? series.map(one) : [el("div", { class: "empty" }, "no measurements yet")]));
 }
 
 // ---- the loop ----------------------------------------------------------------------------
