@@ -165,6 +165,8 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
               "submitted": fmt_time(r["created_at"]), "origin": origin_of(L, r["id"])}
              for r in L.all("SELECT * FROM candidates WHERE state = 'queued' ORDER BY id")]
     measured, in_progress = [], []
+    connected = {w["hw_class"] for w in L.all("SELECT hw_class FROM workers WHERE "
+                                              "state != 'gone'")}
     for r in L.all("SELECT * FROM candidates WHERE state IN ('running', 'measured', "
                    "'repeating') AND id > 0 ORDER BY id"):
         summary = candidate_summary(L, r)
@@ -174,6 +176,10 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
                  "runs_wanted": scheduling.field_of(r, "runs_wanted")}
         if summary["runs"]:
             in_progress.append(entry)
+        if r["state"] == st.REPEATING and hw not in connected:
+            # its repeats run only on its own class: say so rather than let it wait unseen
+            problems.append(f"candidate #{r['id']} waits for repeats on {hw}, where no worker "
+                            f"is connected")
         if r["state"] != st.MEASURED:
             continue
         why = (f"cannot be decided: the head cannot be measured on {hw}" if hw in blocked else

@@ -200,6 +200,12 @@ def test_candidates_wait_for_repeats_on_their_own_class_only(coord):
     r = coord.next_assignment("w2")
     assert (r.purpose, r.candidate_id) == ("candidate", 1)
     assert coord.ledger.candidate(1)["hw_class"] == A
+    # with every A worker gone, #1 waits for its repeats there, and status says so
+    coord.record_result("w2", r.attempt_id, ok(1.504))   # mean 1.472: not yet, within reach
+    assert coord.candidate(1)["state"] == "repeating"
+    for w in ("w1", "w2", "w3"):
+        coord.worker_bye(w, "home time")
+    assert any(f"#1 waits for repeats on {A}" in p for p in coord.status()["problems"])
 
 
 def test_head_is_remeasured_every_n_decisions_and_drift_is_reported(tmp_path):

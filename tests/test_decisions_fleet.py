@@ -49,7 +49,8 @@ def test_a_lucky_do_nothing_variant_is_repeated_and_discarded(fleet, fleet_varia
     seeds = lambda cid: sorted(  # noqa: E731
         (r["seed_index"], json.loads(r["summary"] or "{}").get("settings", {}).get("seed"),
          r["val_bpb"]) for r in db.execute(
-            "SELECT * FROM attempts WHERE candidate_id = ? AND state = 'done'", (cid,)))
+            "SELECT * FROM attempts WHERE candidate_id = ? AND state = 'done' AND "
+            "flagged IS NULL", (cid,)))
     # the head's three runs and the lucky variant's three runs pair up by seed index
     assert [s[0] for s in seeds(0)] == [0, 1, 2]
     assert seeds(lucky["candidate_id"]) == [(0, 42, 1.47), (1, 43, 1.50), (2, 44, 1.50)]

@@ -17,8 +17,8 @@ upstream-h100
 tiny  What a 2-core Linux CPU (MLX CPU backend, OpenBLAS at one thread per worker, two workers
       sharing the cores) turns into dozens of optimizer steps in a 15 s budget: T=128, DEPTH 2,
       d_model 128 (two 64-channel heads), 8 rows x 128 tokens per step, no accumulation, 16K
-      validation tokens. Measured on the build machine (loaded): ~0.45 s per step at one BLAS
-      thread, so ~30 steps in 15 s. Used by the demo and the tests; its val_bpb is only
+      validation tokens. Measured on the build machine (loaded): 0.2-0.5 s per step at one BLAS
+      thread, so 30-80 steps in 15 s. Used by the demo and the tests; its val_bpb is only
       comparable with other tiny runs.
 """
 
