@@ -33,6 +33,10 @@ Security model: ``init`` makes the coordinator's keypair (``DIR/.autoresearch/ke
 key) or ``invite`` (a one-time token a new machine enrols itself with). The trust commands work
 on the ledger of DIR directly (``--dir``, else $AUTORESEARCH_DIR, else the current directory),
 also while the coordinator runs: a ``revoke`` takes effect on that key's next message.
+
+Commands import the modules they use inside their own function: eager imports of every
+command's modules (ZeroMQ, numpy through the dataset code) triple the start-up of ``--help``
+and of the trust commands (0.1 s -> 0.35 s measured here).
 """
 from __future__ import annotations
 
@@ -590,9 +594,12 @@ def format_submission(data: Any) -> str:
     cid = data.get("candidate_id")
     state = data.get("state") or data.get("status") or "queued"
     if data.get("duplicate"):
-        line = f"already submitted as #{cid}: {state}"
+        # same program (comments/formatting aside) as an earlier candidate, or as the head
+        line = f"already submitted as #{cid} (same program as #{cid}): {state}"
         if data.get("val_bpb") is not None:
             line += f", val_bpb {_num(data['val_bpb'])}"
+        if data.get("reason"):
+            line += f" ({data['reason']})"
         return line
     return f"submitted #{cid}: {state}" + (f" (commit {data['commit'][:10]})"
                                            if data.get("commit") else "")
@@ -852,8 +859,10 @@ def format_status(data: Any) -> str:
                       ["attempt", "cand", "worker", "progress"]) if running else "  (nothing)")
     queue = _rows(data.get("queue"))
     out.append(f"\nqueue ({len(queue)}):")
-    out.append(_table([[f"#{_pick(q, 'candidate_id', 'id')}", _pick(q, "description")]
-                       for q in queue], ["cand", "description"]) if queue else "  (empty)")
+    out.append(_table([[f"#{_pick(q, 'candidate_id', 'id')}", _based_on(q),
+                        _pick(q, "description")]
+                       for q in queue], ["cand", "based on", "description"])
+               if queue else "  (empty)")
     counts = data.get("counts")
     if isinstance(counts, dict) and counts:
         out.append("\n" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
@@ -900,6 +909,15 @@ def _sigma(h: dict) -> str:
                                     if isinstance(pooled, (int, float)) else ""))
 
 
+def _based_on(q: dict) -> str:
+    """``abc1234`` (the head it was written against), ``, rebased onto def5678`` once its change
+    was replayed onto a later head, or ``(behind the head: rebased when it runs)``."""
+    base = str(q.get("based_on") or "")[:7] or "-"
+    if q.get("rebased_onto"):
+        return f"{base}, rebased onto {str(q['rebased_onto'])[:7]}"
+    return f"{base} (behind the head: rebased when it runs)" if q.get("behind_head") else base
+
+
 def _gb(n: Any) -> str:
     return f"{n / 2**30:.1f} GB" if isinstance(n, (int, float)) and n else "-"
 
@@ -925,22 +943,30 @@ def format_log(data: Any) -> str:
     rows = _rows(entries)
     if not rows:
         return "(no results yet)"
-    return _table([[_pick(r, "time", "at", "created_at", "finished_at"),
-                    f"#{_pick(r, 'candidate_id')}",
-                    _pick(r, "verdict") or " ".join(
-                        str(x) for x in (r.get("state"), r.get("status"),
-                                         "flagged" if r.get("flagged") else None) if x),
-                    _pick(r, "runs") or _num(_pick(r, "val_bpb")), _pick(r, "hw_class"),
-                    _what_happened(r)] for r in rows],
-                  ["time", "cand", "what", "val_bpb", "class", "description"])
+    table = _table([[_pick(r, "time", "at", "created_at", "finished_at"),
+                     f"#{_pick(r, 'candidate_id')}",
+                     _pick(r, "verdict") or " ".join(
+                         str(x) for x in (r.get("state"), r.get("status"),
+                                          "flagged" if r.get("flagged") else None) if x),
+                     _pick(r, "runs") or _num(_pick(r, "val_bpb")), _pick(r, "hw_class"),
+                     _what_happened(r)] for r in rows],
+                   ["time", "cand", "what", "val_bpb", "class", "description"])
+    # A stale candidate's conflicting hunks (git's markers), under the table.
+    hunks = [f"\n#{r.get('candidate_id')} conflicts with #{r.get('conflicts_with')}:\n"
+             + "\n".join(f"    {line}" for line in str(r["conflicts"]).splitlines())
+             for r in rows if r.get("kind") == "decision" and r.get("conflicts")]
+    return table + "".join(hunks)
 
 
 def _what_happened(r: dict) -> Any:
-    """An attempt's description and the worker's note (why its status); a decision's reason."""
+    """An attempt's description and the worker's note (why its status); a stale decision's
+    reason (what it conflicts with, where to resubmit)."""
     text = _pick(r, "description", "reason")
     note = r.get("note")
     if r.get("kind") != "decision" and isinstance(note, str) and note:
         return f"{text}: {note}" if text else note
+    if r.get("verdict") == "stale" and r.get("reason"):
+        return f"{text}: {r['reason']}" if text else r["reason"]
     origin = r.get("origin")
     if r.get("kind") == "decision" and isinstance(origin, dict) and origin.get("transcript"):
         who = " on ".join(str(origin[k]) for k in ("proposer", "host") if origin.get(k))

@@ -40,9 +40,14 @@ Choices worth knowing:
     lost (``LOST_LIMIT`` losses fail the candidate);
   * a candidate keeps its first measurement: no re-runs or seeds yet (DESIGN.md plans them on
     top; every attempt is stored for that);
-  * an identical train.py text is never queued twice, whatever its earlier fate; only an
-    admin's ``retry`` queues a failed candidate again (the reason and the superseded decision go
-    to the ``retries`` table, its attempts stay, and losses toward ``LOST_LIMIT`` count anew).
+  * the same program (coordinator.identity) is never queued twice, whatever its earlier fate;
+    only an admin's ``retry`` queues a failed candidate again (the reason and the superseded
+    decision go to the ``retries`` table, its attempts stay, and losses toward ``LOST_LIMIT``
+    count anew);
+  * a candidate runs its change on top of the current head (coordinator.rebase): rebased at
+    assignment, and again if the head moves under its runs; the rebased text is a commit whose
+    parent is the head (object first, then the ledger row, then its ref: reconcile() recreates
+    a missing ref), and a keep commits that text as measured.
 
 Heartbeats (``worker_seen``) are kept in memory only: liveness is the server's business and
 writing SQLite once a second per worker would buy nothing after a restart.
@@ -52,7 +57,6 @@ Timestamps come from ``clock`` (default ``time.time``), used only for the record
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import threading
 import time
@@ -62,15 +66,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from coordinator import decide, reports, routing, rule, scheduling, seeds, slowdown
+from coordinator import (
+    decide, rebase, reports, routing, rule, scheduling, seeds, slowdown,
+)
 from coordinator import noise as noise_model
 from coordinator import states as st
+from coordinator.identity import program_sha, text_sha
 from coordinator.ledger import Ledger, LedgerError, ledger_path, loads
 from coordinator.repo import (
-    CANDIDATE_REFS, DISPLACED_REFS, RUN_FIELDS, ZERO, CoordinatorBusy, GitError, acquire_lock,
-    candidate_ref, clear_stale_ref_locks, commit_object, commit_tree_of, decision_settings,
-    is_ancestor, list_refs, load_run, make_tree, read_blob, rev_parse, state_dir,
-    sync_worktree, update_ref, write_results_tsv,
+    CANDIDATE_REFS, DISPLACED_REFS, REBASED_REFS, RUN_FIELDS, ZERO, CoordinatorBusy, GitError,
+    acquire_lock, candidate_ref, clear_stale_ref_locks, commit_object, commit_tree_of,
+    decision_settings, is_ancestor, list_refs, load_run, make_tree, read_blob, rebased_ref,
+    rev_parse, state_dir, sync_worktree, update_ref, write_results_tsv,
 )
 from shared.outcome import CANCELLED, OK, OOM, Outcome, plain
 from shared.protocol import ORIGIN_FIELDS
@@ -196,6 +203,10 @@ class Coordinator(contextlib.AbstractContextManager):
         self._file_lock = acquire_lock(self.repo_dir)    # CoordinatorBusy if taken
         self._mutex = threading.RLock()
         self._tsv_rows: dict[int, str] = {}  # decision id -> rendered results.tsv line
+        # Refs to point once the ledger transaction that made their commits has committed.
+        self._pending_refs: list[tuple[str, str]] = []
+        # Stale decisions the last next_assignment made on its way (the server prints them).
+        self._assign_decisions: list[Decision] = []
         self._seen: dict[str, dict] = {}
         self.problems: list[str] = []
         self.ledger: Ledger | None = None
@@ -251,6 +262,17 @@ class Coordinator(contextlib.AbstractContextManager):
                     update_ref(self.repo_dir, ref, row["commit_sha"], reason="reconcile")
                     fixes.append(f"{'recreated' if ref not in have else 'reset'} {ref} -> "
                                  f"{row['commit_sha'][:10]}")
+            # Rebased texts (a kill -9 between a rebase's ledger commit and its ref).
+            have = list_refs(self.repo_dir, REBASED_REFS)
+            for row in self.ledger.all(
+                    "SELECT id, text_commit AS sha FROM candidates WHERE text_commit IS NOT NULL "
+                    "AND text_commit != commit_sha UNION SELECT a.candidate_id, a.commit_sha "
+                    "FROM attempts a JOIN candidates c ON c.id = a.candidate_id WHERE "
+                    "a.purpose = 'candidate' AND a.commit_sha != c.commit_sha"):
+                ref = rebased_ref(row[0], row[1])
+                if have.get(ref) != row[1]:
+                    update_ref(self.repo_dir, ref, row[1], reason="reconcile")
+                    fixes.append(f"recreated {ref[:len(REBASED_REFS) + 20]}...")
             self._after_change(wrote_decision=True)
             return fixes
 
@@ -484,42 +506,178 @@ class Coordinator(contextlib.AbstractContextManager):
 
     def next_assignment(self, worker_id: str) -> Assignment | None:
         """The next thing this worker should run, or None (nothing useful, or it holds one).
-        The choice is ``scheduling.choose``'s; this gathers its rows and applies it."""
+        The choice is ``scheduling.choose``'s; this gathers its rows and applies it. A chosen
+        candidate runs its change on top of the current head: rebased first if its text sits on
+        an older one; one that does not replay ends stale and the choice is made again."""
         with self._mutex:
-            with self.ledger.tx():
-                w = self.ledger.worker(worker_id)
-                if w is None:
-                    raise ValueError(f"unknown worker {worker_id}: it must say hello first")
-                if self.ledger.live_lease(worker_id) is not None:
-                    return None  # one lease per worker
-                hw = w["hw_class"]
-                head = self.ledger.head()
-                on_head = self._head_on(hw)
-                memory = routing.worker_memory(loads(w["profile"], {}))
-                queued = [r[0] for r in self.ledger.all(
-                    "SELECT id, min_memory FROM candidates WHERE state = 'queued' ORDER BY id")
-                    if routing.fits(r[1], memory)]   # routed here for more memory, or not
-                choice = scheduling.choose(
-                    head["candidate_id"], on_head, queued,
-                    head_runs=int(self.decision["head_runs"]),
-                    remeasure=self._remeasure_due(hw, on_head),
-                    in_progress=self._in_progress(hw))
-                if choice is None:
-                    return None
-                cand = self.ledger.candidate(choice.candidate_id)
-                if choice.purpose == st.PURPOSE_HEAD:
-                    train_py = self._text_of(head["commit_sha"], cand["train_py"])
-                    return self._lease(worker_id, hw, cand["id"], head["commit_sha"], train_py,
-                                       st.PURPOSE_HEAD, on_head.seeds)
-                if cand["state"] == st.QUEUED:  # its first run binds it to this class
-                    self.ledger.db.execute("UPDATE candidates SET hw_class = ?, runs_wanted = 1 "
-                                           "WHERE id = ?", (hw, cand["id"]))
-                if cand["state"] != st.RUNNING:
-                    self._set_candidate(cand["id"], st.RUNNING)
-                busy = scheduling.busy_seeds(self.ledger.class_attempts(cand["id"], hw),
-                                             self._candidate_sha(cand))
-                return self._lease(worker_id, hw, cand["id"], cand["commit_sha"],
-                                   cand["train_py"], st.PURPOSE_CANDIDATE, busy)
+            stale: list[Decision] = []
+            with self._refs_after():
+                with self.ledger.tx():
+                    assignment = self._next_assignment(worker_id, stale)
+            if stale:
+                self._after_change(wrote_decision=True, head_moved=False)
+            self._assign_decisions += stale
+            return assignment
+
+    def take_assign_decisions(self) -> list[Decision]:
+        """The decisions (stale candidates) made while choosing assignments since the last
+        call; the server prints them like a result's."""
+        with self._mutex:
+            out, self._assign_decisions = self._assign_decisions, []
+            return out
+
+    def _next_assignment(self, worker_id: str, stale: list[Decision]) -> Assignment | None:
+        w = self.ledger.worker(worker_id)
+        if w is None:
+            raise ValueError(f"unknown worker {worker_id}: it must say hello first")
+        if self.ledger.live_lease(worker_id) is not None:
+            return None  # one lease per worker
+        hw = w["hw_class"]
+        head = self.ledger.head()
+        on_head = self._head_on(hw)
+        memory = routing.worker_memory(loads(w["profile"], {}))
+        skip: set[int] = set()  # went stale just now
+        while True:
+            queued = [r[0] for r in self.ledger.all(
+                "SELECT id, min_memory FROM candidates WHERE state = 'queued' ORDER BY id")
+                if r[0] not in skip
+                and routing.fits(r[1], memory)]   # routed here for more memory, or not
+            choice = scheduling.choose(
+                head["candidate_id"], on_head, queued,
+                head_runs=int(self.decision["head_runs"]),
+                remeasure=self._remeasure_due(hw, on_head),
+                in_progress=[p for p in self._in_progress(hw) if p.candidate_id not in skip])
+            if choice is None:
+                return None
+            cand = self.ledger.candidate(choice.candidate_id)
+            if choice.purpose == st.PURPOSE_HEAD:
+                train_py = self._text_of(head["commit_sha"], cand["train_py"])
+                return self._lease(worker_id, hw, cand["id"], head["commit_sha"], train_py,
+                                   st.PURPOSE_HEAD, on_head.seeds)
+            decision = self._onto_head(cand)
+            if decision is not None:
+                stale.append(decision)
+                skip.add(cand["id"])
+                continue
+            cand = self.ledger.candidate(cand["id"])  # its text may have just been rebased
+            if cand["state"] == st.QUEUED:  # its first run binds it to this class
+                self.ledger.db.execute("UPDATE candidates SET hw_class = ?, runs_wanted = 1 "
+                                       "WHERE id = ?", (hw, cand["id"]))
+            if cand["state"] != st.RUNNING:
+                self._set_candidate(cand["id"], st.RUNNING)
+            busy = scheduling.busy_seeds(self.ledger.class_attempts(cand["id"], hw),
+                                         self._candidate_sha(cand))
+            commit, onto = self._text_commit(cand)
+            return self._lease(worker_id, hw, cand["id"], commit, self._candidate_text(cand),
+                               st.PURPOSE_CANDIDATE, busy, onto=onto)
+
+    # ---- rebasing (coordinator.rebase decides; this applies it) -------------------------
+
+    @staticmethod
+    def _text_commit(cand) -> tuple[str, str]:
+        """(the commit of the text its runs use now, the head that text sits on)."""
+        return (scheduling.field_of(cand, "text_commit") or cand["commit_sha"],
+                scheduling.field_of(cand, "text_onto") or cand["base_commit"])
+
+    def _candidate_text(self, cand) -> str:
+        commit, _ = self._text_commit(cand)
+        return cand["train_py"] if commit == cand["commit_sha"] else read_blob(self.repo_dir,
+                                                                                 commit)
+
+    def _onto_head(self, cand) -> Decision | None:
+        """Make the candidate's text sit on the current head: nothing if it already does, else
+        its change (base -> its train.py) rebased onto the head and stored as a commit whose
+        parent is the head. Runs of its earlier text stay stored but no longer count: it is
+        screened afresh (one run wanted) on the new text. Returns the stale decision when the
+        change does not replay (conflict, or already on the head)."""
+        head = self.ledger.head()
+        _, onto = self._text_commit(cand)
+        if onto == head["commit_sha"]:
+            return None
+        base = cand["base_commit"]
+        r = rebase.rebase(
+            self.repo_dir, base_text=read_blob(self.repo_dir, base), text=cand["train_py"],
+            head_commit=head["commit_sha"],
+            head_text=read_blob(self.repo_dir, head["commit_sha"]),
+            keeps=lambda: self._keeps_since(base), head_candidate=head["candidate_id"],
+            label=f"#{cand['id']} {cand['description']}")
+        if r.kind in (rebase.CONFLICT, rebase.ALREADY):
+            return self._stale(cand, r)
+        sha = text_sha(r.text)
+        message = (f"candidate #{cand['id']} rebased: {cand['description']}\n\n"
+                   f"based on: {base}\nrebased onto: {head['commit_sha']} "
+                   f"(#{head['candidate_id']})\ncandidate: {cand['commit_sha']}\n"
+                   f"sha256(train.py): {sha}\n")
+        # Object first: if we die before the ledger commits, it is unreferenced junk.
+        commit = commit_object(self.repo_dir,
+                               make_tree(self.repo_dir, head["commit_sha"], {"train.py": r.text}),
+                               [head["commit_sha"]], message)
+        self.ledger.db.execute(
+            "UPDATE candidates SET text_commit = ?, text_onto = ?, text_sha = ?, updated_at = ? "
+            "WHERE id = ?", (commit, head["commit_sha"], sha, self._now(), cand["id"]))
+        self._pending_refs.append((rebased_ref(cand["id"], commit), commit))
+        if cand["state"] in (st.RUNNING, st.MEASURED, st.REPEATING):
+            # Its runs so far are of the old text: screen the new one (one run, then the rule).
+            self.ledger.db.execute("UPDATE candidates SET runs_wanted = 1 WHERE id = ?",
+                                   (cand["id"],))
+            if cand["state"] != st.REPEATING:
+                self._set_candidate(cand["id"], st.REPEATING)
+        return None
+
+    def _keeps_since(self, base: str) -> list[rebase.Keep]:
+        """The keeps from ``base`` to the head, oldest first (the branch is a chain of them)."""
+        out, cur = [], base
+        for d in self.ledger.all("SELECT candidate_id, head_before, head_after FROM decisions "
+                                 "WHERE verdict = 'kept' ORDER BY id"):
+            if d["head_before"] == cur and d["head_after"] != cur:
+                out.append(rebase.Keep(d["candidate_id"], d["head_after"],
+                                       self._text_of(d["head_after"], "")))
+                cur = d["head_after"]
+        return out
+
+    def _stale(self, cand, r: rebase.Rebased) -> Decision:
+        """End a candidate whose change does not replay onto the head (see states.STALE)."""
+        head = self.ledger.head()
+        short = head["commit_sha"][:10]
+        if r.kind == rebase.ALREADY:
+            reason = (f"already there: rebased onto head {short} it is the head's program "
+                      f"(#{head['candidate_id']}); not run")
+        elif r.conflicts.startswith("the merged train.py does not compile"):
+            reason = (f"rebased onto head {short} {r.conflicts[len('the merged '):]}; resubmit "
+                      f"on top of head {short}")
+        else:
+            kept = self.ledger.one("SELECT head_after FROM decisions WHERE candidate_id = ? "
+                                   "AND verdict = 'kept'", r.conflicts_with)
+            as_ = f" (kept as {kept['head_after'][:10]})" if kept is not None else ""
+            reason = (f"conflicts with #{r.conflicts_with}{as_}: resubmit on top of head "
+                      f"{short}")
+        for a in self.ledger.all("SELECT attempt_id FROM attempts WHERE candidate_id = ? AND "
+                                 "state = 'leased'", cand["id"]):
+            self._set_attempt(a[0], st.CANCELLED, note="candidate went stale: the head moved")
+        self._set_candidate(cand["id"], st.STALE)
+        details = {"kind": r.kind, "based_on": cand["base_commit"],
+                   "resubmit_on": head["commit_sha"], "conflicts_with": r.conflicts_with,
+                   "conflicts": r.conflicts}
+        return self._insert_decision(cand["id"], st.STALE, scheduling.field_of(cand, "hw_class"),
+                                     head["commit_sha"], head["commit_sha"], None, None, reason,
+                                     [], {"details": details})
+
+    @contextlib.contextmanager
+    def _refs_after(self):
+        """Around a ledger transaction that may rebase: afterwards point the refs of the
+        commits it stored (a crash in between is repaired by reconcile()); if it rolled back,
+        forget them (their commits are unreferenced junk)."""
+        try:
+            yield
+        except BaseException:
+            self._pending_refs.clear()
+            raise
+        while self._pending_refs:
+            ref, commit = self._pending_refs.pop(0)
+            try:
+                update_ref(self.repo_dir, ref, commit, reason="autoresearch rebase")
+            except GitError as exc:
+                self.problems.append(f"could not point {ref}: {exc}")
 
     def _in_progress(self, hw: str) -> list[scheduling.InProgress]:
         """Candidates bound to class ``hw`` that may want repeats there, oldest first."""
@@ -551,17 +709,18 @@ class Coordinator(contextlib.AbstractContextManager):
             return fallback
 
     def _lease(self, worker_id: str, hw: str, cid: int, commit: str, train_py: str,
-               purpose: str, busy_seeds: frozenset[int] = frozenset()) -> Assignment:
+               purpose: str, busy_seeds: frozenset[int] = frozenset(),
+               onto: str | None = None) -> Assignment:
         attempt_id = uuid.uuid4().hex
         now = self._now()
         # Repeat i of a text on a class runs with seed i of the run's sequence (coordinator.seeds)
         index = scheduling.seed_index_for(busy_seeds)
-        text_sha = hashlib.sha256(train_py.encode("utf-8", "surrogatepass")).hexdigest()
+        sha = text_sha(train_py)
         self.ledger.db.execute(
             "INSERT INTO attempts(attempt_id, candidate_id, purpose, worker_id, hw_class, "
-            "commit_sha, leased_at, state, seed_index, text_sha) "
-            "VALUES (?,?,?,?,?,?,?,'leased',?,?)",
-            (attempt_id, cid, purpose, worker_id, hw, commit, now, index, text_sha))
+            "commit_sha, leased_at, state, seed_index, text_sha, onto) "
+            "VALUES (?,?,?,?,?,?,?,'leased',?,?,?)",
+            (attempt_id, cid, purpose, worker_id, hw, commit, now, index, sha, onto))
         self.ledger.db.execute("UPDATE workers SET attempt_id = ?, last_seen = ? "
                                "WHERE worker_id = ?", (attempt_id, now, worker_id))
         # The in-memory heartbeat agrees with the ledger's last_seen written just above (status
@@ -605,7 +764,7 @@ class Coordinator(contextlib.AbstractContextManager):
             decisions: list[Decision] = []
             old_head = self.ledger.head()["commit_sha"]
             note = ""
-            with self.ledger.tx():
+            with self._refs_after(), self.ledger.tx():
                 self._store_outcome(att, oc)
                 if status == CANCELLED:
                     cid, dec = self._lose(att, st.CANCELLED, oc.note or "cancelled by the worker")
@@ -728,9 +887,9 @@ class Coordinator(contextlib.AbstractContextManager):
                                "min_memory = ? WHERE id = ?", (route.min_memory, cid))
 
     def _candidate_sha(self, cand) -> str:
-        """sha256 of the text a candidate's runs must have to count for it (its own train.py:
-        the text it would be kept as)."""
-        return cand["sha256"]
+        """sha256 of the text a candidate's runs must have to count for it: the text it would
+        be kept as (its own train.py on its base, or its change rebased onto the head)."""
+        return scheduling.field_of(cand, "text_sha") or cand["sha256"]
 
     def _candidate_runs(self, cand, hw: str) -> tuple[rule.Run, ...]:
         return scheduling.runs_of(self.ledger.class_attempts(cand["id"], hw),
@@ -763,7 +922,19 @@ class Coordinator(contextlib.AbstractContextManager):
             done = set()  # a new head: every waiting candidate is looked at again
 
     def _evaluate(self, c, hw: str) -> Decision | None:
-        """One candidate through coordinator.rule; apply its verdict. None unless decided."""
+        """One candidate through coordinator.rule; apply its verdict. None unless decided.
+
+        A keep needs runs of its text on the current head. If the head moved since its text was
+        made, its runs are judged against the head they were measured on: shown worse there is
+        a discard (a merge queue rejects what fails on its own base), anything else is rebased
+        onto the current head and screened afresh (or ends stale if it does not replay)."""
+        moved = self._outdated_discard(c, hw)
+        if moved is not None:
+            return moved
+        stale = self._onto_head(c)
+        if stale is not None:
+            return stale
+        c = self.ledger.candidate(c["id"])
         runs = self._candidate_runs(c, hw)
         if not runs:
             return None
@@ -797,6 +968,42 @@ class Coordinator(contextlib.AbstractContextManager):
                                      cmp.candidate_mean, cmp.head_mean, f"{v.reason} on {hw}",
                                      ids, self._numbers(v, on_head.runs, runs))
 
+    def _outdated_discard(self, c, hw: str) -> Decision | None:
+        """The discard of a candidate whose runs are of a text on an older head and lose to that
+        head there; None when its text is on the current head or the old head's verdict is not
+        a discard."""
+        _, onto = self._text_commit(c)
+        head = self.ledger.head()
+        if onto == head["commit_sha"]:
+            return None
+        runs = self._candidate_runs(c, hw)
+        if not runs:
+            return None
+        was = self.ledger.one("SELECT d.candidate_id, c.text_sha, c.sha256 FROM decisions d "
+                              "JOIN candidates c ON c.id = d.candidate_id WHERE d.verdict = "
+                              "'kept' AND d.head_after = ? ORDER BY d.id LIMIT 1", onto)
+        if was is None:
+            return None
+        old = scheduling.head_on_class(self.ledger.class_attempts(was["candidate_id"], hw),
+                                       was["text_sha"] or was["sha256"])
+        if not old.enough(int(self.decision["head_runs"])):
+            return None
+        noise = reports.class_noise(self.ledger, hw, float(self.decision["noise_prior"]))
+        v = rule.decide(old.runs, runs, noise, self.rule_settings)
+        if v.action != rule.DISCARD:
+            return None
+        cmp = v.comparison
+        for a in self.ledger.all("SELECT attempt_id FROM attempts WHERE candidate_id = ? AND "
+                                 "state = 'leased'", c["id"]):
+            self._set_attempt(a[0], st.CANCELLED, note="candidate discarded on another run")
+        self._set_candidate(c["id"], st.DISCARDED)
+        reason = (f"{v.reason} on {hw}, against head #{was['candidate_id']} {onto[:10]} it was "
+                  f"measured on (the head has moved since)")
+        return self._insert_decision(c["id"], st.DISCARDED, hw, head["commit_sha"],
+                                     head["commit_sha"], cmp.candidate_mean, cmp.head_mean,
+                                     reason, [r.attempt_id for r in runs] +
+                                     list(old.attempt_ids), self._numbers(v, old.runs, runs))
+
     @staticmethod
     def _numbers(v: rule.Verdict, head_runs, runs) -> dict:
         """The decision row's numbers: n each side, σ, confidence, rule, the comparison and
@@ -816,6 +1023,11 @@ class Coordinator(contextlib.AbstractContextManager):
         cmp = v.comparison
         margin = float(self.decision["margin"])
         df = "prior" if cmp.df is None else f"{cmp.df} df"
+        text_commit, onto = self._text_commit(c)
+        if onto != head["commit_sha"]:  # _evaluate rebases before deciding: a bug if not
+            raise RuntimeError(f"candidate #{c['id']} measured on {onto}, not on the head")
+        rebased = ("not rebased (based on this head)" if onto == c["base_commit"] else
+                   f"{onto} (#{head['candidate_id']})")
         message = (
             f"keep #{c['id']}: {c['description']}\n\n"
             f"val_bpb: {rule.fmt_runs(cmp.head_mean, cmp.head_sem, cmp.n_head)} -> "
@@ -824,22 +1036,35 @@ class Coordinator(contextlib.AbstractContextManager):
             f"decided by: {v.rule}, {100 * cmp.confidence:.1f}% confident better by more than "
             f"margin {margin:g} (σ {cmp.sigma:.4f}, {cmp.sigma_source}, {df})\n"
             f"hardware class: {hw}\n"
-            f"candidate: #{c['id']} {c['commit_sha']} (based on {c['base_commit']})\n"
+            f"candidate: #{c['id']} {c['commit_sha']}\n"
+            f"based on: {c['base_commit']}{self._name_of(c['base_commit'])}\n"
+            f"rebased onto: {rebased}\n"
+            f"measured text: {text_commit} sha256(train.py) {self._candidate_sha(c)}\n"
             f"head before: #{head['candidate_id']} {head['commit_sha']}\n"
             f"candidate attempts (seed index): "
             f"{', '.join(f'{r.attempt_id} ({r.seed_index})' for r in runs)}\n"
             f"head attempts (seed index): "
             f"{', '.join(f'{r.attempt_id} ({r.seed_index})' for r in on_head.runs)}\n")
-        return commit_object(self.repo_dir, commit_tree_of(self.repo_dir, c["commit_sha"]),
+        # The tree is the candidate as measured: its text on this very head (_evaluate rebased
+        # it first), so the keep never drops what was kept since its base.
+        return commit_object(self.repo_dir, commit_tree_of(self.repo_dir, text_commit),
                              [head["commit_sha"]], message)
+
+    def _name_of(self, commit: str) -> str:
+        """`` (#k)`` if ``commit`` is a head of this run (a keep, or the baseline), else ""."""
+        row = self.ledger.one("SELECT candidate_id FROM decisions WHERE verdict = 'kept' AND "
+                              "head_after = ? ORDER BY id LIMIT 1", commit)
+        return f" (#{row[0]})" if row is not None else ""
 
     # ---- clients ------------------------------------------------------------------------
 
     def submit(self, train_py: str, description: str, base: str | None = None,
                origin: dict | None = None) -> dict:
-        """Queue a train.py variant; SubmitRejected if it cannot be run. An identical text is
-        answered with the earlier candidate (``duplicate: True``) and not queued again.
-        ``origin`` (tool, proposer, host, transcript) is kept beside it (``clean_origin``)."""
+        """Queue a train.py variant; SubmitRejected if it cannot be run. The same program as an
+        earlier candidate (coordinator.identity: comments and formatting ignored) is answered
+        with that candidate (``duplicate: True``, ``same_program_as``) and not queued again;
+        so is the head's own program (nothing to try). ``origin`` (tool, proposer, host,
+        transcript) is kept beside it (``clean_origin``)."""
         if not isinstance(train_py, str):
             raise SubmitRejected("train.py must be text")
         size = len(train_py.encode("utf-8", "surrogatepass"))
@@ -850,11 +1075,17 @@ class Coordinator(contextlib.AbstractContextManager):
             raise SubmitRejected(err)
         desc = clean_description(description)
         where = clean_origin(origin)
-        sha = hashlib.sha256(train_py.encode("utf-8", "surrogatepass")).hexdigest()
+        sha = text_sha(train_py)
+        program = program_sha(train_py)
         with self._mutex:
-            row = self.ledger.one("SELECT * FROM candidates WHERE sha256 = ?", sha)
+            row = (self.ledger.one("SELECT * FROM candidates WHERE sha256 = ?", sha)
+                   or self.ledger.one("SELECT * FROM candidates WHERE program_sha = ? "
+                                      "ORDER BY id LIMIT 1", program)
+                   or self._head_if_same_program(program))
             if row is not None:
-                return reports.candidate_summary(self.ledger, row, duplicate=True)
+                out = reports.candidate_summary(self.ledger, row, duplicate=True)
+                out["same_program_as"] = row["id"]
+                return out
             if base is None or str(base).strip() == "":
                 base_commit = self.ledger.head()["commit_sha"]
             elif (not isinstance(base, str) or len(base) > MAX_BASE or "\x00" in base
@@ -874,9 +1105,11 @@ class Coordinator(contextlib.AbstractContextManager):
                                        f"candidate #{cid}: {desc}\n\nbase: {base_commit}\n"
                                        f"sha256(train.py): {sha}\n{came}")
                 db.execute("INSERT INTO candidates(id, description, sha256, train_py, "
-                           "base_commit, commit_sha, state, created_at, updated_at) "
-                           "VALUES (?,?,?,?,?,?,'queued',?,?)",
-                           (cid, desc, sha, train_py, base_commit, commit, now, now))
+                           "base_commit, commit_sha, state, created_at, updated_at, program_sha,"
+                           " text_commit, text_onto, text_sha) "
+                           "VALUES (?,?,?,?,?,?,'queued',?,?,?,?,?,?)",
+                           (cid, desc, sha, train_py, base_commit, commit, now, now, program,
+                            commit, base_commit, sha))
                 if where:
                     db.execute("INSERT INTO origins(candidate_id, tool, proposer, host, "
                                "transcript) VALUES (?,?,?,?,?)",
@@ -888,6 +1121,16 @@ class Coordinator(contextlib.AbstractContextManager):
             out["queue_position"] = int(self.ledger.scalar(
                 "SELECT COUNT(*) FROM candidates WHERE state = 'queued' AND id <= ?", cid))
             return out
+
+    def _head_if_same_program(self, program: str):
+        """The head's candidate row if ``program`` is the head's train.py as it stands (a
+        rebased keep's text is not any candidate's submitted text)."""
+        head = self.ledger.head()
+        try:
+            same = program_sha(read_blob(self.repo_dir, head["commit_sha"])) == program
+        except (GitError, SyntaxError, ValueError):
+            return None
+        return self.ledger.candidate(head["candidate_id"]) if same else None
 
     def candidate(self, cid: int) -> dict | None:
         """One candidate's summary (state, commit, val_bpb, verdict), or None."""

@@ -14,8 +14,11 @@ Tables (times are epoch seconds, REAL; JSON columns are TEXT):
                created_at, updated_at, hw_class (the class its runs are on, once it has
                one: a decision uses one class only), runs_wanted (runs the rule asked for
                in all, on that class), min_memory (bytes: it ran out of memory on a class
-               with this much, so only workers with more take it -- coordinator.routing).
-               Candidate 0 is the run's baseline (state kept).
+               with this much, so only workers with more take it -- coordinator.routing),
+               program_sha (coordinator.identity: same program, same result), text_commit /
+               text_onto / text_sha (the commit, head and sha256 of the text its runs use now:
+               its own text on its base, or its change rebased onto a later head,
+               coordinator.rebase). Candidate 0 is the run's baseline (state kept).
     attempts   attempt_id, candidate_id, purpose (head|candidate), worker_id, hw_class,
                commit (what was measured), leased_at, finished_at, state (leased|done|lost|
                cancelled|stale), prior_state (for stale: lost|cancelled), status (outcome:
@@ -25,18 +28,20 @@ Tables (times are epoch seconds, REAL; JSON columns are TEXT):
                it ran: runs of different texts are never pooled), conditions JSON (the
                worker's machine at the start and end of the run), tok_per_sec (the run's
                average), flagged (why the machine slowed it: stored, never counted --
-               coordinator.slowdown; NULL for a clean run)
+               coordinator.slowdown; NULL for a clean run), onto (the head the text it ran
+               sat on: its base, or the head it was rebased onto; NULL for head runs)
     routes     id, candidate_id, from_class, memory (usable bytes there), reason, routed_at:
                one row per out-of-memory requeue to a class with more memory
     workers    worker_id, name, hw_class, profile JSON, first_seen, last_seen, attempt_id,
                state (connected|gone), gone_reason
     decisions  id, candidate_id (UNIQUE), hw_class (the one class whose runs decided it),
-               verdict (kept|discarded|failed), head_before, head_after, val_bpb (the
+               verdict (kept|discarded|failed|stale), head_before, head_after, val_bpb (the
                candidate's mean), head_bpb (the head's mean), reason, attempt_ids JSON,
                decided_at, n_candidate, n_head (runs each side), sigma (σ used), confidence
                (that the candidate is better by more than the margin), rule (which test
                decided, e.g. sequential/paired), details JSON (coordinator.rule.Comparison
-               and the paired differences)
+               and the paired differences; for stale: the conflicting hunks, the keep it
+               conflicts with, the head to resubmit on)
     head       one row: commit, candidate_id, updated_at, text_sha (of the train.py its runs
                ran; NULL: the head candidate's own text, so all its runs are the head's)
     retries    id, candidate_id, reason, requested_by, retried_at, from_state, decision (the
@@ -46,8 +51,11 @@ Tables (times are epoch seconds, REAL; JSON columns are TEXT):
                submission came from, when its client said (the proposers do), so the log
                points at the agent's transcript on the machine that ran it
 
-Older ledgers are upgraded in place on open (``MIGRATIONS``). Schema 1 (before repeats): the new columns are added
-empty, and a run without a ``policy`` setting keeps deciding greedily (repo.decision_settings).
+Older ledgers are upgraded in place on open (``MIGRATIONS``). Schema 1 (before repeats): the
+new columns are added empty, and a run without a ``policy`` setting keeps deciding greedily
+(repo.decision_settings). Schema 3 ledgers (before rebasing) gain the text and program columns
+(programs computed from the stored texts; NULL text columns mean "its own text on its base")
+and the 'stale' verdict.
 
 Opening an existing ledger first runs ``check_ledger`` (read-only, before sqlite may create
 or change anything): an empty file, a file that is not SQLite, a damaged database
@@ -64,9 +72,48 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA_VERSION = 3
-# Columns added by each schema version, applied in order to an older ledger on open.
-MIGRATIONS: dict[int, tuple[str, ...]] = {
+from coordinator.identity import program_sha
+
+SCHEMA_VERSION = 4
+DECISIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate_id INTEGER NOT NULL UNIQUE REFERENCES candidates(id),
+    hw_class     TEXT,
+    verdict      TEXT NOT NULL CHECK (verdict IN ('kept', 'discarded', 'failed', 'stale')),
+    head_before  TEXT,
+    head_after   TEXT NOT NULL,
+    val_bpb      REAL,
+    head_bpb     REAL,
+    reason       TEXT NOT NULL,
+    attempt_ids  TEXT NOT NULL,
+    decided_at   REAL NOT NULL,
+    n_candidate  INTEGER,
+    n_head       INTEGER,
+    sigma        REAL,
+    confidence   REAL,
+    rule         TEXT,
+    details      TEXT
+);
+"""
+DECISION_COLUMNS = ("id, candidate_id, hw_class, verdict, head_before, head_after, val_bpb, "
+                    "head_bpb, reason, attempt_ids, decided_at, n_candidate, n_head, sigma, "
+                    "confidence, rule, details")
+
+
+def _backfill_programs(db: sqlite3.Connection) -> None:
+    """Schema 4: the program hash of every candidate so far (for same-program answers)."""
+    for row in db.execute("SELECT id, train_py FROM candidates").fetchall():
+        try:
+            program = program_sha(row[1])
+        except (SyntaxError, ValueError):
+            program = None
+        db.execute("UPDATE candidates SET program_sha = ? WHERE id = ?", (program, row[0]))
+
+
+# What each schema version adds, applied in order to an older ledger on open: SQL statements,
+# or functions of the connection for what SQL cannot compute.
+MIGRATIONS: dict[int, tuple] = {
     2: ("ALTER TABLE candidates ADD COLUMN hw_class TEXT",
         "ALTER TABLE candidates ADD COLUMN runs_wanted INTEGER",
         "ALTER TABLE attempts ADD COLUMN seed_index INTEGER",
@@ -85,6 +132,19 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE IF NOT EXISTS routes (id INTEGER PRIMARY KEY AUTOINCREMENT, "
         "candidate_id INTEGER NOT NULL REFERENCES candidates(id), from_class TEXT NOT NULL, "
         "memory INTEGER, reason TEXT NOT NULL, routed_at REAL NOT NULL)"),
+    # rebasing (coordinator.rebase) and program identity (coordinator.identity); 'stale' is a
+    # verdict now, and SQLite changes a CHECK only by rebuilding the table
+    4: ("ALTER TABLE candidates ADD COLUMN program_sha TEXT",
+        "ALTER TABLE candidates ADD COLUMN text_commit TEXT",
+        "ALTER TABLE candidates ADD COLUMN text_onto TEXT",
+        "ALTER TABLE candidates ADD COLUMN text_sha TEXT",
+        "ALTER TABLE attempts ADD COLUMN onto TEXT",
+        DECISIONS_TABLE.format(name="decisions_v4"),
+        f"INSERT INTO decisions_v4 ({DECISION_COLUMNS}) SELECT {DECISION_COLUMNS} FROM decisions",
+        "DROP TABLE decisions",
+        "ALTER TABLE decisions_v4 RENAME TO decisions",
+        "CREATE INDEX IF NOT EXISTS candidates_program ON candidates(program_sha)",
+        _backfill_programs),
 }
 LEDGER_NAME = "ledger.sqlite3"
 BUSY_TIMEOUT = 10.0            # seconds a statement waits for another process's write lock
@@ -107,9 +167,14 @@ CREATE TABLE IF NOT EXISTS candidates (
     updated_at  REAL NOT NULL,
     hw_class    TEXT,
     runs_wanted INTEGER,
-    min_memory  INTEGER
+    min_memory  INTEGER,
+    program_sha TEXT,
+    text_commit TEXT,
+    text_onto   TEXT,
+    text_sha    TEXT
 );
 CREATE INDEX IF NOT EXISTS candidates_state ON candidates(state, id);
+CREATE INDEX IF NOT EXISTS candidates_program ON candidates(program_sha);
 CREATE TABLE IF NOT EXISTS attempts (
     attempt_id   TEXT PRIMARY KEY,
     candidate_id INTEGER NOT NULL REFERENCES candidates(id),
@@ -132,7 +197,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     text_sha     TEXT,
     conditions   TEXT,
     tok_per_sec  REAL,
-    flagged      TEXT
+    flagged      TEXT,
+    onto         TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_cand ON attempts(candidate_id, hw_class, state);
 CREATE INDEX IF NOT EXISTS attempts_worker ON attempts(worker_id, state);
@@ -155,25 +221,7 @@ CREATE TABLE IF NOT EXISTS workers (
     state       TEXT NOT NULL,
     gone_reason TEXT
 );
-CREATE TABLE IF NOT EXISTS decisions (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    candidate_id INTEGER NOT NULL UNIQUE REFERENCES candidates(id),
-    hw_class     TEXT,
-    verdict      TEXT NOT NULL CHECK (verdict IN ('kept', 'discarded', 'failed')),
-    head_before  TEXT,
-    head_after   TEXT NOT NULL,
-    val_bpb      REAL,
-    head_bpb     REAL,
-    reason       TEXT NOT NULL,
-    attempt_ids  TEXT NOT NULL,
-    decided_at   REAL NOT NULL,
-    n_candidate  INTEGER,
-    n_head       INTEGER,
-    sigma        REAL,
-    confidence   REAL,
-    rule         TEXT,
-    details      TEXT
-);
+""" + DECISIONS_TABLE.format(name="decisions") + """
 CREATE TABLE IF NOT EXISTS head (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
     commit_sha   TEXT NOT NULL,
@@ -334,8 +382,8 @@ class Ledger:
         while version < SCHEMA_VERSION:
             version += 1
             with self.tx() as db:
-                for statement in MIGRATIONS.get(version, ()):
-                    db.execute(statement)
+                for step in MIGRATIONS.get(version, ()):
+                    step(db) if callable(step) else db.execute(step)
                 self.set_meta("schema_version", version)
         return version
 

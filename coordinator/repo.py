@@ -12,6 +12,8 @@ Refs:
 
     refs/heads/autoresearch/<tag>        advances only through keeps
     refs/autoresearch/candidates/<id>    every candidate ever submitted (parent: its base head)
+    refs/autoresearch/rebased/<id>/<sha> a candidate's change rebased onto a later head (parent:
+                                         that head), one per text it ran
     refs/autoresearch/displaced/<n>      a branch tip that disagreed with the ledger (kept, not lost)
 
 Commits are built with plumbing (hash-object, a private GIT_INDEX_FILE, write-tree, commit-tree,
@@ -22,7 +24,6 @@ coordinator owns ``DIR``'s working tree: after the branch moves it resets the in
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -34,6 +35,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from coordinator.identity import program_sha, text_sha
 from coordinator.ledger import Ledger, ledger_path
 from coordinator.brief import agent_contract_md
 from coordinator.noise import DEFAULT_PRIOR_SIGMA
@@ -47,6 +49,7 @@ RUN_FILE = "run.json"
 LOCK_FILE = "coord.lock"
 CANDIDATE_REFS = "refs/autoresearch/candidates/"
 DISPLACED_REFS = "refs/autoresearch/displaced/"
+REBASED_REFS = "refs/autoresearch/rebased/"
 ZERO = "0" * 40
 
 # Research-run settings that reach the harness through the environment (the trainer boundary's
@@ -97,24 +100,50 @@ class RunMismatch(ValueError):
 
 # ---- git ---------------------------------------------------------------------------------------
 
-def git(repo: Path, *args: str, input: str | None = None, env: dict | None = None,
-        check: bool = True, raw: bool = False) -> str:
-    """Run git in ``repo``; return stdout (without the trailing newline unless ``raw``);
-    GitError on failure."""
+def _git_run(repo: Path, args: tuple[str, ...] | list[str], input: str | None = None,
+             env: dict | None = None) -> subprocess.CompletedProcess:
     # Drop git variables inherited from a hook or a parent git: they would redirect us.
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")}
     full_env.update(GIT_IDENTITY)
     full_env.update(env or {})
     # Bytes, not text mode: text mode would translate \r\n in a train.py we read back.
-    proc = subprocess.run(["git", *GIT_CONFIG, "-C", str(repo), *args],
+    return subprocess.run(["git", *GIT_CONFIG, "-C", str(repo), *args],
                           input=None if input is None else input.encode("utf-8", "surrogatepass"),
                           capture_output=True, env=full_env)
+
+
+def git(repo: Path, *args: str, input: str | None = None, env: dict | None = None,
+        check: bool = True, raw: bool = False) -> str:
+    """Run git in ``repo``; return stdout (without the trailing newline unless ``raw``);
+    GitError on failure."""
+    proc = _git_run(repo, args, input, env)
     out = proc.stdout.decode("utf-8", "replace")
     if check and proc.returncode != 0:
         err = proc.stderr.decode("utf-8", "replace").strip() or out.strip()
         raise GitError(f"git {' '.join(args)} failed in {repo}: {err}")
     return out if raw else out.rstrip("\n")
+
+
+def merge_file(repo: Path, ours: str, base: str, theirs: str,
+               labels: tuple[str, str, str] = ("ours", "base", "theirs")) -> tuple[str, int]:
+    """``git merge-file``: replay the change base -> theirs onto ours. Returns (the merged
+    text, the number of conflicts); conflicting hunks carry git's diff3 markers, labelled
+    ``labels``. GitError if git itself fails."""
+    with tempfile.TemporaryDirectory(prefix="autoresearch-merge-") as tmp:
+        paths = []
+        for name, text in zip(("ours", "base", "theirs"), (ours, base, theirs)):
+            path = Path(tmp) / name
+            path.write_bytes(text.encode("utf-8", "surrogatepass"))
+            paths.append(str(path))
+        args = ["merge-file", "-p", "--diff3"]
+        for label in labels:
+            args += ["-L", " ".join(str(label).split())]
+        proc = _git_run(repo, args + paths)
+    if not 0 <= proc.returncode < 128:   # >= 0: the conflict count (capped at 127)
+        err = proc.stderr.decode("utf-8", "replace").strip()
+        raise GitError(f"git merge-file failed in {repo} (exit {proc.returncode}): {err}")
+    return proc.stdout.decode("utf-8", "surrogatepass"), proc.returncode
 
 
 def rev_parse(repo: Path, ref: str) -> str | None:
@@ -160,6 +189,11 @@ def update_ref(repo: Path, ref: str, new: str, old: str | None = None, reason: s
 
 def candidate_ref(cid: int) -> str:
     return f"{CANDIDATE_REFS}{cid}"
+
+
+def rebased_ref(cid: int, commit: str) -> str:
+    """Keeps a rebased text of candidate ``cid`` (a commit on a later head) reachable."""
+    return f"{REBASED_REFS}{cid}/{commit}"
 
 
 def list_refs(repo: Path, prefix: str) -> dict[str, str]:
@@ -567,10 +601,10 @@ def _init_locked(repo: Path, tag: str, branch: str, preset: str, settings: dict,
                                ("created_at", now)):
                 ledger.set_meta(key, value)
             db.execute("INSERT INTO candidates(id, description, sha256, train_py, base_commit, "
-                       "commit_sha, state, created_at, updated_at) "
-                       "VALUES (0, ?, ?, ?, NULL, ?, 'kept', ?, ?)",
-                       ("baseline", hashlib.sha256(train_py.encode()).hexdigest(), train_py,
-                        commit, now, now))
+                       "commit_sha, state, created_at, updated_at, program_sha, text_commit, "
+                       "text_sha) VALUES (0, ?, ?, ?, NULL, ?, 'kept', ?, ?, ?, ?, ?)",
+                       ("baseline", text_sha(train_py), train_py, commit, now, now,
+                        program_sha(train_py), commit, text_sha(train_py)))
             db.execute("INSERT INTO decisions(candidate_id, hw_class, verdict, head_before, "
                        "head_after, val_bpb, head_bpb, reason, attempt_ids, decided_at) "
                        "VALUES (0, NULL, 'kept', NULL, ?, NULL, NULL, ?, '[]', ?)",

@@ -66,6 +66,16 @@ def prior_sigma(ledger: Ledger) -> float:
     return float(decision_settings(ledger.get_meta("settings") or {})["noise_prior"])
 
 
+def text_provenance(row: Mapping) -> dict:
+    """What a candidate row says about where its text sits: ``based_on`` (the head it was
+    written against), ``rebased_onto`` (the later head its change was replayed onto, None if it
+    runs as submitted) and ``text_commit`` (the commit of the text it runs)."""
+    base = row["base_commit"]
+    onto = scheduling.field_of(row, "text_onto")
+    return {"based_on": base, "rebased_onto": onto if onto and onto != base else None,
+            "text_commit": scheduling.field_of(row, "text_commit") or row["commit_sha"]}
+
+
 def origin_of(ledger: Ledger, cid: int) -> dict | None:
     """Where candidate ``cid`` came from (tool, proposer, host, transcript), if its client
     said; None for a hand submission, or a ledger read-only from before the origins table."""
@@ -82,7 +92,8 @@ def candidate_summary(ledger: Ledger, row: Mapping, duplicate: bool = False) -> 
     on its class: the decision's once decided), how many runs, verdict."""
     out = {"candidate_id": row["id"], "state": row["state"], "commit": row["commit_sha"],
            "base": row["base_commit"], "description": row["description"],
-           "duplicate": duplicate, "val_bpb": None, "hw_class": None, "runs": 0}
+           "duplicate": duplicate, "val_bpb": None, "hw_class": None, "runs": 0,
+           **text_provenance(row)}
     hw = scheduling.field_of(row, "hw_class")
     if hw is None:
         first = ledger.one("SELECT hw_class FROM attempts WHERE candidate_id = ? AND "
@@ -90,7 +101,9 @@ def candidate_summary(ledger: Ledger, row: Mapping, duplicate: bool = False) -> 
                            row["id"])
         hw = first["hw_class"] if first is not None else None
     if hw is not None:
-        runs = scheduling.runs_of(ledger.class_attempts(row["id"], hw))
+        # Only runs of the text it runs now (on the current head) are its number.
+        runs = scheduling.runs_of(ledger.class_attempts(row["id"], hw),
+                                  scheduling.field_of(row, "text_sha"))
         if runs:
             out["val_bpb"] = sum(r.value for r in runs) / len(runs)
             out["hw_class"], out["runs"] = hw, len(runs)
@@ -142,7 +155,8 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
         running.append({"attempt_id": r["attempt_id"], "candidate_id": r["candidate_id"],
                         "purpose": r["purpose"], "worker_id": r["worker_id"],
                         "worker": r["worker_name"], "hw_class": r["hw_class"],
-                        "leased_at": fmt_time(r["leased_at"]), "progress": prog})
+                        "leased_at": fmt_time(r["leased_at"]), "progress": prog,
+                        "commit": r["commit_sha"], "onto": scheduling.field_of(r, "onto")})
     by_worker = {r["worker_id"]: r for r in running}
     workers = []
     for w in L.all("SELECT * FROM workers ORDER BY name, worker_id"):
@@ -162,18 +176,26 @@ def status(ledger: Ledger, repo_dir: Any, *, seen: Mapping[str, dict] | None = N
             # what memory-aware routing compares (coordinator.routing)
             "usable_memory": routing.worker_memory(loads(w["profile"], {}))})
     queue = [{"candidate_id": r["id"], "description": r["description"],
-              "submitted": fmt_time(r["created_at"]), "origin": origin_of(L, r["id"])}
+              "submitted": fmt_time(r["created_at"]), **text_provenance(r),
+              "behind_head": r["base_commit"] != head["commit_sha"],
+              "origin": origin_of(L, r["id"])}
              for r in L.all("SELECT * FROM candidates WHERE state = 'queued' ORDER BY id")]
     measured, in_progress = [], []
+    connected = {w["hw_class"] for w in L.all("SELECT hw_class FROM workers WHERE "
+                                              "state != 'gone'")}
     for r in L.all("SELECT * FROM candidates WHERE state IN ('running', 'measured', "
                    "'repeating') AND id > 0 ORDER BY id"):
         summary = candidate_summary(L, r)
         hw = summary["hw_class"] or scheduling.field_of(r, "hw_class")
         entry = {"candidate_id": r["id"], "description": r["description"], "state": r["state"],
                  "hw_class": hw, "val_bpb": summary["val_bpb"], "runs": summary["runs"],
-                 "runs_wanted": scheduling.field_of(r, "runs_wanted")}
+                 "runs_wanted": scheduling.field_of(r, "runs_wanted"), **text_provenance(r)}
         if summary["runs"]:
             in_progress.append(entry)
+        if r["state"] == st.REPEATING and hw not in connected:
+            # its repeats run only on its own class: say so rather than let it wait unseen
+            problems.append(f"candidate #{r['id']} waits for repeats on {hw}, where no worker "
+                            f"is connected")
         if r["state"] != st.MEASURED:
             continue
         why = (f"cannot be decided: the head cannot be measured on {hw}" if hw in blocked else
@@ -217,11 +239,14 @@ def log(ledger: Ledger, limit: int = 50) -> dict:
     line; a retry its reason and the decision it superseded."""
     L = ledger
     attempts = []
-    for r in L.all("SELECT a.*, w.name AS worker_name, c.description FROM attempts a "
+    for r in L.all("SELECT a.*, w.name AS worker_name, c.description, c.base_commit "
+                   "FROM attempts a "
                    "LEFT JOIN workers w ON w.worker_id = a.worker_id JOIN candidates c "
                    "ON c.id = a.candidate_id ORDER BY COALESCE(a.finished_at, a.leased_at)"
                    " DESC, a.rowid DESC LIMIT ?", limit):
         summary = loads(r["summary"], {}) or {}
+        onto = scheduling.field_of(r, "onto")
+        rebased = bool(onto) and onto != r["base_commit"]
         attempts.append({
             "attempt_id": r["attempt_id"], "candidate_id": r["candidate_id"],
             "purpose": r["purpose"], "worker_id": r["worker_id"],
@@ -239,11 +264,15 @@ def log(ledger: Ledger, limit: int = 50) -> dict:
             "conditions": loads(scheduling.field_of(r, "conditions"), None),
             "log_tail": last_line(r["log_tail"]) if r["status"] != OK else None,
             "description": f"{r['purpose']} run of #{r['candidate_id']} "
-                           f"({r['description']}) on {r['worker_name'] or r['worker_id']}",
+                           f"({r['description']}) on {r['worker_name'] or r['worker_id']}"
+                           + (f", rebased onto {onto[:10]}" if rebased else ""),
+            "commit": r["commit_sha"], "based_on": r["base_commit"],
+            "rebased_onto": onto if rebased else None,
         })
     decisions = []
-    for r in L.all("SELECT d.*, c.description, c.commit_sha FROM decisions d JOIN "
-                   "candidates c ON c.id = d.candidate_id ORDER BY d.id DESC LIMIT ?", limit):
+    for r in L.all("SELECT d.*, c.description, c.commit_sha, c.base_commit, c.text_onto, "
+                   "c.text_commit FROM decisions d JOIN candidates c ON c.id = d.candidate_id "
+                   "ORDER BY d.id DESC LIMIT ?", limit):
         details = loads(scheduling.field_of(r, "details"), {}) or {}
         decisions.append({
             "candidate_id": r["candidate_id"], "verdict": r["verdict"],
@@ -258,6 +287,10 @@ def log(ledger: Ledger, limit: int = 50) -> dict:
             "confidence": scheduling.field_of(r, "confidence"),
             "rule": scheduling.field_of(r, "rule"),
             "runs": runs_text(details, "candidate"), "head_runs": runs_text(details, "head"),
+            **text_provenance(r),
+            # stale: what it conflicts with and where to resubmit (coordinator.rebase)
+            "conflicts": details.get("conflicts"), "conflicts_with": details.get("conflicts_with"),
+            "resubmit_on": details.get("resubmit_on"),
             "origin": origin_of(L, r["candidate_id"]),
             "time": fmt_time(r["decided_at"]), "_t": r["decided_at"]})
     retries = []
@@ -293,8 +326,17 @@ def runs_text(details: dict, side: str) -> str | None:
         return None
 
 
+def provenance(base: str | None, onto: str | None) -> str:
+    """`` [based on abc1234, rebased onto def5678]`` for a text rebased onto a later head."""
+    if not base or not onto or onto == base:
+        return ""
+    return f" [based on {base[:7]}, rebased onto {onto[:7]}]"
+
+
 def export_tsv(ledger: Ledger, cache: dict[int, str] | None = None) -> str:
-    """results.tsv in upstream's format: one row per decided candidate, oldest first.
+    """results.tsv in upstream's format: one row per decided candidate, oldest first. A
+    candidate that ran rebased says so at the end of its description ("[based on X, rebased
+    onto Y]"); a stale one never ran and has no row (the log has its decision).
 
     ``cache`` (decision id -> rendered line) is kept by the caller across calls: a decision row
     never changes once written, and this file is rewritten after every decision, so re-parsing
@@ -302,8 +344,9 @@ def export_tsv(ledger: Ledger, cache: dict[int, str] | None = None) -> str:
     """
     cache = {} if cache is None else cache
     lines = [TSV_HEADER]
-    for d in ledger.all("SELECT d.*, c.commit_sha, c.description FROM decisions d "
-                        "JOIN candidates c ON c.id = d.candidate_id ORDER BY d.id"):
+    for d in ledger.all("SELECT d.*, c.commit_sha, c.description, c.base_commit, c.text_onto "
+                        "FROM decisions d JOIN candidates c ON c.id = d.candidate_id "
+                        "WHERE d.verdict != 'stale' ORDER BY d.id"):
         cached = cache.get(d["id"])
         if cached is not None:
             lines.append(cached)
@@ -324,7 +367,8 @@ def export_tsv(ledger: Ledger, cache: dict[int, str] | None = None) -> str:
                 mem = peak / 1024
         if d["verdict"] == st.FAILED or bpb is None:
             bpb = 0.0
-        desc = " ".join(str(d["description"]).replace("\t", " ").split())
+        desc = " ".join(f"{d['description']}{provenance(d['base_commit'], d['text_onto'])}"
+                        .replace("\t", " ").split())
         details = loads(scheduling.field_of(d, "details"), {}) or {}
         conf = scheduling.field_of(d, "confidence")
         extra = [scheduling.field_of(d, "n_candidate"), details.get("candidate_sem"),

@@ -18,6 +18,15 @@ often):
 A candidate is *running* while it holds at least one live lease; it is decided only when all of
 its leases are in (coordinator.rule on its runs and the head's, on its class).
 
+Every run of a candidate uses its change *on top of the current head*: a candidate based on an
+older head is rebased before it runs (coordinator.rebase), and when the head moves while its
+runs are in flight it is rebased again and screened afresh on the new text (runs of different
+texts are never pooled). A change that does not replay onto the head ends it:
+
+    queued | running | measured | repeating -> stale   conflicts with a keep since its base
+                                                       (resubmit on top of the head), or is
+                                                       already there (the head's program)
+
 An *attempt* is one lease of a candidate (or of the head, to measure it) to one worker:
 
     leased -> done        a result arrived from that worker while the lease was live
@@ -46,26 +55,33 @@ from shared.machine import IllegalTransition  # noqa: F401  (raised by check_*; 
 
 QUEUED, RUNNING, MEASURED, REPEATING, KEPT, DISCARDED, FAILED = (
     "queued", "running", "measured", "repeating", "kept", "discarded", "failed")
+# Stale: its change cannot be replayed onto the current head (a conflict with a keep since its
+# base), or replays to the head's own program (already there). The same word as the attempt
+# state STALE below, in the other machine.
+STALE = "stale"
 
-CANDIDATE_STATES = (QUEUED, RUNNING, MEASURED, REPEATING, KEPT, DISCARDED, FAILED)
-CANDIDATE_FINAL = frozenset({KEPT, DISCARDED, FAILED})
+CANDIDATE_STATES = (QUEUED, RUNNING, MEASURED, REPEATING, KEPT, DISCARDED, FAILED, STALE)
+CANDIDATE_FINAL = frozenset({KEPT, DISCARDED, FAILED, STALE})
 
 CANDIDATE_TRANSITIONS: dict[str, frozenset[str]] = {
-    QUEUED: frozenset({RUNNING}),
+    # stale when it is rebased onto the head to run and does not replay (coordinator.rebase)
+    QUEUED: frozenset({RUNNING, STALE}),
     # decided when its last lease is in; back to the queue when its only lease is lost (or its
     # run flagged as slowed by the machine) with no run counted, or when it ran out of memory
     # and a connected class has more (coordinator.routing); failed on a bad outcome or too
-    # many losses
-    RUNNING: frozenset({MEASURED, REPEATING, KEPT, DISCARDED, FAILED, QUEUED}),
+    # many losses; repeating, or stale, when the head moved under its runs (rebased again)
+    RUNNING: frozenset({MEASURED, REPEATING, KEPT, DISCARDED, FAILED, QUEUED, STALE}),
     # waits here until the head has enough runs on the candidate's hardware class
-    MEASURED: frozenset({REPEATING, KEPT, DISCARDED}),
+    MEASURED: frozenset({REPEATING, KEPT, DISCARDED, STALE}),
     # waits for idle workers of its class to run the repeats the rule asked for; a new head
     # (or new head runs) on its class can decide it, or make it wait for the head's runs
-    REPEATING: frozenset({RUNNING, MEASURED, KEPT, DISCARDED}),
+    REPEATING: frozenset({RUNNING, MEASURED, KEPT, DISCARDED, STALE}),
     KEPT: frozenset(),
     DISCARDED: frozenset(),
     # Final for the machine; only an admin's retry (Coordinator.retry) takes it back.
     FAILED: frozenset({QUEUED}),
+    # final: resubmit the change on top of the head instead
+    STALE: frozenset(),
 }
 
 # Candidates an admin may send back to the queue (``autoresearch-coord retry``): a failure can
@@ -74,7 +90,7 @@ RETRYABLE = frozenset({FAILED})
 
 # ---- attempts ------------------------------------------------------------------------------
 
-LEASED, DONE, LOST, CANCELLED, STALE = "leased", "done", "lost", "cancelled", "stale"
+LEASED, DONE, LOST, CANCELLED = "leased", "done", "lost", "cancelled"
 
 ATTEMPT_STATES = (LEASED, DONE, LOST, CANCELLED, STALE)
 ATTEMPT_TRANSITIONS: dict[str, frozenset[str]] = {
@@ -88,8 +104,9 @@ ATTEMPT_TRANSITIONS: dict[str, frozenset[str]] = {
 # Attempt purposes: measure a submitted candidate, or re-measure the current head on a class.
 PURPOSE_HEAD, PURPOSE_CANDIDATE = "head", "candidate"
 
-# Decision verdicts (the decisions table), and the results.tsv words upstream uses for them.
-VERDICTS = (KEPT, DISCARDED, FAILED)
+# Decision verdicts (the decisions table), and the results.tsv words upstream uses for them. A
+# stale candidate never ran, so it has no results.tsv row (its decision is in the log).
+VERDICTS = (KEPT, DISCARDED, FAILED, STALE)
 TSV_STATUS = {KEPT: "keep", DISCARDED: "discard", FAILED: "crash"}
 
 

@@ -52,7 +52,8 @@ from typing import Callable
 from conftest import _fleet_variant_text
 from test_fleet import Proc
 
-FINAL = ("kept", "discarded", "failed")
+# stale: its change conflicted with a keep made while it waited (coordinator.rebase)
+FINAL = ("kept", "discarded", "failed", "stale")
 
 
 @dataclass
@@ -377,9 +378,11 @@ def check(repo: Path, acked: dict[str, int], tried: set[str], lives: list[Life])
                    f"{[d['head_after'][:8] for d in keeps]}")
     for d in keeps:
         c = cands[d["candidate_id"]]
+        measured = c["text_commit"] or c["commit_sha"]   # rebased onto the head it landed on
         if _git(repo, "rev-parse", f"{d['head_after']}^{{tree}}") != \
-                _git(repo, "rev-parse", f"{c['commit_sha']}^{{tree}}"):
-            bad.append(f"keep commit of #{d['candidate_id']} does not hold its tree")
+                _git(repo, "rev-parse", f"{measured}^{{tree}}"):
+            bad.append(f"keep commit of #{d['candidate_id']} does not hold the tree it was "
+                       f"measured as")
     refs = dict(line.split()[::-1] for line in _git(
         repo, "for-each-ref", "--format=%(objectname) %(refname)",
         "refs/autoresearch/candidates/").splitlines())
@@ -389,7 +392,8 @@ def check(repo: Path, acked: dict[str, int], tried: set[str], lives: list[Life])
     tsv = (repo / "results.tsv").read_text(encoding="utf-8").splitlines()[1:]
     verdict_word = {"kept": "keep", "discarded": "discard", "failed": "crash"}
     want = [(cands[d["candidate_id"]]["commit_sha"][:7] if d["candidate_id"] else
-             d["head_after"][:7], verdict_word[d["verdict"]]) for d in decisions]
+             d["head_after"][:7], verdict_word[d["verdict"]]) for d in decisions
+            if d["verdict"] != "stale"]   # never ran: no results.tsv row
     have = [(row.split("\t")[0], row.split("\t")[3]) for row in tsv if row.strip()]
     if have != want:
         bad.append(f"results.tsv rows {have} are not the decisions {want}")

@@ -54,6 +54,32 @@ BPB = 1.50        # the val_bpb this variant reports
 SLEEP = 0.3       # seconds of pretend training
 CRASH = False     # raise instead of reporting
 
+# Knobs that change nothing (a variant sets one to be a distinct program): one per line with a
+# line between, so variants of different knobs rebase onto each other's keeps cleanly.
+KNOB_1 = 0
+
+KNOB_2 = 0
+
+KNOB_3 = 0
+
+KNOB_4 = 0
+
+KNOB_5 = 0
+
+KNOB_6 = 0
+
+KNOB_7 = 0
+
+KNOB_8 = 0
+
+KNOB_9 = 0
+
+KNOB_10 = 0
+
+KNOB_11 = 0
+
+KNOB_12 = 0
+
 
 def main():
     t0 = time.time()
@@ -83,12 +109,19 @@ if __name__ == "__main__":
 '''
 
 
-def _fleet_variant_text(bpb: float = 1.50, sleep: float = 0.3, crash: bool = False) -> str:
+def _fleet_variant_text(bpb: float = 1.50, sleep: float = 0.3, crash: bool = False,
+                        knob: int | None = None) -> str:
+    # Only the constants asked for change (a default stays byte-identical), so two variants of
+    # different constants touch different lines and rebase onto each other (coordinator.rebase).
     text = _FLEET_TRAIN_PY
-    for old, new in (("BPB = 1.50", f"BPB = {bpb!r}"), ("SLEEP = 0.3", f"SLEEP = {sleep!r}"),
-                     ("CRASH = False", f"CRASH = {crash!r}")):
+    for old, value, default in (("BPB = 1.50", bpb, 1.50), ("SLEEP = 0.3", sleep, 0.3),
+                                ("CRASH = False", crash, False)):
         assert text.count(old) == 1
-        text = text.replace(old, new)
+        if value != default:
+            text = text.replace(old, f"{old.split(' = ')[0]} = {value!r}")
+    if knob is not None:
+        assert text.count(f"KNOB_{knob} = 0\n") == 1, f"the stand-in has no KNOB_{knob}"
+        text = text.replace(f"KNOB_{knob} = 0\n", f"KNOB_{knob} = 1\n")
     return text
 
 
@@ -100,7 +133,8 @@ def fleet_train_py() -> str:
 
 @pytest.fixture
 def fleet_variant():
-    """``fleet_variant(bpb=1.4, sleep=2.0, crash=False)`` -> a variant of the stand-in."""
+    """``fleet_variant(bpb=1.4, sleep=2.0, crash=False, knob=3)`` -> a variant of the
+    stand-in (``knob``: set KNOB_<n>, a distinct program that changes nothing)."""
     return _fleet_variant_text
 
 

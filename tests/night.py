@@ -53,6 +53,7 @@ class Night:
     kept: list[int] = field(default_factory=list)
     discarded: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
+    stale: list[int] = field(default_factory=list)
     workers: list[str] = field(default_factory=list)
     _noise: itertools.cycle = field(default_factory=lambda: itertools.cycle(NOISE))
 
@@ -62,9 +63,10 @@ class Night:
 
     def submit(self, variant, desc: str, effect: float | None) -> int:
         n = len(self.effects)
-        # a distinct text per candidate (the stand-in's constants), whatever its effect
-        cid = self.core.submit(variant(bpb=round(1.0 + n / 100, 3), sleep=0.01),
-                               desc)["candidate_id"]
+        # A distinct text per candidate, whatever its effect: each sets its own knob of the
+        # stand-in, on its own line, so candidates from one head rebase onto each other's keeps
+        # (coordinator.rebase) instead of conflicting, as different ideas would.
+        cid = self.core.submit(variant(knob=n), desc)["candidate_id"]
         self.effects[cid] = effect
         return cid
 

@@ -259,7 +259,9 @@ def test_measured_candidate_waits_for_the_head_number(coord):
     assert coord.status()["measured"] == []
 
 
-def test_candidate_on_an_older_base_is_judged_against_the_current_head(coord, run_dir):
+def test_candidate_conflicting_with_a_keep_since_its_base_goes_stale(coord, run_dir):
+    """Every variant here rewrites both lines of the baseline, so the second one from the same
+    base cannot be replayed onto the head the first became: stale, and nothing else moves."""
     measure_head(coord, "a1", 1.50)
     base0 = branch(coord)
     c1 = coord.submit(variant(1), "first idea")
@@ -267,18 +269,22 @@ def test_candidate_on_an_older_base_is_judged_against_the_current_head(coord, ru
     assert c2["base"] == base0
     assert run_candidate(coord, "a1", ok(1.40))[1].decisions[0].verdict == "kept"
     head1 = branch(coord)
-    # 1.45 beats the baseline (1.50) but not the head it is judged against (1.40).
-    d = run_candidate(coord, "a1", ok(1.45))[1].decisions[0]
-    assert d.verdict == "discarded" and d.head_bpb == 1.40 and d.head_before == head1
-    c3 = coord.submit(variant(3), "third, based on the baseline", base=base0)
-    d3 = run_candidate(coord, "a1", ok(1.30))[1].decisions[0]
-    assert d3.verdict == "kept"
-    head2 = branch(coord)
-    assert git(run_dir, "rev-parse", f"{head2}^") == head1  # parent: the head, not its base
-    assert git(run_dir, "rev-parse", f"{c3['commit']}^") == base0
-    assert git(run_dir, "rev-parse", f"{head2}^{{tree}}") == \
-        git(run_dir, "rev-parse", f"{c3['commit']}^{{tree}}")
-    assert c1["commit"] != head1
+    before = (coord.status()["counts"], coord.export_tsv(), git(run_dir, "for-each-ref"))
+    assert coord.next_assignment("a1") is None          # nothing left to run
+    c = coord.candidate(c2["candidate_id"])
+    assert c["state"] == "stale" and c["verdict"] == "stale"
+    assert c["reason"] == (f"conflicts with #{c1['candidate_id']} (kept as {head1[:10]}): "
+                           f"resubmit on top of head {head1[:10]}")
+    d = coord.log()["decisions"][0]
+    assert d["verdict"] == "stale" and "<<<<<<< head" in d["conflicts"]
+    assert "LR = 1" in d["conflicts"] and "LR = 2" in d["conflicts"]
+    # Nothing else changed: no run, no attempt, the branch, results.tsv and refs as they were.
+    after = coord.status()["counts"]
+    assert after["stale"] == 1 and after["attempts"] == before[0]["attempts"]
+    assert {k: v for k, v in after.items() if k not in ("stale", "queued")} == \
+        {k: v for k, v in before[0].items() if k not in ("stale", "queued")}
+    assert branch(coord) == head1 and coord.export_tsv() == before[1]
+    assert git(run_dir, "for-each-ref") == before[2]
 
 
 def test_head_that_fails_twice_blocks_its_class(coord):
@@ -497,7 +503,7 @@ def check_invariants(c: Coordinator) -> None:
     L = c.ledger
     assert branch(c) == L.head()["commit_sha"]
     decided = {r[0] for r in L.all("SELECT id FROM candidates "
-                                   "WHERE state IN ('kept', 'discarded', 'failed')")}
+                                   "WHERE state IN ('kept', 'discarded', 'failed', 'stale')")}
     per = {r[0]: r[1] for r in L.all("SELECT candidate_id, COUNT(*) FROM decisions "
                                      "GROUP BY candidate_id")}
     assert set(per) == decided and set(per.values()) <= {1}
@@ -512,11 +518,20 @@ def check_invariants(c: Coordinator) -> None:
                      "a.candidate_id = c.id AND a.state = 'leased' AND a.purpose = 'candidate')"
                      " AS live FROM candidates c"):
         assert row["live"] == (1 if row["state"] == "running" else 0), dict(row)
-    # A measured/decided-by-measurement candidate has exactly one counted ok attempt.
-    for row in L.all("SELECT c.id, COUNT(a.attempt_id) AS n FROM candidates c JOIN attempts a "
-                     "ON a.candidate_id = c.id AND a.purpose = 'candidate' AND a.state = 'done'"
-                     " GROUP BY c.id"):
+    # A measured/decided-by-measurement candidate has exactly one counted ok attempt per text
+    # (a rebase onto a newer head starts a new text).
+    for row in L.all("SELECT c.id, a.text_sha, COUNT(a.attempt_id) AS n FROM candidates c JOIN "
+                     "attempts a ON a.candidate_id = c.id AND a.purpose = 'candidate' AND "
+                     "a.state = 'done' GROUP BY c.id, a.text_sha"):
         assert row["n"] == 1, dict(row)
+    # Every rebased text is reachable, and every keep's tree is the text it was measured as.
+    rebased = R.list_refs(c.repo_dir, R.REBASED_REFS)
+    for row in L.all("SELECT id, text_commit FROM candidates WHERE text_commit != commit_sha"):
+        assert rebased[R.rebased_ref(row["id"], row["text_commit"])] == row["text_commit"]
+    for row in L.all("SELECT c.text_commit, d.head_after FROM decisions d JOIN candidates c ON "
+                     "c.id = d.candidate_id WHERE d.verdict = 'kept' AND c.id > 0"):
+        assert git(c.repo_dir, "rev-parse", f"{row[1]}^{{tree}}") == \
+            git(c.repo_dir, "rev-parse", f"{row[0]}^{{tree}}")
 
 
 def reopen(run_dir, deadline: float = 20.0) -> Coordinator:
@@ -555,5 +570,5 @@ def test_kill_minus_nine_at_random_moments_loses_nothing(run_dir, tmp_path):
     with reopen(run_dir) as c:
         counts = c.status()["counts"]
         assert counts["attempts"] > 0 and sum(counts[s] for s in ("kept", "discarded",
-                                                                  "failed")) > 0
+                                                                  "failed", "stale")) > 0
         check_invariants(c)

@@ -406,9 +406,11 @@ def test_snapshot_from_a_real_core(core, fleet_repo, fleet_variant):
     w = Worker(core)
     w.run_one()                                   # head measured: 1.50
     a = core.submit(fleet_variant(bpb=1.40), "better")["candidate_id"]
+    w.run_one()                                   # a: kept
+    # Written on top of the new head (every variant rewrites the BPB line, so from the old one
+    # they would conflict with a and end stale).
     b = core.submit(fleet_variant(crash=True), "crashes")["candidate_id"]
     q = core.submit(fleet_variant(bpb=1.47), "queued one")["candidate_id"]
-    w.run_one()                                   # a: kept
     att = core.next_assignment("w1")              # b: fails with a log tail
     core.record_result("w1", att.attempt_id, {"status": "crash", "val_bpb": None,
                                               "log_tail": "Traceback\nRuntimeError: boom\n",

@@ -336,7 +336,9 @@ def test_coordinator_kill9_and_restart_inside_the_window_costs_no_lease(fleet, f
     coord.wait_for(r"listening on")
     worker = fleet.worker(ep, "w1")
     coord.wait_for(r"result \S+ from \S+: ok val_bpb 1\.5000, accepted")
-    ids = [submit(ep, fleet_variant(bpb=1.40 + i / 100, sleep=2.0), f"v{i}")["candidate_id"]
+    # Distinct programs that each change one knob (and none is kept), so no variant conflicts
+    # with a keep (coordinator.rebase) and every one runs: what is tested here is the restarts.
+    ids = [submit(ep, fleet_variant(sleep=2.0, knob=i + 1), f"v{i}")["candidate_id"]
            for i in range(4)]
     for _ in range(3):
         # a candidate is running: just assigned, or re-attached after the last restart

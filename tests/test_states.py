@@ -14,6 +14,8 @@ LEGAL_CANDIDATE = {
     ("running", "repeating"), ("running", "kept"), ("running", "discarded"),
     ("measured", "repeating"), ("repeating", "running"), ("repeating", "measured"),
     ("repeating", "kept"), ("repeating", "discarded"),
+    # rebasing: a change that does not replay onto the head ends it (coordinator.rebase)
+    ("queued", "stale"), ("running", "stale"), ("measured", "stale"), ("repeating", "stale"),
     ("failed", "queued"),   # only by an admin's retry (Coordinator.retry)
 }
 LEGAL_ATTEMPT = {
