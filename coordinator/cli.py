@@ -33,6 +33,10 @@ Security model: ``init`` makes the coordinator's keypair (``DIR/.autoresearch/ke
 key) or ``invite`` (a one-time token a new machine enrols itself with). The trust commands work
 on the ledger of DIR directly (``--dir``, else $AUTORESEARCH_DIR, else the current directory),
 also while the coordinator runs: a ``revoke`` takes effect on that key's next message.
+
+Commands import the modules they use inside their own function: eager imports of every
+command's modules (ZeroMQ, numpy through the dataset code) triple the start-up of ``--help``
+and of the trust commands (0.1 s -> 0.35 s measured here).
 """
 from __future__ import annotations
 

@@ -205,6 +205,8 @@ class Coordinator(contextlib.AbstractContextManager):
         self._tsv_rows: dict[int, str] = {}  # decision id -> rendered results.tsv line
         # Refs to point once the ledger transaction that made their commits has committed.
         self._pending_refs: list[tuple[str, str]] = []
+        # Stale decisions the last next_assignment made on its way (the server prints them).
+        self._assign_decisions: list[Decision] = []
         self._seen: dict[str, dict] = {}
         self.problems: list[str] = []
         self.ledger: Ledger | None = None
@@ -514,7 +516,15 @@ class Coordinator(contextlib.AbstractContextManager):
                     assignment = self._next_assignment(worker_id, stale)
             if stale:
                 self._after_change(wrote_decision=True, head_moved=False)
+            self._assign_decisions += stale
             return assignment
+
+    def take_assign_decisions(self) -> list[Decision]:
+        """The decisions (stale candidates) made while choosing assignments since the last
+        call; the server prints them like a result's."""
+        with self._mutex:
+            out, self._assign_decisions = self._assign_decisions, []
+            return out
 
     def _next_assignment(self, worker_id: str, stale: list[Decision]) -> Assignment | None:
         w = self.ledger.worker(worker_id)

@@ -124,11 +124,21 @@ Everything submitted is the coordinator's: killing this command loses nothing it
 
 
 def _run(runner, say) -> None:
+    """Run until done or Ctrl-C (signals installed here); a refusal is the CLI's one-line error."""
+    install_signals(runner)
     try:
         runner.run()
     except Fatal as exc:
         runner.shutdown()
         raise click.ClickException(f"the coordinator refused: {exc}") from None
+
+
+def _finish(as_json: bool, rows: list, say, summary: str) -> None:
+    """--json: every row on stdout; otherwise the one summary line."""
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True, default=str))
+    else:
+        say(summary)
 
 
 SWEEP_HELP = """Submit variants of the head's train.py over named constants.
@@ -205,13 +215,10 @@ def make_commands(connect_option: Callable, open_client: Callable) -> list[click
             runner = AgentRunner(source, argv, count=count, out_dir=out, timeout=timeout,
                                  slack=slack, say=say, max_proposals=limit,
                                  snapshot_every=poll)
-            install_signals(runner)
             _run(runner, say)
-        if as_json:
-            click.echo(json.dumps(runner.records, indent=2, sort_keys=True, default=str))
-        else:
-            sent = sum(1 for r in runner.records if r["state"] == "submitted")
-            say(f"stopped: {len(runner.records)} proposal(s), {sent} submitted; transcripts in {out}")
+        sent = sum(1 for r in runner.records if r["state"] == "submitted")
+        _finish(as_json, runner.records, say,
+                f"stopped: {len(runner.records)} proposal(s), {sent} submitted; transcripts in {out}")
 
     @click.command("sweep", help=SWEEP_HELP)
     @click.option("--param", "params", multiple=True, required=True, metavar="NAME=SPEC",
@@ -270,13 +277,10 @@ def make_commands(connect_option: Callable, open_client: Callable) -> list[click
                 return
             runner = SweepRunner(source, axes, planned, slack=slack, say=say, wait=not no_wait,
                                  snapshot_every=poll)
-            install_signals(runner)
             _run(runner, say)
-        if as_json:
-            click.echo(json.dumps(runner.results, indent=2, sort_keys=True, default=str))
-        else:
-            sent = [r for r in runner.results if r.get("candidate_id") is not None]
-            say(f"sweep done: {len(sent)} of {len(planned)} point(s) submitted"
+        sent = [r for r in runner.results if r.get("candidate_id") is not None]
+        _finish(as_json, runner.results, say,
+                f"sweep done: {len(sent)} of {len(planned)} point(s) submitted"
                 + (f" ({', '.join('#' + str(r['candidate_id']) for r in sent)})" if sent else ""))
 
     return [agents_command, sweep_command]

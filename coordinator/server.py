@@ -485,6 +485,8 @@ class Server:
 
     def _assign(self, conn: WorkerConn) -> bool:
         a = self.core.next_assignment(conn.worker_id)
+        for d in self.core.take_assign_decisions():   # went stale on the way (rebase)
+            self.event(describe_decision(d))
         if a is None:
             return False
         conn.attempt_id, conn.waiting = a.attempt_id, False
@@ -843,12 +845,15 @@ def describe_decision(d: Any) -> str:
     """One line for a decision: KEEP / DISCARD / FAIL with the numbers that decided it."""
     get = d.get if isinstance(d, dict) else (lambda k, default=None: getattr(d, k, default))
     verdict = str(get("verdict", None) or "?")
-    word = {"kept": "KEEP", "discarded": "DISCARD", "failed": "FAIL"}.get(
+    word = {"kept": "KEEP", "discarded": "DISCARD", "failed": "FAIL", "stale": "STALE"}.get(
         verdict.lower(), verdict.upper())
     parts = [f"{word} #{get('candidate_id', '?')}"]
     desc = get("description", None)
     if desc:
         parts.append(repr(desc))
+    if word == "STALE":   # never ran: what it conflicts with, where to resubmit
+        parts.append(f": {get('reason', None) or 'stale'}")
+        return " ".join(parts)
     if word == "FAIL":
         parts.append(f"[{get('hw_class', None) or '-'}]: {get('reason', None) or 'failed'}")
         return " ".join(parts)

@@ -23,16 +23,6 @@ def _print_option(f):
                         help="Show the service file and the commands; write and load nothing.")(f)
 
 
-def _run(action, svc, dry_run: bool) -> None:
-    from shared.service import ServiceError
-
-    try:
-        for line in action(svc, dry_run):
-            click.echo(line)
-    except ServiceError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
 def make_commands(start: click.Command) -> list[click.Command]:
     @click.command("install")
     @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -46,7 +36,7 @@ def make_commands(start: click.Command) -> list[click.Command]:
         journal (journalctl --user -u autoresearch-coordinator -f). `uninstall` removes it.
         """
         from shared.service import Service, argv_from_params, carried_env, cli_install, \
-            console_script
+            console_script, run_for_cli
         from trainer.dataset import DatasetError, resolve_dataset_dir
 
         repo = directory.expanduser().absolute()
@@ -70,7 +60,7 @@ def make_commands(start: click.Command) -> list[click.Command]:
         svc = Service("coordinator", argv, description=f"autoresearch coordinator for {repo}",
                       env=carried_env(extra_path=str(Path(exe[0]).parent)),
                       stop_timeout=COORDINATOR_STOP_TIMEOUT)
-        _run(cli_install, svc, dry_run)
+        run_for_cli(cli_install, svc, dry_run)
         bind = str(opts.get("bind") or "")
         if "127.0.0.1" in bind or "localhost" in bind:
             click.echo(f"note: bound to {bind}: only this machine can join; install with "
@@ -84,9 +74,9 @@ def make_commands(start: click.Command) -> list[click.Command]:
     @_print_option
     def uninstall(dry_run: bool) -> None:
         """Stop and remove the background coordinator `install` set up."""
-        from shared.service import Service, cli_uninstall, console_script
+        from shared.service import Service, cli_uninstall, console_script, run_for_cli
 
-        _run(cli_uninstall, Service("coordinator",
+        run_for_cli(cli_uninstall, Service("coordinator",
                                     console_script("autoresearch-coord", "coordinator.cli")),
              dry_run)
 

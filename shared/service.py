@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import click
+
 CommandRunner = Callable[[list], "tuple[int, str]"]
 
 LABEL_PREFIX = "org.autoresearch"
@@ -403,3 +405,13 @@ def argv_from_params(command, values: dict, skip: tuple = ()) -> list[str]:
         for v in value if isinstance(value, (list, tuple)) else [value]:
             words += [flag, str(v)]
     return words
+
+
+def run_for_cli(action: Callable, svc: "Service", dry_run: bool) -> None:
+    """Echo what ``cli_install``/``cli_uninstall`` did, line by line; a ServiceError becomes the
+    CLI's one-line error (both CLIs' install commands end here)."""
+    try:
+        for line in action(svc, dry_run):
+            click.echo(line)
+    except ServiceError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -21,6 +21,7 @@ from coordinator import repo as R
 from coordinator.cli import format_log, format_status, format_submission
 from coordinator.core import Coordinator
 from test_core import check_invariants, git, ok, reopen
+from test_fleet import fleet  # noqa: F401  (the fixture)
 
 HW = "Test/8GB/cpu"
 BASE = textwrap.dedent('''\
@@ -366,3 +367,31 @@ def test_a_schema_3_ledger_gains_programs_texts_and_the_stale_verdict(run_dir):
         c.record_result("w1", c.next_assignment("w1").attempt_id, ok(1.4))   # old: kept
         assert c.next_assignment("w1") is None
         assert c.candidate(two)["state"] == "stale"
+
+
+# ---- the same with real processes: a coordinator and a worker on loopback ----------------------
+
+@pytest.mark.slow
+def test_fleet_rebases_and_prints_the_stale_one(fleet, fleet_variant):
+    """One worker, so the order is fixed: #1 kept; #2 (another BPB from the baseline) stale as
+    the worker asks for work, printed by the coordinator; #3 (a knob, from the baseline) runs
+    its change rebased onto #1: the train.py it ran holds both (so it reports #1's BPB, ties
+    with the head and is discarded)."""
+    from test_fleet import submit, wait_head_measured
+
+    coord, ep = fleet.started_coord()
+    fleet.worker(ep, "w1")
+    wait_head_measured(coord)
+    one = submit(ep, fleet_variant(bpb=1.40), "lower bpb")["candidate_id"]
+    two = submit(ep, fleet_variant(bpb=1.45), "also lower bpb")["candidate_id"]
+    three = submit(ep, fleet_variant(knob=3), "knob 3")["candidate_id"]
+    coord.wait_for(rf"KEEP #{one}\b")
+    stale = coord.wait_for(rf"STALE #{two}\b.*").group(0)
+    assert f"conflicts with #{one} (kept as " in stale and "resubmit on top of head" in stale
+    coord.wait_for(rf"DISCARD #{three}\b.*1\.4000")
+    coord.stop()
+    with Coordinator(fleet.repo) as c:
+        a = c.ledger.one("SELECT commit_sha, onto FROM attempts WHERE candidate_id = ?", three)
+        ran = git(fleet.repo, "show", f"{a['commit_sha']}:train.py")
+        assert a["onto"] == c.ledger.decision(one)["head_after"]
+        assert "BPB = 1.4 " in ran and "KNOB_3 = 1" in ran

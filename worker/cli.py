@@ -194,7 +194,7 @@ def install(endpoint: str, dry_run: bool, **opts) -> None:
     (journalctl --user -u autoresearch-worker-NAME -f). Remove with `uninstall --name NAME`.
     Installing again with the same name replaces the service.
     """
-    from shared.service import Service, ServiceError, argv_from_params, carried_env, \
+    from shared.service import Service, ServiceError, argv_from_params, carried_env, run_for_cli, \
         cli_install, console_script
     from worker.agent import default_cache_dir
 
@@ -214,7 +214,7 @@ def install(endpoint: str, dry_run: bool, **opts) -> None:
                       env=carried_env(extra_path=str(Path(exe[0]).parent)), nice=5)
     except ServiceError as exc:
         raise click.ClickException(str(exc)) from None
-    _run_service(cli_install, svc, dry_run)
+    run_for_cli(cli_install, svc, dry_run)
 
 
 @main.command()
@@ -224,24 +224,14 @@ def install(endpoint: str, dry_run: bool, **opts) -> None:
 def uninstall(name: str | None, dry_run: bool) -> None:
     """Stop and remove the background worker `install` set up (a Linux worker finishes its
     current run first; launchd cancels it, and the coordinator requeues it)."""
-    from shared.service import Service, ServiceError, cli_uninstall, console_script
+    from shared.service import Service, ServiceError, cli_uninstall, console_script, run_for_cli
 
     try:
         svc = Service("worker", console_script("autoresearch-worker", "worker.cli"),
                       name=name or default_name())
     except ServiceError as exc:
         raise click.ClickException(str(exc)) from None
-    _run_service(cli_uninstall, svc, dry_run)
-
-
-def _run_service(action, svc, dry_run: bool) -> None:
-    from shared.service import ServiceError
-
-    try:
-        for line in action(svc, dry_run):
-            click.echo(line)
-    except ServiceError as exc:
-        raise click.ClickException(str(exc)) from None
+    run_for_cli(cli_uninstall, svc, dry_run)
 
 
 @main.command()

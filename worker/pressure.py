@@ -29,6 +29,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from worker.cmdtext import colon_fields, to_int
+
 Runner = Callable[[list], "str | None"]
 Reader = Callable[[str], "str | None"]
 
@@ -79,20 +81,6 @@ class MemoryState:
         return asdict(self)
 
 
-def _int(text) -> int | None:
-    try:
-        return int(str(text).strip().rstrip("."))
-    except (TypeError, ValueError):
-        return None
-
-
-def _colon_fields(text: str | None) -> dict:
-    out = {}
-    for line in (text or "").splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip():
-            out[key.strip().strip('"')] = value.strip()
-    return out
 
 
 # ---- macOS ---------------------------------------------------------------------------------
@@ -105,28 +93,28 @@ def parse_swapusage(value: str | None) -> tuple[int | None, int | None]:
 
 def parse_macos_sysctl(text: str | None) -> dict:
     """Output of ``sysctl`` for MACOS_SYSCTL_KEYS -> level, free_percent, swap used / total."""
-    f = _colon_fields(text)
+    f = colon_fields(text)
     used, total = parse_swapusage(f.get("vm.swapusage"))
-    return {"level": MACOS_LEVELS.get(_int(f.get("kern.memorystatus_vm_pressure_level"))),
-            "free_percent": _int(f.get("kern.memorystatus_level")),
+    return {"level": MACOS_LEVELS.get(to_int(f.get("kern.memorystatus_vm_pressure_level"))),
+            "free_percent": to_int(f.get("kern.memorystatus_level")),
             "swap_used_bytes": used, "swap_total_bytes": total}
 
 
 def parse_vm_stat(text: str | None) -> dict:
     """``vm_stat`` -> page_size, swapins, swapouts, pages_free (values end in '.')."""
     m = _PAGE_SIZE_RE.search(text or "")
-    f = _colon_fields(text)
-    return {"page_size": int(m.group(1)) if m else None, "swapins": _int(f.get("Swapins")),
-            "swapouts": _int(f.get("Swapouts")), "pages_free": _int(f.get("Pages free"))}
+    f = colon_fields(text)
+    return {"page_size": int(m.group(1)) if m else None, "swapins": to_int(f.get("Swapins")),
+            "swapouts": to_int(f.get("Swapouts")), "pages_free": to_int(f.get("Pages free"))}
 
 
 def parse_memory_pressure(text: str | None) -> dict:
     """``memory_pressure`` (no arguments) -> page_size, swapins, swapouts, free_percent."""
     m = _MP_PAGE_SIZE_RE.search(text or "")
     pct = _FREE_PCT_RE.search(text or "")
-    f = _colon_fields(text)
-    return {"page_size": int(m.group(1)) if m else None, "swapins": _int(f.get("Swapins")),
-            "swapouts": _int(f.get("Swapouts")),
+    f = colon_fields(text)
+    return {"page_size": int(m.group(1)) if m else None, "swapins": to_int(f.get("Swapins")),
+            "swapouts": to_int(f.get("Swapouts")),
             "free_percent": int(pct.group(1)) if pct else None}
 
 
@@ -153,9 +141,9 @@ def macos_memory(sysctl_text: str | None, vm_stat_text: str | None,
 def parse_meminfo(text: str | None) -> dict:
     """/proc/meminfo -> {field: bytes} (the file says kB, meaning KiB)."""
     out = {}
-    for key, value in _colon_fields(text).items():
+    for key, value in colon_fields(text).items():
         parts = value.split()
-        n = _int(parts[0]) if parts else None
+        n = to_int(parts[0]) if parts else None
         if n is not None:
             out[key] = n * 1024 if len(parts) > 1 and parts[1] == "kB" else n
     return out

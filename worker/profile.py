@@ -35,6 +35,7 @@ import subprocess
 import sys
 from typing import Callable
 
+from worker.cmdtext import colon_fields, to_int
 from worker.hwclass import hardware_class, memory_bucket_gb, normalise_chip
 
 __all__ = [
@@ -93,21 +94,11 @@ def probe_mlx() -> dict:
     return {"mlx_version": version, "backend": "metal" if metal else "cpu", "device_info": info}
 
 
-def _int(value) -> int | None:
-    try:
-        return int(str(value).strip())
-    except (TypeError, ValueError):
-        return None
 
 
 def parse_sysctl(text: str | None) -> dict:
     """``sysctl key1 key2 ...`` output ("key: value" lines) -> {key: value}."""
-    out = {}
-    for line in (text or "").splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip():
-            out[key.strip()] = value.strip()
-    return out
+    return colon_fields(text)
 
 
 def parse_gpu_cores(text: str | None) -> int | None:
@@ -119,7 +110,7 @@ def parse_gpu_cores(text: str | None) -> int | None:
     entries = data.get("SPDisplaysDataType") if isinstance(data, dict) else None
     for entry in entries if isinstance(entries, list) else []:
         if isinstance(entry, dict) and "sppci_cores" in entry:
-            cores = _int(entry["sppci_cores"])
+            cores = to_int(entry["sppci_cores"])
             if cores:
                 return cores
     return None
@@ -150,7 +141,7 @@ def parse_meminfo_total(text: str | None) -> int | None:
     for line in (text or "").splitlines():
         if line.startswith("MemTotal:"):
             parts = line.split()
-            kib = _int(parts[1]) if len(parts) > 1 else None
+            kib = to_int(parts[1]) if len(parts) > 1 else None
             return kib * 1024 if kib else None
     return None
 
@@ -168,7 +159,7 @@ NO_CGROUP_LIMIT = 2**60   # v1 says "no limit" with a huge page-rounded number
 
 def parse_cgroup_limit(text: str | None) -> int | None:
     """A memory cgroup limit file -> bytes, or None for "max" / unlimited / unreadable."""
-    value = _int(text)
+    value = to_int(text)
     return value if value and value < NO_CGROUP_LIMIT else None
 
 
@@ -188,10 +179,10 @@ def _macos(run: Runner) -> dict:
     version = (run(["sw_vers", "-productVersion"]) or "").strip() or None
     return {
         "cpu_brand": sysctl.get("machdep.cpu.brand_string"),
-        "memory_bytes": _int(sysctl.get("hw.memsize")),
-        "cpu_perf_cores": _int(sysctl.get("hw.perflevel0.physicalcpu")),
-        "cpu_eff_cores": _int(sysctl.get("hw.perflevel1.physicalcpu")),
-        "cpu_count": _int(sysctl.get("hw.logicalcpu")),
+        "memory_bytes": to_int(sysctl.get("hw.memsize")),
+        "cpu_perf_cores": to_int(sysctl.get("hw.perflevel0.physicalcpu")),
+        "cpu_eff_cores": to_int(sysctl.get("hw.perflevel1.physicalcpu")),
+        "cpu_count": to_int(sysctl.get("hw.logicalcpu")),
         "machine": sysctl.get("hw.machine"),
         "gpu_cores": parse_gpu_cores(run(["system_profiler", "SPDisplaysDataType", "-json"])),
         "os": "macOS",
