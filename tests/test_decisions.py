@@ -182,6 +182,61 @@ def test_a_lost_repeat_is_run_again_with_its_seed_and_a_failed_one_fails_the_can
     assert coord.ledger.attempt(r3.attempt_id)["state"] == "stale"
 
 
+def timed(bpb, tok_s) -> dict:
+    """An ok result whose run trained at ``tok_s`` (coordinator.slowdown reads it)."""
+    out = ok(bpb)
+    out["result"].update(training_seconds=2.0, total_tokens_M=tok_s * 2.0 / 1e6)
+    return out
+
+
+def test_a_slowed_repeat_is_run_again_at_its_seed_index_and_counted_once(tmp_path):
+    # tests/test_decisions_mlx.py's fleet without the noise: two head runs, every first run
+    # repeated once. The repeat trains far slower than the candidate's first run (a loaded
+    # machine): flagged, stored, and run again with the same seed index -- so the ledger
+    # holds two ok runs at seed 43, of which exactly one counts, pairs and is decided on.
+    d = tmp_path / "run"
+    R.init_repo(d, tag="t", preset="tiny", train_py=BASE, head_runs=2, max_repeats=2,
+                screen=-100.0, confidence=0.999, noise_prior=0.2, remeasure_every=0,
+                remeasure_seconds=0)
+    c = Coordinator(d)
+    try:
+        workers(c, "w1", "w2")
+        leases = [c.next_assignment(w) for w in ("w1", "w2")]
+        assert [(a.purpose, a.settings["seed"]) for a in leases] == [("head", 42), ("head", 43)]
+        for w, a, v in zip(("w1", "w2"), leases, (2.60, 2.62)):
+            c.record_result(w, a.attempt_id, timed(v, 8000))
+        cid = c.submit(variant(1), "changes nothing")["candidate_id"]
+        first = c.next_assignment("w1")
+        c.record_result("w1", first.attempt_id, timed(2.61, 8000))
+        assert c.candidate(cid)["state"] == "repeating"
+        slowed = c.next_assignment("w2")
+        assert (slowed.candidate_id, slowed.settings["seed"]) == (cid, 43)
+        assert c.next_assignment("w1") is None          # one repeat wanted, one running
+        ack = c.record_result("w2", slowed.attempt_id, timed(2.70, 3000))
+        assert ack.accepted and ack.decisions == [] and ack.note.startswith("slowed")
+        assert c.candidate(cid)["state"] == "repeating"
+        again = c.next_assignment("w1")                 # the slowed run's seed, again
+        assert (again.candidate_id, again.settings["seed"]) == (cid, 43)
+        assert c.next_assignment("w2") is None          # and only once
+        ack = c.record_result("w1", again.attempt_id, timed(2.63, 8000))
+        assert [x.verdict for x in ack.decisions] == ["discarded"]
+        assert c.next_assignment("w2") is None and c.next_assignment("w1") is None
+        rows = c.ledger.all("SELECT * FROM attempts WHERE candidate_id = ? ORDER BY leased_at",
+                            cid)
+        assert [(r["seed_index"], r["status"], bool(r["flagged"])) for r in rows] == \
+            [(0, "ok", False), (1, "ok", True), (1, "ok", False)]
+        row = c.ledger.decision(cid)
+        assert (row["n_candidate"], row["n_head"]) == (2, 2)
+        counted = [first.attempt_id, again.attempt_id] + [a.attempt_id for a in leases]
+        assert sorted(json.loads(row["attempt_ids"])) == sorted(counted)
+        assert row["val_bpb"] == pytest.approx((2.61 + 2.63) / 2)
+        assert row["head_bpb"] == pytest.approx((2.60 + 2.62) / 2)
+        assert json.loads(row["details"])["paired_differences"] == \
+            pytest.approx([2.61 - 2.60, 2.63 - 2.62])
+    finally:
+        c.close()
+
+
 def test_candidates_wait_for_repeats_on_their_own_class_only(coord):
     workers(coord, "w1", "w2", "w3")
     workers(coord, "b1", hw=B)
