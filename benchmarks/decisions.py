@@ -17,8 +17,9 @@ calls its methods as the server would) is fed by simulated workers on two hardwa
   * runs take one time unit (±10 %) on ``--workers`` machines per class; agents keep
     ``--queue`` candidates waiting, each written on the head of the moment.
 
-Every policy gets the same compute: ``--runs`` runs in total. Figures per policy (mean over
-``--seeds`` repetitions of the whole night, each from a fresh repo):
+Every policy gets the same compute: ``--runs`` runs in total. Figures per policy (mean, and
+sample sd, over ``--seeds`` repetitions of the whole night, each from a fresh repo;
+``--rule KEY=VALUE`` sets the sequential rule's decision settings, to tune them):
 
   false_keep_rate  keeps of candidates whose true effect is >= 0, over decided such candidates
   power            keeps of helpful candidates, over decided helpful ones
@@ -31,6 +32,7 @@ Every policy gets the same compute: ``--runs`` runs in total. Figures per policy
     python benchmarks/decisions.py --quick               # 1 night, 150 runs
     python benchmarks/decisions.py --policy greedy --runs 900 --seeds 5
     python benchmarks/decisions.py --helpful 0.03 --out benchmarks/results/decisions-rare.json
+    python benchmarks/decisions.py --policy sequential --rule confidence=0.9 --rule screen=0.25
 
 Writes benchmarks/results/decisions.json (git-ignored) with the settings, the load average
 before and after, and every figure.
@@ -124,10 +126,35 @@ class Night:
     helpful: float = HELPFUL
 
 
-def policy_settings(policy: str) -> dict:
+def policy_settings(policy: str, rule: dict | None = None) -> dict:
     """The run settings of each policy: greedy is the single-run rule as it was (one head run,
-    never re-measured); sequential is the default rule with its default settings."""
-    return dict(R.SINGLE_RUN) if policy == "greedy" else {"policy": "sequential"}
+    never re-measured); sequential is the default rule, with ``rule`` (``--rule``) over its
+    defaults."""
+    return dict(R.SINGLE_RUN) if policy == "greedy" else {**(rule or {}), "policy": "sequential"}
+
+
+def parse_rule(items: tuple[str, ...]) -> dict:
+    """``--rule KEY=VALUE`` items as decision settings, checked as ``init_repo`` would check
+    them (a bad one: a click error naming it, before any night runs)."""
+    rule: dict = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or key not in R.DECISION_DEFAULTS or key == "policy":
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE, KEY one of "
+                                     f"{', '.join(k for k in R.DECISION_DEFAULTS if k != 'policy')}",
+                                     param_hint="--rule")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: {raw!r} is not a number", param_hint="--rule")
+        rule[key] = int(value) if isinstance(R.DECISION_DEFAULTS[key], int) \
+            and value == int(value) else value
+    try:
+        R.resolve_settings("tiny", {**rule, "policy": "sequential"})
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--rule")
+    return rule
 
 
 def simulate(night: Night, log=print) -> dict:
@@ -261,6 +288,19 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def _sd(rows: list[dict], key: str) -> float | None:
+    """Sample standard deviation over nights (None under two): the spread a setting's figures
+    must be read against."""
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    if len(vals) < 2:
+        return None
+    m = sum(vals) / len(vals)
+    return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+SPREAD_KEYS = ("false_keep_rate", "power", "runs_per_candidate", "head_true_sigma_mean")
+
+
 @click.command()
 @click.option("--policy", "policies", multiple=True, type=click.Choice(["greedy", "sequential"]),
               help="Policies to compare (default: both, or greedy where only it exists).")
@@ -274,11 +314,15 @@ def _mean(rows: list[dict], key: str) -> float | None:
               help="Candidates the agents keep waiting.")
 @click.option("--helpful", type=click.FloatRange(0.0, 0.5), default=HELPFUL, show_default=True,
               help="Fraction of ideas that help (the rest: half harmful, the others neutral).")
+@click.option("--rule", "rule_items", multiple=True, metavar="KEY=VALUE",
+              help="A setting of the sequential rule over its default (repeatable), e.g. "
+                   "--rule confidence=0.9 --rule screen=0.25 --rule head_runs=5.")
 @click.option("--quick", is_flag=True, help="One night of 150 runs per policy.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=OUT,
               show_default=True, help="Where the JSON goes.")
-def main(policies, runs, seeds, workers, queue, helpful, quick, out):
+def main(policies, runs, seeds, workers, queue, helpful, rule_items, quick, out):
     """Compare keep/discard policies on the real coordinator with simulated workers."""
+    rule = parse_rule(rule_items)
     if quick:
         runs, seeds = 150, 1
     if not policies:
@@ -289,7 +333,7 @@ def main(policies, runs, seeds, workers, queue, helpful, quick, out):
     nights = []
     for policy in policies:
         for s in range(seeds):
-            night = Night(policy, s + 1, runs, workers, queue, policy_settings(policy), helpful)
+            night = Night(policy, s + 1, runs, workers, queue, policy_settings(policy, rule), helpful)
             click.echo(f"{policy}, night {s + 1}/{seeds}: {runs} runs on "
                        f"{workers * len(CLASSES)} workers", err=True)
             nights.append(simulate(night, log=lambda m: click.echo(m, err=True)))
@@ -299,24 +343,31 @@ def main(policies, runs, seeds, workers, queue, helpful, quick, out):
         summary[policy] = {k: _mean(rows, k) for k in (
             "false_keep_rate", "power", "runs_per_candidate", "head_true_sigma_mean", "decided",
             "kept", "false_keeps", "undecided", "head_runs", "submitted")}
+        summary[policy]["sd"] = {k: _sd(rows, k) for k in SPREAD_KEYS}
     load_after = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") \
         else None
     doc = {"classes": [asdict(c) | {"sigma": c.sigma} for c in CLASSES], "runs": runs,
            "mix": {"harmful": HARMFUL, "helpful": helpful, "neutral": 1 - HARMFUL - helpful},
-           "seeds": seeds, "workers_per_class": workers, "queue": queue,
+           "seeds": seeds, "workers_per_class": workers, "queue": queue, "rule": rule,
            "wall_seconds": time.time() - t0, "loadavg_before": load_before,
            "loadavg_after": load_after, "summary": summary, "nights": nights}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    click.echo(f"\n{'policy':<11} {'false keeps':>11} {'power':>6} {'runs/cand':>9} "
+    click.echo(f"\n{'policy':<11} {'false keeps':>13} {'power':>13} {'runs/cand':>11} "
                f"{'head true (σ)':>13} {'decided':>7} {'kept':>5}")
     for policy, s in summary.items():
-        def f(v, fmt):
-            return format(v, fmt) if v is not None else "-"
-        click.echo(f"{policy:<11} {f(s['false_keep_rate'], '11.1%')} {f(s['power'], '6.1%')} "
-                   f"{f(s['runs_per_candidate'], '9.2f')} {f(s['head_true_sigma_mean'], '+13.2f')}"
-                   f" {f(s['decided'], '7.0f')} {f(s['kept'], '5.1f')}")
-    click.echo(f"(means over {seeds} night(s) of {runs} runs; load average {load_before} -> "
+        def f(key, fmt, width):
+            v, sd = s[key], s["sd"].get(key)
+            if v is None:
+                return "-".rjust(width)
+            text = format(v, fmt) + (f"±{format(sd, fmt.lstrip('+'))}" if sd is not None else "")
+            return text.rjust(width)
+        click.echo(f"{policy:<11} {f('false_keep_rate', '.1%', 13)} {f('power', '.1%', 13)} "
+                   f"{f('runs_per_candidate', '.2f', 11)} {f('head_true_sigma_mean', '+.1f', 13)}"
+                   f" {s['decided']:7.0f} {s['kept']:5.1f}")
+    if rule:
+        click.echo("sequential rule: " + ", ".join(f"{k}={v}" for k, v in rule.items()))
+    click.echo(f"(means ± sd over {seeds} night(s) of {runs} runs; load average {load_before} -> "
                f"{load_after}; {time.time() - t0:.0f} s; {out})")
 
 

@@ -50,6 +50,7 @@ from typing import Any
 
 import click
 
+from coordinator.repo import DECISION_DEFAULTS
 from shared.client import ENDPOINT_ENV, Client, ClientError, default_endpoint
 from shared.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, RECONNECT_MAX, REQUEST_TIMEOUT
 
@@ -142,6 +143,14 @@ def main() -> None:
 
 # ---- init ---------------------------------------------------------------------------------
 
+def _setting(flag: str, kind, metavar: str | None, text: str, key: str | None = None):
+    """An ``init`` option for one run setting: unset (None) leaves the preset's value or the
+    decision rule's default, which the help shows from its one definition (DECISION_DEFAULTS)."""
+    key = key or flag.lstrip("-").replace("-", "_")
+    if key in DECISION_DEFAULTS:
+        text += f" [{DECISION_DEFAULTS[key]}]"
+    return click.option(flag, key, type=kind, default=None, metavar=metavar, help=text)
+
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tag", default=None, help="Research run name: the branch is autoresearch/<tag>.")
@@ -149,38 +158,33 @@ def main() -> None:
               show_default=True,
               help="Model size and run settings: seed = the seed article's Mac run, "
                    "upstream-h100 = the same with upstream's 13x larger eval, tiny = a 2-core CPU.")
-@click.option("--budget", type=click.IntRange(min=1), default=None, metavar="S",
-              help="Training seconds per attempt (overrides the preset).")
-@click.option("--seq-len", type=click.IntRange(min=1), default=None, metavar="T",
-              help="Sequence length (overrides the preset).")
-@click.option("--eval-tokens", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Validation tokens evaluated (overrides the preset).")
-@click.option("--margin", type=click.FloatRange(min=0.0), default=None,
-              help="val_bpb improvement a candidate needs over the head to be kept.")
-@click.option("--policy", type=click.Choice(["sequential", "greedy"]), default=None,
-              help="How candidates are decided: sequential (screen, paired repeats, a test; "
-                   "the default) or greedy (one run against the head's mean).")
-@click.option("--head-runs", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Runs of the head on a class before anything is decided there [3].")
-@click.option("--max-repeats", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Runs of one candidate on a class, at most [4].")
-@click.option("--confidence", type=click.FloatRange(min=0.5, max=1.0, max_open=True),
-              default=None, help="One-sided confidence a keep needs [0.95].")
-@click.option("--screen", type=float, default=None, metavar="SIGMA",
-              help="σ a candidate's first run must beat the head's mean by to be repeated "
-                   "[0.5].")
-@click.option("--remeasure-every", type=click.IntRange(min=0), default=None, metavar="N",
-              help="Re-run the head on a class after every N decisions there (0: never) [10].")
-@click.option("--remeasure-seconds", type=click.FloatRange(min=0.0), default=None,
-              metavar="S", help="Re-run the head on a class when its newest run is older "
-                                "than S seconds (0: never) [3600].")
-@click.option("--noise-prior", type=click.FloatRange(min=0.0, min_open=True), default=None,
-              metavar="SIGMA", help="σ of one run (bpb) used until a class has enough "
-                                    "repeats to measure it [0.03].")
+@_setting("--budget", click.IntRange(min=1), "S",
+          "Training seconds per attempt (overrides the preset).", key="time_budget")
+@_setting("--seq-len", click.IntRange(min=1), "T", "Sequence length (overrides the preset).")
+@_setting("--eval-tokens", click.IntRange(min=1), "N",
+          "Validation tokens evaluated (overrides the preset).")
+@_setting("--margin", click.FloatRange(min=0.0), None,
+          "val_bpb improvement a candidate needs over the head to be kept.")
+@_setting("--policy", click.Choice(["sequential", "greedy"]), None,
+          "How candidates are decided: sequential (screen, paired repeats, a test) or greedy "
+          "(one run against the head's mean).")
+@_setting("--head-runs", click.IntRange(min=1), "N",
+          "Runs of the head on a class before anything is decided there.")
+@_setting("--max-repeats", click.IntRange(min=1), "N", "Runs of one candidate on a class, at most.")
+@_setting("--confidence", click.FloatRange(min=0.5, max=1.0, max_open=True), None,
+          "One-sided confidence a keep needs.")
+@_setting("--screen", float, "SIGMA",
+          "σ a candidate's first run must beat the head's mean by to be repeated.")
+@_setting("--remeasure-every", click.IntRange(min=0), "N",
+          "Re-run the head on a class after every N decisions there (0: never).")
+@_setting("--remeasure-seconds", click.FloatRange(min=0.0), "S",
+          "Re-run the head on a class when its newest run is older than S seconds (0: never).")
+@_setting("--noise-prior", click.FloatRange(min=0.0, min_open=True), "SIGMA",
+          "σ of one run (bpb) used until a class has enough repeats to measure it.")
 @click.option("--train-py", "train_py", type=click.File("r", encoding="utf-8"), default=None,
               metavar="FILE", help="Start from this train.py instead of the preset's baseline.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was made as JSON.")
-def init(directory: Path, tag: str | None, preset: str, budget: int | None,
+def init(directory: Path, tag: str | None, preset: str, time_budget: int | None,
          seq_len: int | None, eval_tokens: int | None, margin: float | None,
          policy: str | None, head_runs: int | None, max_repeats: int | None,
          confidence: float | None, screen: float | None, remeasure_every: int | None,
@@ -192,7 +196,7 @@ def init(directory: Path, tag: str | None, preset: str, budget: int | None,
     """
     from coordinator.repo import init_repo
 
-    overrides = {k: v for k, v in (("time_budget", budget), ("seq_len", seq_len),
+    overrides = {k: v for k, v in (("time_budget", time_budget), ("seq_len", seq_len),
                                    ("eval_tokens", eval_tokens), ("margin", margin),
                                    ("policy", policy), ("head_runs", head_runs),
                                    ("max_repeats", max_repeats), ("confidence", confidence),

@@ -459,3 +459,25 @@ def test_kill_minus_nine_during_repeats_loses_no_run_and_decides_once(tmp_path):
     with Coordinator(d) as c:
         repeated = c.ledger.scalar("SELECT COUNT(*) FROM decisions WHERE n_candidate >= 2")
         assert repeated >= 1, "no candidate got its repeats before the kills"
+
+
+def test_the_benchmark_takes_rule_settings_and_refuses_bad_ones_in_one_line(tmp_path):
+    """benchmarks/decisions.py --rule: a setting reaches the sequential night's run settings;
+    an unknown key or an out-of-range value stops it before any night, naming the item."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "decisions.py")
+    for bad, says in (("confdence=0.9", "expected KEY=VALUE"), ("confidence=1.5", "confidence"),
+                      ("head_runs=x", "not a number"), ("head_runs=0", "head_runs")):
+        p = subprocess.run([sys.executable, script, "--quick", "--rule", bad,
+                            "--out", str(tmp_path / "x.json")], capture_output=True, text=True)
+        assert p.returncode == 2 and says in p.stderr, (bad, p.stderr)
+        assert not (tmp_path / "x.json").exists()
+    sys.path.insert(0, os.path.dirname(script))
+    import decisions as D
+    rule = D.parse_rule(("confidence=0.9", "max_repeats=6", "screen=0"))
+    assert rule == {"confidence": 0.9, "max_repeats": 6, "screen": 0.0}
+    d = tmp_path / "run"
+    R.init_repo(d, tag="t", preset="tiny", train_py=BASE, **D.policy_settings("sequential", rule))
+    got = R.decision_settings(R.load_run(d).settings)
+    assert (got["policy"], got["confidence"], got["max_repeats"], got["screen"]) == \
+        ("sequential", 0.9, 6, 0.0)
+    assert D.policy_settings("greedy", rule) == R.SINGLE_RUN   # greedy stays the old rule
