@@ -19,7 +19,7 @@ from coordinator import repo as R
 from coordinator import scheduling as S
 from coordinator.core import Coordinator
 from coordinator.ledger import MIGRATIONS, SCHEMA, SCHEMA_VERSION
-from tests.test_core import reopen
+from tests.test_core import git, reopen
 
 BASE = "LR = 0.01\nprint('baseline', LR)\n"
 A, B = "Apple M1 Pro/16GB/metal", "cpu/x86_64/24GB"
@@ -33,11 +33,6 @@ def variant(n) -> str:
 def ok(bpb) -> dict:
     return {"status": "ok", "val_bpb": bpb, "result": {"status": "ok", "val_bpb": bpb},
             "log_tail": "", "exit_code": 0, "wall_seconds": 1.0}
-
-
-def git(d, *args) -> str:
-    return subprocess.run(["git", "-C", str(d), *args], capture_output=True, text=True,
-                          check=True).stdout.strip()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from shared import codec, protocol
 from shared import outcome as outcome_contract
 from shared.codec import CodecError
 from shared.protocol import ProtocolError
+from tests.test_core import git
 
 FUZZ = settings(max_examples=40, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -172,11 +172,6 @@ OPS = st.one_of(
     st.tuples(st.just("bye"), WID, ODD_TEXT),
     st.tuples(st.just("submit"), TRAIN_PY, ODD_TEXT, BASES),
 )
-
-
-def git(d, *args) -> str:
-    return subprocess.run(["git", "-C", str(d), *args], capture_output=True, text=True,
-                          check=True).stdout.strip()
 
 
 class Driver:
