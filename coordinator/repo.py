@@ -461,8 +461,13 @@ tokens, seed {settings['seed']}, time budget {settings['time_budget']} s, hard t
 
 ## Rules
 
-- Submit whole `train.py` files that compile; an identical file is answered with its earlier
-  result instead of being trained again.
+- Submit whole `train.py` files that compile; the same program (comments and formatting do not
+  count) is answered with its earlier result instead of being trained again.
+- Your change is what counts, not your copy of the file: a variant written against an older
+  best is rebased onto the current best (git's three-way merge of your edit) before it runs,
+  and a keep is always measured on top of the best it lands on. If your edit touches the same
+  lines as a variant kept meanwhile it ends `stale`, with the lines that conflict: resubmit it on
+  top of the current best. If the best already holds your idea it ends `stale` as already there.
 - Variants that crash, produce nan, run out of memory or time out are recorded as failed with
   their log tail. Keep memory use sensible: the machines are laptops and desktops.
 - Simpler is better: a tiny gain that adds a lot of complexity is not worth keeping; a change
