@@ -15,7 +15,11 @@ calls its methods as the server would) is fed by simulated workers on two hardwa
     class over the night. Total σ = sqrt(σ_seed² + σ_run²); the defaults are this machine's tiny
     preset (0.025 across seeds, 0.021 at one seed: README, *Deciding*);
   * runs take one time unit (±10 %) on ``--workers`` machines per class; agents keep
-    ``--queue`` candidates waiting, each written on the head of the moment.
+    ``--queue`` candidates waiting, each written on the head of the moment. With
+    ``--supply R`` they write only R ideas per time unit (still pausing while the queue is
+    full): below what the fleet consumes, workers wait for ideas, a night is a fixed time
+    (``--runs`` / workers) rather than a number of runs, and spare machines are what repeats
+    run on -- a fleet fed by one or two agents.
 
 Every policy gets the same compute: ``--runs`` runs in total. Figures per policy (mean, and
 sample sd, over ``--seeds`` repetitions of the whole night, each from a fresh repo;
@@ -26,7 +30,8 @@ sample sd, over ``--seeds`` repetitions of the whole night, each from a fresh re
   runs_per_candidate  counted runs of candidates (not of the head) per decided candidate
   head_true        the final head's TRUE improvement over the baseline, in σ (negative: better),
                    per class and on average; also in bpb
-  decided, kept, head_runs, undecided at the end
+  decided, kept, head_runs, undecided at the end; runs_done (fewer than --runs only when
+                   --supply leaves machines waiting for ideas)
   head_true_vs_greedy  the final true head minus greedy's, paired night by night (the same
                    ideas and noise draws): mean ± se -- the figure that says which policy
                    ends further down, where the spread over nights (~5σ) hides it
@@ -36,6 +41,7 @@ sample sd, over ``--seeds`` repetitions of the whole night, each from a fresh re
     python benchmarks/decisions.py --quick               # 1 night, 150 runs
     python benchmarks/decisions.py --policy greedy --runs 900 --seeds 5
     python benchmarks/decisions.py --helpful 0.03 --out benchmarks/results/decisions-rare.json
+    python benchmarks/decisions.py --supply 2 --seeds 10   # agents write 2 ideas per run time
     python benchmarks/decisions.py --policy sequential --rule confidence=0.9 --rule screen=0.25
     python benchmarks/decisions.py --policy greedy --seeds 10 --out /tmp/greedy.json
     python benchmarks/decisions.py --policy sequential --seeds 10 --against /tmp/greedy.json \
@@ -131,6 +137,12 @@ class Night:
     queue: int
     settings: dict = field(default_factory=dict)
     helpful: float = HELPFUL
+    supply: float | None = None     # ideas the agents write per time unit (None: unlimited)
+
+    @property
+    def span(self) -> float:
+        """The night in time units (one unit: one run): runs / workers in the fleet."""
+        return self.runs / (self.workers * len(CLASSES))
 
 
 def policy_settings(policy: str, rule: dict | None = None) -> dict:
@@ -169,7 +181,7 @@ def simulate(night: Night, log=print) -> dict:
     rng = random.Random(night.seed * 7919 + 1)
     seed_effects = {c.name: [rng.gauss(0.0, c.sigma_seed) for _ in range(64)] for c in CLASSES}
     clock = [0.0]
-    span = night.runs / (night.workers * len(CLASSES))     # the night, in time units
+    span = night.span
 
     def true_value(cls: HwClass, text: str, at: float | None = None) -> float:
         v = cls.base + sum(ideas[i][1] for i in ideas_of(text)) * cls.sigma
@@ -201,11 +213,12 @@ def _night(coord, repo, night, ideas, rng, seed_effects, clock, true_value, log)
     def head_text() -> str:
         return R.read_blob(repo, coord.ledger.head()["commit_sha"])
 
-    def top_up() -> None:
+    def top_up(at_most: int | None = None) -> None:
         queued = coord.ledger.scalar("SELECT COUNT(*) FROM candidates WHERE state = 'queued'")
         text = head_text()
         have = ideas_of(text)
-        while queued < night.queue:
+        wrote = 0
+        while queued < night.queue and (at_most is None or wrote < at_most):
             i = next_idea[0]
             next_idea[0] += 1
             if i in have:
@@ -214,7 +227,10 @@ def _night(coord, repo, night, ideas, rng, seed_effects, clock, true_value, log)
                                                    f"{ideas[i][1]:+.2f}σ)")
             cand_idea[out["candidate_id"]] = i
             queued += 1
+            wrote += 1
 
+    # (time, order, worker id) of runs finishing, and ("", ...) of the agents' next idea when
+    # their supply is limited (night.supply ideas per time unit, while the queue has room)
     events: list[tuple[float, int, str]] = []
     pending: dict[str, object] = {}
     idle: list[str] = []
@@ -230,12 +246,25 @@ def _night(coord, repo, night, ideas, rng, seed_effects, clock, true_value, log)
         seq[0] += 1
         heapq.heappush(events, (clock[0] + rng.uniform(0.9, 1.1), seq[0], wid))
 
+    span = night.span
     top_up()
+    if night.supply:
+        heapq.heappush(events, (1.0 / night.supply, 0, ""))
     for wid, _ in workers:
         assign(wid)
-    while events and done[0] < night.runs:
+    # Unlimited supply: the night is `runs` runs. Limited: it is the same span of time, and
+    # workers with nothing to run wait (a run still in flight at the end does not count).
+    while events and (done[0] < night.runs if not night.supply else events[0][0] <= span):
         t, _, wid = heapq.heappop(events)
         clock[0] = t
+        if not wid:    # the agents finished an idea: submit it if the queue has room
+            top_up(at_most=1)
+            seq[0] += 1
+            heapq.heappush(events, (t + 1.0 / night.supply, seq[0], ""))
+            waiting, idle[:] = list(idle), []
+            for w in waiting:
+                assign(w)
+            continue
         a = pending.pop(wid)
         cls = by_name[dict(workers)[wid].name]
         index = int(a.settings.get("seed", BASE_SEED)) - BASE_SEED
@@ -246,15 +275,19 @@ def _night(coord, repo, night, ideas, rng, seed_effects, clock, true_value, log)
             "status": "ok", "val_bpb": value, "result": {"status": "ok", "val_bpb": value},
             "log_tail": "", "exit_code": 0, "wall_seconds": 1.0})
         done[0] += 1
-        top_up()
+        if not night.supply:
+            top_up()    # what the decision took from the queue (stale), on the new head
         waiting, idle[:] = list(idle), []
         for w in [wid] + waiting:
             if w not in pending:
                 assign(w)
+        if not night.supply:
+            top_up()    # the agents keep the queue full: a candidate is always waiting
         if done[0] % 50 == 0:
             log(f"  {night.policy} seed {night.seed}: {done[0]}/{night.runs} runs, "
                 f"{len(cand_idea)} candidates submitted")
-    return _figures(coord, repo, night, ideas, cand_idea, true_value, head_text())
+    return _figures(coord, repo, night, ideas, cand_idea, true_value, head_text()) | {
+        "runs_done": done[0]}
 
 
 def _figures(coord, repo, night, ideas, cand_idea, true_value, final_text) -> dict:
@@ -351,19 +384,21 @@ def helpful_outcomes(rows: list[dict]) -> dict:
     return {k: v / max(1, len(rows)) for k, v in out.items()}
 
 
-def load_against(path: Path, runs: int, workers: int, queue: int, helpful: float) -> list[dict]:
+def load_against(path: Path, runs: int, workers: int, queue: int, helpful: float,
+                 supply: float | None = None) -> list[dict]:
     """The greedy nights of an earlier run of this script, checked to be comparable."""
     try:
         doc = json.loads(path.read_text())
         nights = [n for n in doc["nights"] if n["policy"] == "greedy"]
-        same = (doc["runs"], doc["workers_per_class"], doc["queue"], doc["mix"]["helpful"])
+        same = (doc["runs"], doc["workers_per_class"], doc["queue"], doc["mix"]["helpful"],
+                doc.get("supply"))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise click.BadParameter(f"{path}: not a JSON written by this script ({e})",
                                  param_hint="--against")
-    if same != (runs, workers, queue, helpful):
+    if same != (runs, workers, queue, helpful, supply):
         raise click.BadParameter(
-            f"{path}: its nights ran with runs/workers/queue/helpful {same}, not "
-            f"{(runs, workers, queue, helpful)}: the gap would not be paired",
+            f"{path}: its nights ran with runs/workers/queue/helpful/supply {same}, not "
+            f"{(runs, workers, queue, helpful, supply)}: the gap would not be paired",
             param_hint="--against")
     if not nights:
         raise click.BadParameter(f"{path}: has no greedy nights", param_hint="--against")
@@ -383,6 +418,10 @@ def load_against(path: Path, runs: int, workers: int, queue: int, helpful: float
               help="Candidates the agents keep waiting.")
 @click.option("--helpful", type=click.FloatRange(0.0, 0.5), default=HELPFUL, show_default=True,
               help="Fraction of ideas that help (the rest: half harmful, the others neutral).")
+@click.option("--supply", type=click.FloatRange(min=0.01), default=None,
+              help="Ideas the agents write per run time, fleet-wide (default: unlimited, the "
+                   "queue is always full). Below what the fleet consumes, workers wait for "
+                   "ideas: the night is then a fixed time, not a number of runs.")
 @click.option("--rule", "rule_items", multiple=True, metavar="KEY=VALUE",
               help="A setting of the sequential rule over its default (repeatable), e.g. "
                    "--rule confidence=0.9 --rule screen=0.25 --rule head_runs=5.")
@@ -393,21 +432,23 @@ def load_against(path: Path, runs: int, workers: int, queue: int, helpful: float
 @click.option("--quick", is_flag=True, help="One night of 150 runs per policy.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=OUT,
               show_default=True, help="Where the JSON goes.")
-def main(policies, runs, seeds, workers, queue, helpful, rule_items, against, quick, out):
+def main(policies, runs, seeds, workers, queue, helpful, supply, rule_items, against, quick,
+         out):
     """Compare keep/discard policies on the real coordinator with simulated workers."""
     rule = parse_rule(rule_items)
     if quick:
         runs, seeds = 150, 1
     if not policies:
         policies = ("greedy", "sequential")
-    stored = load_against(against, runs, workers, queue, helpful) if against else []
+    stored = load_against(against, runs, workers, queue, helpful, supply) if against else []
     load_before = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") \
         else None
     t0 = time.time()
     nights = []
     for policy in policies:
         for s in range(seeds):
-            night = Night(policy, s + 1, runs, workers, queue, policy_settings(policy, rule), helpful)
+            night = Night(policy, s + 1, runs, workers, queue, policy_settings(policy, rule),
+                          helpful, supply)
             click.echo(f"{policy}, night {s + 1}/{seeds}: {runs} runs on "
                        f"{workers * len(CLASSES)} workers", err=True)
             nights.append(simulate(night, log=lambda m: click.echo(m, err=True)))
@@ -416,7 +457,7 @@ def main(policies, runs, seeds, workers, queue, helpful, rule_items, against, qu
         rows = [n for n in nights if n["policy"] == policy]
         summary[policy] = {k: _mean(rows, k) for k in (
             "false_keep_rate", "power", "runs_per_candidate", "head_true_sigma_mean", "decided",
-            "kept", "false_keeps", "undecided", "head_runs", "submitted")}
+            "kept", "false_keeps", "undecided", "head_runs", "submitted", "runs_done")}
         summary[policy]["sd"] = {k: _sd(rows, k) for k in SPREAD_KEYS}
         if policy != "greedy":
             summary[policy]["head_true_vs_greedy"] = paired_gap(
@@ -426,6 +467,7 @@ def main(policies, runs, seeds, workers, queue, helpful, rule_items, against, qu
         else None
     doc = {"classes": [asdict(c) | {"sigma": c.sigma} for c in CLASSES], "runs": runs,
            "mix": {"harmful": HARMFUL, "helpful": helpful, "neutral": 1 - HARMFUL - helpful},
+           "supply": supply,
            "seeds": seeds, "workers_per_class": workers, "queue": queue, "rule": rule,
            "wall_seconds": time.time() - t0, "loadavg_before": load_before,
            "loadavg_after": load_after, "summary": summary, "nights": nights}
@@ -443,6 +485,9 @@ def main(policies, runs, seeds, workers, queue, helpful, rule_items, against, qu
         click.echo(f"{policy:<11} {f('false_keep_rate', '.1%', 13)} {f('power', '.1%', 13)} "
                    f"{f('runs_per_candidate', '.2f', 11)} {f('head_true_sigma_mean', '+.1f', 13)}"
                    f" {s['decided']:7.0f} {s['kept']:5.1f}")
+    if supply:
+        click.echo("runs done per night (the agents write " + f"{supply:g} ideas per run time): "
+                   + ", ".join(f"{p} {s['runs_done']:.0f}" for p, s in summary.items()))
     for policy, s in summary.items():
         ho = s["helpful_outcomes"]
         click.echo(f"{policy}: helpful ideas per night: {ho['decided']:.1f} decided, "
