@@ -250,12 +250,29 @@ def test_candidates_wait_for_repeats_on_their_own_class_only(coord):
     r = coord.next_assignment("w2")
     assert (r.purpose, r.candidate_id) == ("candidate", 1)
     assert coord.ledger.candidate(1)["hw_class"] == A
-    # with every A worker gone, #1 waits for its repeats there, and status says so
+    # while an A worker is alive, #1 waits for its repeats there
     coord.record_result("w2", r.attempt_id, ok(1.504))   # mean 1.472: not yet, within reach
     assert coord.candidate(1)["state"] == "repeating"
-    for w in ("w1", "w2", "w3"):
-        coord.worker_bye(w, "home time")
-    assert any(f"#1 waits for repeats on {A}" in p for p in coord.status()["problems"])
+    for w in ("w1", "w2"):
+        assert coord.worker_bye(w, "home time") == []
+    assert coord.candidate(1)["state"] == "repeating"
+    # the last A worker leaves: nothing could decide #1 there, so it goes back to the queue,
+    # unbound, and is screened afresh on B; its A runs stay in the ledger, uncounted on B
+    assert coord.worker_bye("w3", "home time") == [1]
+    row = coord.ledger.candidate(1)
+    assert (row["state"], row["hw_class"]) == ("queued", None)
+    coord.record_result("b1", b.attempt_id, ok(2.02))          # B's second head run
+    b = coord.next_assignment("b1")
+    assert (b.purpose, b.candidate_id) == ("head", 0)          # and its third, first
+    coord.record_result("b1", b.attempt_id, ok(2.01))
+    b = coord.next_assignment("b1")
+    assert (b.purpose, b.candidate_id, b.settings["seed"]) == ("candidate", 1, SEED)
+    assert coord.ledger.candidate(1)["hw_class"] == B
+    assert coord.record_result("b1", b.attempt_id, ok(2.10)).accepted   # worse on B: screened
+    d = coord.ledger.decision(1)
+    assert (d["verdict"], d["hw_class"], d["n_candidate"]) == ("discarded", B, 1)
+    assert coord.ledger.scalar("SELECT COUNT(*) FROM attempts WHERE candidate_id = 1 AND "
+                               "hw_class = ? AND state = 'done'", A) == 2
 
 
 def test_head_is_remeasured_every_n_decisions_and_drift_is_reported(tmp_path):
