@@ -39,8 +39,9 @@ Choices worth knowing:
     requeue without a strike; ``worker_lost`` and a hello without the leased attempt count as
     lost (``LOST_LIMIT`` losses fail the candidate);
   * a candidate is decided on the runs of one hardware class (coordinator.rule, the runs
-    ``coordinator.scheduling`` leased there); when the last worker of that class is gone,
-    the candidates waiting there go back to the queue, unbound (``_release_class``);
+    ``coordinator.scheduling`` leased there); when that class can decide nothing more (its
+    last worker gone, or the head failing there), the candidates waiting there go back to
+    the queue, unbound (``_release_class``);
   * the same program (coordinator.identity) is never queued twice, whatever its earlier fate;
     only an admin's ``retry`` queues a failed candidate again (the reason and the superseded
     decision go to the ``retries`` table, its attempts stay, and losses toward ``LOST_LIMIT``
@@ -496,13 +497,15 @@ class Coordinator(contextlib.AbstractContextManager):
             return requeued
 
     def _release_class(self, hw: str) -> list[int]:
-        """When the last live worker of class ``hw`` is gone, the candidates bound there
-        (waiting for repeats, or for the head's runs there) could only wait -- all night, if
-        that class was a lid-closed laptop. They go back to the queue, unbound, so another
-        class decides them; their runs on ``hw`` stay in the ledger (and count again, with
-        the same text, if it is bound there again). Returns the ids released."""
-        if self.ledger.scalar("SELECT COUNT(*) FROM workers WHERE hw_class = ? AND state != "
-                              "'gone'", hw):
+        """When class ``hw`` can decide nothing more -- its last live worker is gone (a
+        lid-closed laptop), or the head cannot be measured there (``scheduling.BLOCKED``) --
+        the candidates bound there (waiting for repeats, or for the head's runs) could only
+        wait, all night. They go back to the queue, unbound, so another class decides them;
+        their runs on ``hw`` stay in the ledger (and count again, with the same text, if it
+        is bound there again). Returns the ids released."""
+        alive = self.ledger.scalar("SELECT COUNT(*) FROM workers WHERE hw_class = ? AND "
+                                   "state != 'gone'", hw)
+        if alive and self._head_on(hw).state != scheduling.BLOCKED:
             return []
         out = []
         for c in self.ledger.all("SELECT id FROM candidates WHERE hw_class = ? AND state IN "
@@ -817,6 +820,12 @@ class Coordinator(contextlib.AbstractContextManager):
                                 att["candidate_id"], att["hw_class"], reason, [attempt_id]))
                     elif att["purpose"] == st.PURPOSE_HEAD and status == OK:
                         note = self._check_drift(att)
+                    elif att["purpose"] == st.PURPOSE_HEAD:
+                        released = self._release_class(att["hw_class"])
+                        if released:
+                            note = (f"head #{att['candidate_id']} cannot be measured on "
+                                    f"{att['hw_class']}: requeued "
+                                    f"{', '.join(f'#{c}' for c in released)}")
                     decisions += self._decide_class(att["hw_class"])
                 new_head = self.ledger.head()["commit_sha"]
             if new_head != old_head:

@@ -275,6 +275,33 @@ def test_candidates_wait_for_repeats_on_their_own_class_only(coord):
                                "hw_class = ? AND state = 'done'", A) == 2
 
 
+def test_candidates_waiting_on_a_class_where_the_head_cannot_be_measured_are_requeued(coord):
+    workers(coord, "w1", "w2", "w3", "w4")
+    workers(coord, "b1", hw=B)
+    coord.submit(variant(1), "v1")
+    heads = [coord.next_assignment(w) for w in ("w1", "w2", "w3")]
+    assert [a.purpose for a in heads] == ["head"] * 3
+    a = coord.next_assignment("w4")            # candidates run while the head is measured
+    assert (a.purpose, a.candidate_id) == ("candidate", 1)
+    coord.record_result("w4", a.attempt_id, ok(1.45))
+    assert coord.candidate(1)["state"] == "measured"      # waits for the head's runs on A
+    oom = {"status": "oom", "val_bpb": None, "log_tail": "out of memory", "exit_code": 137,
+           "wall_seconds": 1.0}
+    for w, h in zip(("w1", "w2"), heads[:2]):
+        assert coord.record_result(w, h.attempt_id, oom).accepted
+    assert coord.candidate(1)["state"] == "measured"      # a head run is still in flight
+    ack = coord.record_result("w3", heads[2].attempt_id, oom)
+    # the head cannot be measured on A any more: #1 could only wait there, so it is requeued,
+    # unbound, and decided on another class; its run on A stays in the ledger
+    assert "requeued #1" in ack.note, ack.note
+    row = coord.ledger.candidate(1)
+    assert (row["state"], row["hw_class"]) == ("queued", None)
+    assert coord.next_assignment("w4") is None             # A runs nothing
+    assert coord.next_assignment("b1").purpose == "head"   # B measures its head, then #1
+    assert coord.ledger.scalar("SELECT COUNT(*) FROM attempts WHERE candidate_id = 1 AND "
+                               "state = 'done'") == 1
+
+
 def test_head_is_remeasured_every_n_decisions_and_drift_is_reported(tmp_path):
     d = tmp_path / "rm"
     R.init_repo(d, tag="t", preset="tiny", train_py=BASE, noise_prior=0.02, remeasure_every=2,
