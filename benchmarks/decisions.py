@@ -27,12 +27,19 @@ sample sd, over ``--seeds`` repetitions of the whole night, each from a fresh re
   head_true        the final head's TRUE improvement over the baseline, in σ (negative: better),
                    per class and on average; also in bpb
   decided, kept, head_runs, undecided at the end
+  head_true_vs_greedy  the final true head minus greedy's, paired night by night (the same
+                   ideas and noise draws): mean ± se -- the figure that says which policy
+                   ends further down, where the spread over nights (~5σ) hides it
+  helpful_outcomes where helpful ideas ended per night: kept, screened out, not shown better
 
     python benchmarks/decisions.py                       # 3 nights x 2 policies, 450 runs each
     python benchmarks/decisions.py --quick               # 1 night, 150 runs
     python benchmarks/decisions.py --policy greedy --runs 900 --seeds 5
     python benchmarks/decisions.py --helpful 0.03 --out benchmarks/results/decisions-rare.json
     python benchmarks/decisions.py --policy sequential --rule confidence=0.9 --rule screen=0.25
+    python benchmarks/decisions.py --policy greedy --seeds 10 --out /tmp/greedy.json
+    python benchmarks/decisions.py --policy sequential --seeds 10 --against /tmp/greedy.json \
+        --rule head_runs=2                               # tune against stored greedy nights
 
 Writes benchmarks/results/decisions.json (git-ignored) with the settings, the load average
 before and after, and every figure.
@@ -252,8 +259,16 @@ def _night(coord, repo, night, ideas, rng, seed_effects, clock, true_value, log)
 
 def _figures(coord, repo, night, ideas, cand_idea, true_value, final_text) -> dict:
     L = coord.ledger
-    decided = {r["candidate_id"]: r["verdict"] for r in L.all(
-        "SELECT candidate_id, verdict FROM decisions WHERE candidate_id > 0")}
+    rows = L.all("SELECT candidate_id, verdict, rule FROM decisions WHERE candidate_id > 0")
+    decided = {r["candidate_id"]: r["verdict"] for r in rows}
+    # where each kind of idea ended: kept, or the rule stage that discarded it (screen, test,
+    # the head it ran on moved, stale) -- where a policy loses its helpful ideas
+    outcomes: dict[str, dict[str, int]] = {}
+    for r in rows:
+        kind = ideas[cand_idea[r["candidate_id"]]][0]
+        how = "kept" if r["verdict"] == "kept" else f"{r['verdict']} {r['rule'] or ''}".strip()
+        outcomes.setdefault(kind, {}).setdefault(how, 0)
+        outcomes[kind][how] += 1
     runs_of = {r[0]: r[1] for r in L.all(
         "SELECT candidate_id, COUNT(*) FROM attempts WHERE purpose = 'candidate' AND "
         "state = 'done' AND status = 'ok' GROUP BY candidate_id")}
@@ -280,6 +295,7 @@ def _figures(coord, repo, night, ideas, cand_idea, true_value, final_text) -> di
         "head_true_sigma_mean": sum(head_sigma.values()) / len(head_sigma),
         "head_true_bpb": {c.name: true_value(c, final_text) - c.base for c in CLASSES},
         "kept_ideas": sorted(ideas_of(final_text)),
+        "outcomes": outcomes,
     }
 
 
@@ -301,6 +317,59 @@ def _sd(rows: list[dict], key: str) -> float | None:
 SPREAD_KEYS = ("false_keep_rate", "power", "runs_per_candidate", "head_true_sigma_mean")
 
 
+def paired_gap(nights: list[dict], policy: str, against: str = "greedy") -> dict | None:
+    """``policy``'s final true head minus ``against``'s, night by night: both policies see the
+    same idea stream and noise draws on a night of the same seed, so the per-night difference
+    is far less noisy than either mean (sd over nights of ~5σ each). Mean, its standard error
+    and the nights it came from; None without two shared nights."""
+    mine = {n["seed"]: n["head_true_sigma_mean"] for n in nights if n["policy"] == policy}
+    base = {n["seed"]: n["head_true_sigma_mean"] for n in nights if n["policy"] == against}
+    diffs = [mine[s] - base[s] for s in sorted(mine) if s in base]
+    if len(diffs) < 2:
+        return None
+    m = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1))
+    return {"against": against, "mean": m, "se": sd / math.sqrt(len(diffs)),
+            "nights": len(diffs), "better_nights": sum(1 for d in diffs if d < 0)}
+
+
+def helpful_outcomes(rows: list[dict]) -> dict:
+    """Where a policy's helpful ideas ended, per night: kept, screened out (the first run),
+    not shown better (the test, or greedy's one run), otherwise (stale, on an old head)."""
+    out = {"decided": 0.0, "kept": 0.0, "screen": 0.0, "test": 0.0, "other": 0.0}
+    for night in rows:
+        for how, n in (night.get("outcomes") or {}).get("helpful", {}).items():
+            out["decided"] += n
+            if how == "kept":
+                out["kept"] += n
+            elif how.endswith("/screen"):
+                out["screen"] += n
+            elif how.split()[-1] in ("greedy", "sequential/welch", "sequential/paired"):
+                out["test"] += n
+            else:
+                out["other"] += n
+    return {k: v / max(1, len(rows)) for k, v in out.items()}
+
+
+def load_against(path: Path, runs: int, workers: int, queue: int, helpful: float) -> list[dict]:
+    """The greedy nights of an earlier run of this script, checked to be comparable."""
+    try:
+        doc = json.loads(path.read_text())
+        nights = [n for n in doc["nights"] if n["policy"] == "greedy"]
+        same = (doc["runs"], doc["workers_per_class"], doc["queue"], doc["mix"]["helpful"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise click.BadParameter(f"{path}: not a JSON written by this script ({e})",
+                                 param_hint="--against")
+    if same != (runs, workers, queue, helpful):
+        raise click.BadParameter(
+            f"{path}: its nights ran with runs/workers/queue/helpful {same}, not "
+            f"{(runs, workers, queue, helpful)}: the gap would not be paired",
+            param_hint="--against")
+    if not nights:
+        raise click.BadParameter(f"{path}: has no greedy nights", param_hint="--against")
+    return nights
+
+
 @click.command()
 @click.option("--policy", "policies", multiple=True, type=click.Choice(["greedy", "sequential"]),
               help="Policies to compare (default: both, or greedy where only it exists).")
@@ -317,16 +386,21 @@ SPREAD_KEYS = ("false_keep_rate", "power", "runs_per_candidate", "head_true_sigm
 @click.option("--rule", "rule_items", multiple=True, metavar="KEY=VALUE",
               help="A setting of the sequential rule over its default (repeatable), e.g. "
                    "--rule confidence=0.9 --rule screen=0.25 --rule head_runs=5.")
+@click.option("--against", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A JSON this script wrote with greedy nights of the same settings: the "
+                   "paired gap is taken against those instead of running greedy again (to "
+                   "tune --rule settings quickly).")
 @click.option("--quick", is_flag=True, help="One night of 150 runs per policy.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=OUT,
               show_default=True, help="Where the JSON goes.")
-def main(policies, runs, seeds, workers, queue, helpful, rule_items, quick, out):
+def main(policies, runs, seeds, workers, queue, helpful, rule_items, against, quick, out):
     """Compare keep/discard policies on the real coordinator with simulated workers."""
     rule = parse_rule(rule_items)
     if quick:
         runs, seeds = 150, 1
     if not policies:
         policies = ("greedy", "sequential")
+    stored = load_against(against, runs, workers, queue, helpful) if against else []
     load_before = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") \
         else None
     t0 = time.time()
@@ -344,6 +418,10 @@ def main(policies, runs, seeds, workers, queue, helpful, rule_items, quick, out)
             "false_keep_rate", "power", "runs_per_candidate", "head_true_sigma_mean", "decided",
             "kept", "false_keeps", "undecided", "head_runs", "submitted")}
         summary[policy]["sd"] = {k: _sd(rows, k) for k in SPREAD_KEYS}
+        if policy != "greedy":
+            summary[policy]["head_true_vs_greedy"] = paired_gap(
+                [n for n in stored if n["seed"] <= seeds] + nights, policy)
+        summary[policy]["helpful_outcomes"] = helpful_outcomes(rows)
     load_after = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") \
         else None
     doc = {"classes": [asdict(c) | {"sigma": c.sigma} for c in CLASSES], "runs": runs,
@@ -365,6 +443,17 @@ def main(policies, runs, seeds, workers, queue, helpful, rule_items, quick, out)
         click.echo(f"{policy:<11} {f('false_keep_rate', '.1%', 13)} {f('power', '.1%', 13)} "
                    f"{f('runs_per_candidate', '.2f', 11)} {f('head_true_sigma_mean', '+.1f', 13)}"
                    f" {s['decided']:7.0f} {s['kept']:5.1f}")
+    for policy, s in summary.items():
+        ho = s["helpful_outcomes"]
+        click.echo(f"{policy}: helpful ideas per night: {ho['decided']:.1f} decided, "
+                   f"{ho['kept']:.1f} kept, {ho['screen']:.1f} screened out, "
+                   f"{ho['test']:.1f} not shown better, {ho['other']:.1f} otherwise")
+    for policy, s in summary.items():
+        gap = s.get("head_true_vs_greedy")
+        if gap:
+            click.echo(f"{policy} - greedy, final true head, paired by night: "
+                       f"{gap['mean']:+.1f} ± {gap['se']:.1f}σ (se; better on "
+                       f"{gap['better_nights']} of {gap['nights']} nights)")
     if rule:
         click.echo("sequential rule: " + ", ".join(f"{k}={v}" for k, v in rule.items()))
     click.echo(f"(means ± sd over {seeds} night(s) of {runs} runs; load average {load_before} -> "

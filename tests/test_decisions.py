@@ -520,3 +520,34 @@ def test_the_benchmark_takes_rule_settings_and_refuses_bad_ones_in_one_line(tmp_
     assert (got["policy"], got["confidence"], got["max_repeats"], got["screen"]) == \
         ("sequential", 0.9, 6, 0.0)
     assert D.policy_settings("greedy", rule) == R.SINGLE_RUN   # greedy stays the old rule
+
+
+def test_the_benchmarks_paired_gap_and_its_stored_greedy_nights(tmp_path):
+    """The figure that says which policy ends further down is the per-night difference (same
+    ideas, same noise draws): its mean and se over nights; --against takes greedy's nights
+    from an earlier JSON only when they ran with the same settings."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "decisions.py")
+    sys.path.insert(0, os.path.dirname(script))
+    import decisions as D
+    nights = [{"policy": "greedy", "seed": 1, "head_true_sigma_mean": -40.0},
+              {"policy": "greedy", "seed": 2, "head_true_sigma_mean": -30.0},
+              {"policy": "sequential", "seed": 1, "head_true_sigma_mean": -42.0},
+              {"policy": "sequential", "seed": 2, "head_true_sigma_mean": -34.0},
+              {"policy": "sequential", "seed": 3, "head_true_sigma_mean": -99.0}]  # unpaired
+    gap = D.paired_gap(nights, "sequential")
+    assert (gap["mean"], gap["nights"], gap["better_nights"]) == (-3.0, 2, 2)
+    assert abs(gap["se"] - 1.0) < 1e-12     # sd of (-2, -4) is √2, over √2 nights
+    assert D.paired_gap(nights[:3], "sequential") is None   # one shared night says nothing
+    stored = tmp_path / "greedy.json"
+    stored.write_text(json.dumps({"runs": 450, "workers_per_class": 2, "queue": 2,
+                                  "mix": {"helpful": 0.1}, "nights": nights[:2]}))
+    assert D.load_against(stored, 450, 2, 2, 0.1) == nights[:2]
+    out = tmp_path / "x.json"
+    p = subprocess.run([sys.executable, script, "--quick", "--against", str(stored),
+                        "--out", str(out)], capture_output=True, text=True)
+    assert p.returncode == 2 and "would not be paired" in p.stderr, p.stderr
+    assert not out.exists()
+    stored.write_text("{}")
+    p = subprocess.run([sys.executable, script, "--against", str(stored), "--out", str(out)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "not a JSON written by this script" in p.stderr, p.stderr
