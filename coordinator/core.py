@@ -38,8 +38,10 @@ Choices worth knowing:
   * ``worker_bye`` (a clean leave) and a worker's own "cancelled" outcome cancel the lease and
     requeue without a strike; ``worker_lost`` and a hello without the leased attempt count as
     lost (``LOST_LIMIT`` losses fail the candidate);
-  * a candidate keeps its first measurement: no re-runs or seeds yet (DESIGN.md plans them on
-    top; every attempt is stored for that);
+  * a candidate is decided on the runs of one hardware class (coordinator.rule, the runs
+    ``coordinator.scheduling`` leased there); when that class can decide nothing more (its
+    last worker gone, or the head failing there), the candidates waiting there go back to
+    the queue, unbound (``_release_class``);
   * the same program (coordinator.identity) is never queued twice, whatever its earlier fate;
     only an admin's ``retry`` queues a failed candidate again (the reason and the superseded
     decision go to the ``retries`` table, its attempts stay, and losses toward ``LOST_LIMIT``
@@ -485,10 +487,37 @@ class Coordinator(contextlib.AbstractContextManager):
                     decided = dec is not None
                 db.execute("UPDATE workers SET state = 'gone', gone_reason = ?, attempt_id = NULL "
                            "WHERE worker_id = ?", (reason, worker_id))
+                w = self.ledger.worker(worker_id)
+                if w is not None and w["hw_class"]:
+                    requeued += [c for c in self._release_class(w["hw_class"])
+                                 if c not in requeued]
             self._seen.pop(worker_id, None)
             if decided:
                 self._after_change(wrote_decision=True, head_moved=False)
             return requeued
+
+    def _release_class(self, hw: str) -> list[int]:
+        """When class ``hw`` can decide nothing more -- its last live worker is gone (a
+        lid-closed laptop), or the head cannot be measured there (``scheduling.BLOCKED``) --
+        the candidates bound there (waiting for repeats, or for the head's runs) could only
+        wait, all night. They go back to the queue, unbound, so another class decides them;
+        their runs on ``hw`` stay in the ledger (and count again, with the same text, if it
+        is bound there again). Returns the ids released."""
+        alive = self.ledger.scalar("SELECT COUNT(*) FROM workers WHERE hw_class = ? AND "
+                                   "state != 'gone'", hw)
+        if alive and self._head_on(hw).state != scheduling.BLOCKED:
+            return []
+        out = []
+        for c in self.ledger.all("SELECT id FROM candidates WHERE hw_class = ? AND state IN "
+                                 "('measured', 'repeating') ORDER BY id", hw):
+            if self.ledger.scalar("SELECT COUNT(*) FROM attempts WHERE candidate_id = ? AND "
+                                  "state = 'leased'", c["id"]):
+                continue  # a lease elsewhere is still live: it is not stuck
+            self._set_candidate(c["id"], st.QUEUED)
+            self.ledger.db.execute("UPDATE candidates SET hw_class = NULL, runs_wanted = NULL "
+                                   "WHERE id = ?", (c["id"],))
+            out.append(c["id"])
+        return out
 
     def leased_workers(self) -> set[str]:
         with self._mutex:
@@ -791,6 +820,12 @@ class Coordinator(contextlib.AbstractContextManager):
                                 att["candidate_id"], att["hw_class"], reason, [attempt_id]))
                     elif att["purpose"] == st.PURPOSE_HEAD and status == OK:
                         note = self._check_drift(att)
+                    elif att["purpose"] == st.PURPOSE_HEAD:
+                        released = self._release_class(att["hw_class"])
+                        if released:
+                            note = (f"head #{att['candidate_id']} cannot be measured on "
+                                    f"{att['hw_class']}: requeued "
+                                    f"{', '.join(f'#{c}' for c in released)}")
                     decisions += self._decide_class(att["hw_class"])
                 new_head = self.ledger.head()["commit_sha"]
             if new_head != old_head:

@@ -13,6 +13,9 @@ often):
                  |-> measured          its runs are in, the head's are not (yet) enough
                  |                     on that class: decided when they are
                  \-> queued            its only lease was lost or left: try again elsewhere
+    measured | repeating -> queued     its class can decide nothing more (its last worker is
+                                       gone, or the head fails there): unbound, so another
+                                       class decides it (its runs there are kept)
     failed -> queued                   (an admin's `retry`, with the reason recorded)
 
 A candidate is *running* while it holds at least one live lease; it is decided only when all of
@@ -71,11 +74,14 @@ CANDIDATE_TRANSITIONS: dict[str, frozenset[str]] = {
     # and a connected class has more (coordinator.routing); failed on a bad outcome or too
     # many losses; repeating, or stale, when the head moved under its runs (rebased again)
     RUNNING: frozenset({MEASURED, REPEATING, KEPT, DISCARDED, FAILED, QUEUED, STALE}),
-    # waits here until the head has enough runs on the candidate's hardware class
-    MEASURED: frozenset({REPEATING, KEPT, DISCARDED, STALE}),
+    # waits here until the head has enough runs on the candidate's hardware class; back to
+    # the queue, unbound, when that class can decide nothing more (last worker gone, or the
+    # head cannot be measured there)
+    MEASURED: frozenset({REPEATING, KEPT, DISCARDED, STALE, QUEUED}),
     # waits for idle workers of its class to run the repeats the rule asked for; a new head
-    # (or new head runs) on its class can decide it, or make it wait for the head's runs
-    REPEATING: frozenset({RUNNING, MEASURED, KEPT, DISCARDED, STALE}),
+    # (or new head runs) on its class can decide it, or make it wait for the head's runs; back
+    # to the queue, unbound, as from measured
+    REPEATING: frozenset({RUNNING, MEASURED, KEPT, DISCARDED, STALE, QUEUED}),
     KEPT: frozenset(),
     DISCARDED: frozenset(),
     # Final for the machine; only an admin's retry (Coordinator.retry) takes it back.

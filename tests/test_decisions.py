@@ -250,12 +250,56 @@ def test_candidates_wait_for_repeats_on_their_own_class_only(coord):
     r = coord.next_assignment("w2")
     assert (r.purpose, r.candidate_id) == ("candidate", 1)
     assert coord.ledger.candidate(1)["hw_class"] == A
-    # with every A worker gone, #1 waits for its repeats there, and status says so
+    # while an A worker is alive, #1 waits for its repeats there
     coord.record_result("w2", r.attempt_id, ok(1.504))   # mean 1.472: not yet, within reach
     assert coord.candidate(1)["state"] == "repeating"
-    for w in ("w1", "w2", "w3"):
-        coord.worker_bye(w, "home time")
-    assert any(f"#1 waits for repeats on {A}" in p for p in coord.status()["problems"])
+    for w in ("w1", "w2"):
+        assert coord.worker_bye(w, "home time") == []
+    assert coord.candidate(1)["state"] == "repeating"
+    # the last A worker leaves: nothing could decide #1 there, so it goes back to the queue,
+    # unbound, and is screened afresh on B; its A runs stay in the ledger, uncounted on B
+    assert coord.worker_bye("w3", "home time") == [1]
+    row = coord.ledger.candidate(1)
+    assert (row["state"], row["hw_class"]) == ("queued", None)
+    coord.record_result("b1", b.attempt_id, ok(2.02))          # B's second head run
+    b = coord.next_assignment("b1")
+    assert (b.purpose, b.candidate_id) == ("head", 0)          # and its third, first
+    coord.record_result("b1", b.attempt_id, ok(2.01))
+    b = coord.next_assignment("b1")
+    assert (b.purpose, b.candidate_id, b.settings["seed"]) == ("candidate", 1, SEED)
+    assert coord.ledger.candidate(1)["hw_class"] == B
+    assert coord.record_result("b1", b.attempt_id, ok(2.10)).accepted   # worse on B: screened
+    d = coord.ledger.decision(1)
+    assert (d["verdict"], d["hw_class"], d["n_candidate"]) == ("discarded", B, 1)
+    assert coord.ledger.scalar("SELECT COUNT(*) FROM attempts WHERE candidate_id = 1 AND "
+                               "hw_class = ? AND state = 'done'", A) == 2
+
+
+def test_candidates_waiting_on_a_class_where_the_head_cannot_be_measured_are_requeued(coord):
+    workers(coord, "w1", "w2", "w3", "w4")
+    workers(coord, "b1", hw=B)
+    coord.submit(variant(1), "v1")
+    heads = [coord.next_assignment(w) for w in ("w1", "w2", "w3")]
+    assert [a.purpose for a in heads] == ["head"] * 3
+    a = coord.next_assignment("w4")            # candidates run while the head is measured
+    assert (a.purpose, a.candidate_id) == ("candidate", 1)
+    coord.record_result("w4", a.attempt_id, ok(1.45))
+    assert coord.candidate(1)["state"] == "measured"      # waits for the head's runs on A
+    oom = {"status": "oom", "val_bpb": None, "log_tail": "out of memory", "exit_code": 137,
+           "wall_seconds": 1.0}
+    for w, h in zip(("w1", "w2"), heads[:2]):
+        assert coord.record_result(w, h.attempt_id, oom).accepted
+    assert coord.candidate(1)["state"] == "measured"      # a head run is still in flight
+    ack = coord.record_result("w3", heads[2].attempt_id, oom)
+    # the head cannot be measured on A any more: #1 could only wait there, so it is requeued,
+    # unbound, and decided on another class; its run on A stays in the ledger
+    assert "requeued #1" in ack.note, ack.note
+    row = coord.ledger.candidate(1)
+    assert (row["state"], row["hw_class"]) == ("queued", None)
+    assert coord.next_assignment("w4") is None             # A runs nothing
+    assert coord.next_assignment("b1").purpose == "head"   # B measures its head, then #1
+    assert coord.ledger.scalar("SELECT COUNT(*) FROM attempts WHERE candidate_id = 1 AND "
+                               "state = 'done'") == 1
 
 
 def test_head_is_remeasured_every_n_decisions_and_drift_is_reported(tmp_path):

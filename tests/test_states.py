@@ -17,6 +17,8 @@ LEGAL_CANDIDATE = {
     # rebasing: a change that does not replay onto the head ends it (coordinator.rebase)
     ("queued", "stale"), ("running", "stale"), ("measured", "stale"), ("repeating", "stale"),
     ("failed", "queued"),   # only by an admin's retry (Coordinator.retry)
+    # the last worker of its class is gone: unbound, back to the queue (Coordinator)
+    ("measured", "queued"), ("repeating", "queued"),
 }
 LEGAL_ATTEMPT = {
     ("leased", "done"), ("leased", "lost"), ("leased", "cancelled"),
