@@ -358,6 +358,8 @@ def test_worker_ctrl_c_once_finishes_twice_cancels(fleet, fleet_variant):
     assert w1.wait() == 0
     coord.wait_for(rf"KEEP #{cand}\b")
     coord.wait_for(r"worker w1 left: worker stopped by its operator")
+    # one goodbye: leaving after the report, the poll loop's Ctrl-C check must not leave again
+    assert w1.text.count("leaving: bye sent") == 1, w1.text
     # Twice: the attempt is cancelled, the coordinator told why, the candidate requeued.
     w2 = fleet.worker(ep, "w2")
     mark = coord.mark()

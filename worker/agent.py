@@ -333,6 +333,8 @@ class Agent:
             return {"error": f"{type(exc).__name__}: {exc}"}
 
     def _leave(self) -> None:
+        if self.state == STOPPED:
+            return   # settling after the last report already left; one bye is the goodbye
         self._send("bye", worker_id=self.worker_id, reason="worker stopped by its operator")
         self.event("leaving: bye sent")
         self._stop(EXIT_OK)
