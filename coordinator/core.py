@@ -497,15 +497,15 @@ class Coordinator(contextlib.AbstractContextManager):
             return requeued
 
     def _release_class(self, hw: str) -> list[int]:
-        """When class ``hw`` can decide nothing more -- its last live worker is gone (a
-        lid-closed laptop), or the head cannot be measured there (``scheduling.BLOCKED``) --
-        the candidates bound there (waiting for repeats, or for the head's runs) could only
+        """When class ``hw`` can decide nothing more (``scheduling.class_can_decide``: its last
+        live worker is gone, a lid-closed laptop, or the head cannot be measured there) the
+        candidates bound there (waiting for repeats, or for the head's runs) could only
         wait, all night. They go back to the queue, unbound, so another class decides them;
         their runs on ``hw`` stay in the ledger (and count again, with the same text, if it
         is bound there again). Returns the ids released."""
         alive = self.ledger.scalar("SELECT COUNT(*) FROM workers WHERE hw_class = ? AND "
                                    "state != 'gone'", hw)
-        if alive and self._head_on(hw).state != scheduling.BLOCKED:
+        if scheduling.class_can_decide(alive, self._head_on(hw)):
             return []
         out = []
         for c in self.ledger.all("SELECT id FROM candidates WHERE hw_class = ? AND state IN "

@@ -21,6 +21,10 @@ The order for a worker of hardware class C (DESIGN.md, *The path of one candidat
      there: a candidate measured there could never be compared, so C's workers would only waste
      runs (``reports.status`` lists it as a problem until the head changes).
 
+``class_can_decide`` says when a class can no longer decide what is bound to it (no live
+worker, or the head blocked there): the coordinator then sends those candidates back to the
+queue, unbound.
+
 ``is_run`` is the one place that says which attempts are runs: done, ok, and not flagged (an
 attempt flagged as slowed by its machine is stored but never counted).
 """
@@ -197,6 +201,13 @@ def choose(head_candidate: int, head: HeadOnClass, queued: Sequence[int], *,
     return Choice(PURPOSE_CANDIDATE, queued[0])
 
 
+def class_can_decide(live_workers: int, head: HeadOnClass) -> bool:
+    """Can a class still decide the candidates bound to it? Not with no live worker left (a
+    laptop closed for the night), nor when the head cannot be measured there (BLOCKED): its
+    candidates could only wait, so they go back to the queue, unbound, for another class."""
+    return live_workers > 0 and head.state != BLOCKED
+
+
 def seed_index_for(seeds: Iterable[int]) -> int:
     """The seed index of the next lease of a text whose runs and live leases hold ``seeds``:
     the smallest free one, so a lost run's index is run again and pairs stay aligned."""
@@ -204,5 +215,6 @@ def seed_index_for(seeds: Iterable[int]) -> int:
 
 
 __all__ = ["HEAD_FAILURES_LIMIT", "HeadOnClass", "head_on_class", "Choice", "choose",
+           "class_can_decide",
            "InProgress", "remeasure_due", "is_run", "runs_of", "busy_seeds", "seed_index_for",
            "field_of", "MEASURED", "MEASURING", "BLOCKED", "UNMEASURED"]

@@ -65,6 +65,18 @@ def test_choose(head, queued, choice):
     assert S.choose(0, head, queued) == choice
 
 
+@pytest.mark.parametrize("live, head, can", [
+    (2, S.HeadOnClass(values=(1.5,), attempt_ids=("h",)), True),
+    (1, S.HeadOnClass(), True),                         # unmeasured yet: it will be
+    (1, S.HeadOnClass(failed=1), True),                 # one failure: it is tried again
+    (0, S.HeadOnClass(values=(1.5,), attempt_ids=("h",)), False),   # nobody left to run it
+    (3, S.HeadOnClass(failed=S.HEAD_FAILURES_LIMIT), False),        # the head fails here
+    (3, S.HeadOnClass(values=(1.5,), attempt_ids=("h",), failed=S.HEAD_FAILURES_LIMIT), True),
+])
+def test_a_class_can_decide_with_a_live_worker_and_a_head_it_can_measure(live, head, can):
+    assert S.class_can_decide(live, head) is can
+
+
 def test_choose_names_the_current_head():
     assert S.choose(5, S.HeadOnClass(), [6]) == S.Choice("head", 5)
 
