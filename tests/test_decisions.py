@@ -19,18 +19,14 @@ from coordinator import repo as R
 from coordinator import scheduling as S
 from coordinator.core import Coordinator
 from coordinator.ledger import MIGRATIONS, SCHEMA, SCHEMA_VERSION
-from tests.test_core import git, reopen
+from tests.test_core import A, B, BASE, git, reopen, variant
 
-BASE = "LR = 0.01\nprint('baseline', LR)\n"
-A, B = "Apple M1 Pro/16GB/metal", "cpu/x86_64/24GB"
 SEED = 42  # the tiny preset's seed setting: seed index i runs with seed 42 + i
 
 
-def variant(n) -> str:
-    return f"LR = {n}\nprint('variant', LR)\n"
-
-
 def ok(bpb) -> dict:
+    """An ok outcome with no memory figure (test_core's reports 3 GB; results.tsv rows here
+    expect 0.0)."""
     return {"status": "ok", "val_bpb": bpb, "result": {"status": "ok", "val_bpb": bpb},
             "log_tail": "", "exit_code": 0, "wall_seconds": 1.0}
 

@@ -85,23 +85,30 @@ def in_flight_watch(ep: str, stop: threading.Event, seen: list[int]) -> threadin
     return t
 
 
+def agent_plans(tmp_path: Path, **plans: str) -> tuple[Path, str]:
+    """The scripted agent with one plan file per name (a step a line): its plans directory
+    and the ``--command`` that runs it."""
+    d = tmp_path / "plans"
+    d.mkdir()
+    for name, steps in plans.items():
+        (d / f"{name}.txt").write_text(steps)
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT)
+    return d, f"{sys.executable} {script} {d} {{brief}}"
+
+
 def test_agents_drive_a_fleet_for_several_cycles(fleet, tmp_path):
     coord, ep = fleet.started_coord()
     fleet.worker(ep, "w1")
     wait_head_measured(coord)
-    plans = tmp_path / "plans"
-    plans.mkdir()
-    (plans / "p1.txt").write_text("edit 1.40\nedit 1.60\nhang\nedit 1.30\n")
-    (plans / "p2.txt").write_text("edit 1.55\nsame\nedit 1.35\n")
-    script = tmp_path / "agent.py"
-    script.write_text(AGENT)
+    plans, command = agent_plans(tmp_path, p1="edit 1.40\nedit 1.60\nhang\nedit 1.30\n",
+                                 p2="edit 1.55\nsame\nedit 1.35\n")
     out = tmp_path / "proposals"
     stop, seen = threading.Event(), []
     watch = in_flight_watch(ep, stop, seen)
     env = submitter_env(fleet, tmp_path, "laptop")
     agents = Proc([sys.executable, "-m", "coordinator.cli", "agents", "--count", "2",
-                   "--command", f"{sys.executable} {script} {plans} {{brief}}",
-                   "--timeout", "4", "--slack", "0", "--out", str(out), "--poll", "0.5",
+                   "--command", command, "--timeout", "4", "--slack", "0", "--out", str(out), "--poll", "0.5",
                    "--connect", ep, "--server-key", server_key(fleet)], "agents", env=env)
     try:
         # which slot takes the next cycle depends on timing; both plans run out in any order
@@ -154,13 +161,9 @@ def test_agents_drive_a_fleet_for_several_cycles(fleet, tmp_path):
 
 def test_ctrl_c_stops_agents_cleanly(fleet, tmp_path):
     coord, ep = fleet.started_coord()
-    plans = tmp_path / "plans"
-    plans.mkdir()
-    (plans / "p1.txt").write_text("hang\n")
-    script = tmp_path / "agent.py"
-    script.write_text(AGENT)
+    plans, command = agent_plans(tmp_path, p1="hang\n")
     agents = Proc([sys.executable, "-m", "coordinator.cli", "agents", "--command",
-                   f"{sys.executable} {script} {plans} {{brief}}", "--timeout", "600",
+                   command, "--timeout", "600",
                    "--out", str(tmp_path / "out"), "--connect", ep, "--json"], "agents")
     try:
         agents.wait_for(r"p1: agent started")
@@ -187,13 +190,9 @@ def test_ctrl_c_stops_agents_cleanly(fleet, tmp_path):
 
 def test_kill_9_of_the_runner_loses_nothing_the_coordinator_accepted(fleet, tmp_path):
     coord, ep = fleet.started_coord()
-    plans = tmp_path / "plans"
-    plans.mkdir()
-    (plans / "p1.txt").write_text("edit 1.41\nhang\n")
-    script = tmp_path / "agent.py"
-    script.write_text(AGENT)
+    plans, command = agent_plans(tmp_path, p1="edit 1.41\nhang\n")
     argv = [sys.executable, "-m", "coordinator.cli", "agents", "--command",
-            f"{sys.executable} {script} {plans} {{brief}}", "--timeout", "600", "--slack", "2",
+            command, "--timeout", "600", "--slack", "2",
             "--out", str(tmp_path / "out"), "--connect", ep]
     agents = Proc(argv, "agents")
     grandchild = None
