@@ -365,9 +365,7 @@ class Coordinator(contextlib.AbstractContextManager):
         head = self.ledger.head()
         hv = decide.head_value(list(self._head_on(hw_class).values))
         # Its other repeats still running count for nothing now: their results become stale.
-        for r in self.ledger.all("SELECT attempt_id FROM attempts WHERE candidate_id = ? AND "
-                                 "state = 'leased'", cid):
-            self._set_attempt(r[0], st.CANCELLED, note="candidate failed on another run")
+        self._cancel_leases(cid, "candidate failed on another run")
         self._set_candidate(cid, st.FAILED)
         return self._insert_decision(cid, st.FAILED, hw_class, head["commit_sha"],
                                      head["commit_sha"], None, hv, reason, attempt_ids)
@@ -395,19 +393,34 @@ class Coordinator(contextlib.AbstractContextManager):
         self._requeue(cid, att["hw_class"])
         return cid, None
 
+    def _live_leases(self, cid: int) -> list[str]:
+        """Attempt ids of the candidate's leases still running."""
+        return [r[0] for r in self.ledger.all("SELECT attempt_id FROM attempts WHERE "
+                                              "candidate_id = ? AND state = 'leased'", cid)]
+
+    def _cancel_leases(self, cid: int, note: str) -> None:
+        """The candidate was decided or moved on while some of its runs were still running:
+        those count for nothing now (a result that still arrives is stored as stale)."""
+        for attempt_id in self._live_leases(cid):
+            self._set_attempt(attempt_id, st.CANCELLED, note=note)
+
+    def _unbind(self, cid: int) -> None:
+        """Back to the queue, bound to no class: its next run, on any class, is a screen."""
+        if self.ledger.candidate(cid)["state"] != st.QUEUED:
+            self._set_candidate(cid, st.QUEUED)
+        self.ledger.db.execute("UPDATE candidates SET hw_class = NULL, runs_wanted = NULL "
+                               "WHERE id = ?", (cid,))
+
     def _requeue(self, cid: int, hw: str) -> None:
         """A run of candidate ``cid`` on ``hw`` did not count (lost, cancelled, flagged as
         slowed by its machine): lease it again."""
-        if self.ledger.scalar("SELECT COUNT(*) FROM attempts WHERE candidate_id = ? AND "
-                              "state = 'leased'", cid):
+        if self._live_leases(cid):
             return  # other repeats of it are still running: it stays running
         if self._candidate_runs(self.ledger.candidate(cid), hw):
             # It has runs on its class: the missing repeat is leased again there.
             self._set_candidate(cid, st.REPEATING)
             return
-        self._set_candidate(cid, st.QUEUED)
-        self.ledger.db.execute("UPDATE candidates SET hw_class = NULL, runs_wanted = NULL "
-                               "WHERE id = ?", (cid,))
+        self._unbind(cid)
 
     # ---- workers ------------------------------------------------------------------------
 
@@ -510,12 +523,9 @@ class Coordinator(contextlib.AbstractContextManager):
         out = []
         for c in self.ledger.all("SELECT id FROM candidates WHERE hw_class = ? AND state IN "
                                  "('measured', 'repeating') ORDER BY id", hw):
-            if self.ledger.scalar("SELECT COUNT(*) FROM attempts WHERE candidate_id = ? AND "
-                                  "state = 'leased'", c["id"]):
+            if self._live_leases(c["id"]):
                 continue  # a lease elsewhere is still live: it is not stuck
-            self._set_candidate(c["id"], st.QUEUED)
-            self.ledger.db.execute("UPDATE candidates SET hw_class = NULL, runs_wanted = NULL "
-                                   "WHERE id = ?", (c["id"],))
+            self._unbind(c["id"])
             out.append(c["id"])
         return out
 
@@ -680,9 +690,7 @@ class Coordinator(contextlib.AbstractContextManager):
             as_ = f" (kept as {kept['head_after'][:10]})" if kept is not None else ""
             reason = (f"conflicts with #{r.conflicts_with}{as_}: resubmit on top of head "
                       f"{short}")
-        for a in self.ledger.all("SELECT attempt_id FROM attempts WHERE candidate_id = ? AND "
-                                 "state = 'leased'", cand["id"]):
-            self._set_attempt(a[0], st.CANCELLED, note="candidate went stale: the head moved")
+        self._cancel_leases(cand["id"], "candidate went stale: the head moved")
         self._set_candidate(cand["id"], st.STALE)
         details = {"kind": r.kind, "based_on": cand["base_commit"],
                    "resubmit_on": head["commit_sha"], "conflicts_with": r.conflicts_with,
@@ -909,17 +917,14 @@ class Coordinator(contextlib.AbstractContextManager):
         says it needs: unbound from this class (measured from scratch where it lands), its
         other leases here cancelled (they would run out of memory too)."""
         cid = att["candidate_id"]
-        for r in self.ledger.all("SELECT attempt_id FROM attempts WHERE candidate_id = ? AND "
-                                 "state = 'leased'", cid):
-            self._set_attempt(r[0], st.CANCELLED, note="candidate routed to more memory")
+        self._cancel_leases(cid, "candidate routed to more memory")
         self.ledger.db.execute(
             "INSERT INTO routes(candidate_id, from_class, memory, reason, routed_at) "
             "VALUES (?,?,?,?,?)", (cid, att["hw_class"], route.min_memory, route.reason,
                                    self._now()))
-        if self.ledger.candidate(cid)["state"] != st.QUEUED:
-            self._set_candidate(cid, st.QUEUED)
-        self.ledger.db.execute("UPDATE candidates SET hw_class = NULL, runs_wanted = NULL, "
-                               "min_memory = ? WHERE id = ?", (route.min_memory, cid))
+        self._unbind(cid)
+        self.ledger.db.execute("UPDATE candidates SET min_memory = ? WHERE id = ?",
+                               (route.min_memory, cid))
 
     def _candidate_sha(self, cand) -> str:
         """sha256 of the text a candidate's runs must have to count for it: the text it would
@@ -942,8 +947,7 @@ class Coordinator(contextlib.AbstractContextManager):
                 "'measured', 'repeating') ORDER BY id", hw) if c["id"] not in done]
             head_moved = False
             for c in rows:
-                if self.ledger.scalar("SELECT COUNT(*) FROM attempts WHERE candidate_id = ? "
-                                      "AND state = 'leased'", c["id"]):
+                if self._live_leases(c["id"]):
                     continue  # decided when all its runs are in
                 done.add(c["id"])
                 d = self._evaluate(c, hw)
@@ -1028,9 +1032,7 @@ class Coordinator(contextlib.AbstractContextManager):
         if v.action != rule.DISCARD:
             return None
         cmp = v.comparison
-        for a in self.ledger.all("SELECT attempt_id FROM attempts WHERE candidate_id = ? AND "
-                                 "state = 'leased'", c["id"]):
-            self._set_attempt(a[0], st.CANCELLED, note="candidate discarded on another run")
+        self._cancel_leases(c["id"], "candidate discarded on another run")
         self._set_candidate(c["id"], st.DISCARDED)
         reason = (f"{v.reason} on {hw}, against head #{was['candidate_id']} {onto[:10]} it was "
                   f"measured on (the head has moved since)")
