@@ -70,6 +70,7 @@ sys.path.insert(0, str(ROOT))
 
 from coordinator import repo as R  # noqa: E402
 from coordinator.core import Coordinator  # noqa: E402
+from coordinator.stats import mean_sem, sum_sq_dev  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "decisions.json"
 N_IDEAS = 1200          # slots in the simulated train.py (more than any night uses)
@@ -343,8 +344,7 @@ def _sd(rows: list[dict], key: str) -> float | None:
     vals = [r[key] for r in rows if r.get(key) is not None]
     if len(vals) < 2:
         return None
-    m = sum(vals) / len(vals)
-    return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+    return math.sqrt(sum_sq_dev(vals) / (len(vals) - 1))
 
 
 SPREAD_KEYS = ("false_keep_rate", "power", "runs_per_candidate", "head_true_sigma_mean")
@@ -360,9 +360,8 @@ def paired_gap(nights: list[dict], policy: str, against: str = "greedy") -> dict
     diffs = [mine[s] - base[s] for s in sorted(mine) if s in base]
     if len(diffs) < 2:
         return None
-    m = sum(diffs) / len(diffs)
-    sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1))
-    return {"against": against, "mean": m, "se": sd / math.sqrt(len(diffs)),
+    m, se = mean_sem(diffs)
+    return {"against": against, "mean": m, "se": se,
             "nights": len(diffs), "better_nights": sum(1 for d in diffs if d < 0)}
 
 
