@@ -27,7 +27,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
-from coordinator.stats import sum_sq_dev
+from coordinator.stats import mean, sum_sq_dev
 
 # Reruns of the same train.py scatter by about 0.02-0.03 bpb (measured on this machine's tiny
 # preset, and reported for Macs): 0.03 sits at the top of that range, so it errs towards caution.
@@ -119,7 +119,7 @@ def drift(values_in_time_order: list[float], sigma: float, z: float = DRIFT_Z) -
     if len(vals) < 2 or not sigma > 0:
         return None
     earlier, new = vals[:-1], vals[-1]
-    m = sum(earlier) / len(earlier)
+    m = mean(earlier)
     score = (new - m) / (sigma * math.sqrt(1.0 + 1.0 / len(earlier)))
     return Drift(new, m, len(earlier), score) if abs(score) > z else None
 

@@ -134,8 +134,8 @@ def head_on_class(rows: Iterable[Mapping], text_sha: str | None = None) -> HeadO
     the head's text (a candidate's runs of another text, before a rebase, are not the head's)."""
     rows = list(rows)
     runs = runs_of(rows, text_sha)
-    finished = [field_of(r, "finished_at") for r in rows
-                if is_run(r) and r["attempt_id"] in {x.attempt_id for x in runs}]
+    ids = {x.attempt_id for x in runs}
+    finished = [field_of(r, "finished_at") for r in rows if r["attempt_id"] in ids]
     return HeadOnClass(
         values=tuple(r.value for r in runs),
         attempt_ids=tuple(r.attempt_id for r in runs),
